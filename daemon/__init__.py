@@ -1,0 +1,1 @@
+"""branchd: the daemon that owns the FUSE mount, the control socket and the state."""

@@ -1,0 +1,162 @@
+"""The control protocol shared by branchd and its clients.
+
+Newline-delimited JSON over a unix socket. Every message is one JSON object on
+one line, at most MAX_MESSAGE bytes. A connection starts with ``hello``; the
+daemon answers with its protocol version and refuses anything else first.
+
+    request:  {"id": 7, "op": "create", "args": {...}}
+    response: {"id": 7, "ok": true, "result": {...}}
+              {"id": 7, "ok": false, "error": {"code": "not-found", "message": "..."}}
+
+Error codes are stable strings; each maps to one documented exit code of
+``branchctl``. This module is stdlib only: the client side (``branching``)
+imports it and nothing else of the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20  # bytes per line, either direction
+
+# op name -> required argument names (optional ones are documented in the daemon)
+OPS: dict[str, tuple[str, ...]] = {
+    "hello": ("version",),
+    "status": (),
+    "workspace-add": ("path",),
+    "workspace-list": (),
+    "create": ("name",),
+    "list": (),
+    "info": ("name",),
+    "diff": ("name",),
+    "commit": ("name",),
+    "discard": ("name",),
+    "exec": ("name", "argv"),
+    "wait": ("run",),
+    "kill": ("run",),
+    "shutdown": (),
+}
+
+
+class ExitCode:
+    """Exit codes of branchctl; the README's CLI reference lists them."""
+
+    OK = 0
+    FAILED = 1  # generic failure (a pattern committed nothing, a command failed)
+    USAGE = 2  # bad arguments or bad name
+    NOT_FOUND = 3  # unknown branch, workspace or run
+    CONFLICT = 4  # exists, stale, racing commit, has children, outside change
+    UNAVAILABLE = 5  # no daemon reachable, or it died mid-request
+    NO_SPACE = 6  # ENOSPC while copying up or committing
+    PERMISSION = 7  # peer or file permission refused
+    PROTOCOL = 8  # malformed message or protocol version mismatch
+    INTERNAL = 70  # a bug: the daemon logged a traceback
+
+
+# stable error code -> exit code
+ERROR_EXIT: dict[str, int] = {
+    "bad-request": ExitCode.USAGE,
+    "bad-name": ExitCode.USAGE,
+    "not-found": ExitCode.NOT_FOUND,
+    "exists": ExitCode.CONFLICT,
+    "conflict": ExitCode.CONFLICT,
+    "stale": ExitCode.CONFLICT,
+    "busy": ExitCode.CONFLICT,
+    "unavailable": ExitCode.UNAVAILABLE,
+    "no-space": ExitCode.NO_SPACE,
+    "permission": ExitCode.PERMISSION,
+    "protocol": ExitCode.PROTOCOL,
+    "internal": ExitCode.INTERNAL,
+}
+
+
+class ProtocolError(Exception):
+    """A message that is not valid under this protocol."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return _line({"id": self.id, "op": self.op, "args": self.args})
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str
+
+    @property
+    def exit_code(self) -> int:
+        return ERROR_EXIT.get(self.code, ExitCode.INTERNAL)
+
+
+@dataclass(frozen=True)
+class Response:
+    id: int
+    result: dict[str, Any] | None = None
+    error: Error | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def encode(self) -> bytes:
+        if self.error is None:
+            return _line({"id": self.id, "ok": True, "result": self.result or {}})
+        err = {"code": self.error.code, "message": self.error.message}
+        return _line({"id": self.id, "ok": False, "error": err})
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def _object(line: bytes) -> dict[str, Any]:
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    ident = obj.get("id")
+    if not isinstance(ident, int) or isinstance(ident, bool):
+        raise ProtocolError("message has no integer 'id'")
+    return obj
+
+
+def decode_request(line: bytes) -> Request:
+    obj = _object(line)
+    op, args = obj.get("op"), obj.get("args", {})
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}")
+    if not isinstance(args, dict):
+        raise ProtocolError("'args' is not an object")
+    missing = [a for a in OPS[op] if a not in args]
+    if missing:
+        raise ProtocolError(f"op {op!r} is missing {', '.join(missing)}")
+    return Request(obj["id"], op, args)
+
+
+def decode_response(line: bytes) -> Response:
+    obj = _object(line)
+    if obj.get("ok") is True:
+        result = obj.get("result", {})
+        if not isinstance(result, dict):
+            raise ProtocolError("'result' is not an object")
+        return Response(obj["id"], result=result)
+    err = obj.get("error")
+    if not isinstance(err, dict) or not isinstance(err.get("code"), str):
+        raise ProtocolError("error response without an error code")
+    return Response(obj["id"], error=Error(err["code"], str(err.get("message", ""))))
