@@ -1,0 +1,22 @@
+"""branching: what agent code imports to try several things at once.
+
+    from branching import Workspace, Limits
+    with Workspace("~/proj") as ws, ws.branch("attempt") as b:
+        b.run(["pytest", "-x"], limits=Limits(memory="2G", cpus=1, pids=256))
+"""
+
+from branching.client import Client
+from branching.embedded import EmbeddedDaemon
+from branching.errors import BranchError
+from branching.workspace import Branch, RunResult, Workspace
+from cgroups import Limits
+
+__all__ = [
+    "Branch",
+    "BranchError",
+    "Client",
+    "EmbeddedDaemon",
+    "Limits",
+    "RunResult",
+    "Workspace",
+]

@@ -16,7 +16,9 @@ imports it and nothing else of the daemon.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 VERSION = 1
@@ -31,6 +33,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "create": ("name",),
     "list": (),
     "info": ("name",),
+    "set-meta": ("name", "meta"),
     "diff": ("name",),
     "commit": ("name",),
     "discard": ("name",),
@@ -39,6 +42,23 @@ OPS: dict[str, tuple[str, ...]] = {
     "kill": ("run",),
     "shutdown": (),
 }
+
+
+def runtime_dir() -> Path:
+    """Where the daemon keeps its socket (and, by default, its mountpoint)."""
+    if env := os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/run/branchd")
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/branchd-{os.geteuid()}"
+    return Path(xdg) / "branchd"
+
+
+def default_socket() -> Path:
+    """The socket both sides agree on: $BRANCHD_SOCKET, else the runtime directory's."""
+    if env := os.environ.get("BRANCHD_SOCKET"):
+        return Path(env)
+    return runtime_dir() / "branchd.sock"
 
 
 class ExitCode:

@@ -1,0 +1,294 @@
+"""``branchctl``: the command line of branchd.
+
+Data goes to stdout (a table, or JSON with ``--json``), logs and errors to
+stderr, one line each. Exit codes are those of ``daemon.protocol.ExitCode``;
+``exec`` passes its command's own status through (124 on timeout).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from branching.client import Client
+from branching.errors import BranchError
+from cgroups import Limits, parse_size
+from daemon.protocol import ExitCode
+
+TIMEOUT_EXIT = 124  # as timeout(1)
+
+
+class Context:
+    def __init__(self, socket: str | None) -> None:
+        self.socket = socket
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.socket)
+        return self._client
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--json`` to a command; the command returns data, this prints it."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
+        data, text = fn(*args, **kwargs)
+        if as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+        elif text:
+            click.echo(text)
+        return data.get("_exit", 0) if isinstance(data, dict) else 0
+
+    return wrapper
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", envvar="BRANCHD_SOCKET", type=click.Path(dir_okay=False),
+              help="The daemon's control socket [env BRANCHD_SOCKET].")
+@click.pass_context
+def cli(ctx: click.Context, socket: str | None) -> None:
+    """Copy-on-write workspace branches for agents."""
+    ctx.obj = Context(socket)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def serve(obj: Context, daemon_args: tuple[str, ...]) -> None:
+    """Run the daemon in the foreground (options as for branchd)."""
+    args = list(daemon_args)
+    if obj.socket and "--socket" not in args:
+        args += ["--socket", obj.socket]
+    os.execv(sys.executable, [sys.executable, "-m", "daemon.main", *args])
+
+
+@cli.command()
+@pass_ctx
+@json_option
+def status(obj: Context) -> tuple[dict[str, Any], str]:
+    """The daemon's state: mount, socket, counts, cgroup layout."""
+    s = obj.client.call("status")
+    lines = [f"{k}: {v}" for k, v in s.items() if not isinstance(v, list)]
+    lines += [f"{k}: {item}" for k, v in s.items() if isinstance(v, list) for item in v]
+    return s, "\n".join(lines)
+
+
+@cli.group()
+def workspace() -> None:
+    """Register and list workspaces."""
+
+
+@workspace.command("add")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--name", help="Name under the mountpoint (default: the directory's name).")
+@pass_ctx
+@json_option
+def workspace_add(obj: Context, path: str, name: str | None) -> tuple[dict[str, Any], str]:
+    ws = obj.client.call("workspace-add", path=os.path.abspath(path), name=name)
+    return ws, f"{ws['name']}\t{ws['base']}"
+
+
+@workspace.command("list")
+@pass_ctx
+@json_option
+def workspace_list(obj: Context) -> tuple[dict[str, Any], str]:
+    wss = obj.client.call("workspace-list")["workspaces"]
+    return {"workspaces": wss}, _table([[w["name"], w["base"]] for w in wss], ["NAME", "BASE"])
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False),
+              help="The workspace directory (default: the current directory).")
+@click.option("--from", "parent", help="Branch from this branch instead of the workspace.")
+@pass_ctx
+@json_option
+def create(obj: Context, name: str, ws: str | None, parent: str | None) -> tuple[dict, str]:
+    """Create a branch and print its path."""
+    if parent is None:
+        ws_name = obj.client.call("workspace-add", path=os.path.abspath(ws or "."))["name"]
+    else:
+        ws_name = _workspace_name(ws)
+    b = obj.client.call("create", name=name, workspace=ws_name, parent=parent)
+    return b, b["path"]
+
+
+def _workspace_name(ws: str | None) -> str | None:
+    """Resolve ``--workspace`` (a path) for commands that name an existing branch."""
+    return None if ws is None else os.path.abspath(ws)
+
+
+def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """NAME and ``--workspace`` for commands about one existing branch."""
+    fn = click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False),
+                      help="Only needed when NAME exists in several workspaces.")(fn)
+    return click.argument("name")(fn)
+
+
+@cli.command("list")
+@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False))
+@click.option("--all", "show_all", is_flag=True, help="Include committed and discarded ones.")
+@pass_ctx
+@json_option
+def list_(obj: Context, ws: str | None, show_all: bool) -> tuple[dict[str, Any], str]:
+    """List branches."""
+    bs = obj.client.call("list", workspace=_workspace_name(ws), all=show_all)["branches"]
+    rows = [[b["name"], b["workspace"], b["parent"] or "-", b["status"], b["path"]] for b in bs]
+    return {"branches": bs}, _table(rows, ["NAME", "WORKSPACE", "PARENT", "STATUS", "PATH"])
+
+
+@cli.command()
+@_named
+@pass_ctx
+@json_option
+def info(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
+    """One branch in detail."""
+    b = obj.client.call("info", name=name, workspace=_workspace_name(ws))
+    lines = [f"{k}: {v}" for k, v in b.items() if k not in ("runs", "meta")]
+    lines += [f"run {r['run']}: {r.get('result', 'running')}" for r in b["runs"]]
+    return b, "\n".join(lines)
+
+
+@cli.command()
+@_named
+@click.option("--patch", "-p", is_flag=True, help="Show a unified diff of text files.")
+@pass_ctx
+@json_option
+def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str, Any], str]:
+    """What the branch changed relative to its parent."""
+    d = obj.client.call("diff", name=name, workspace=_workspace_name(ws), patch=patch or None)
+    marks = {"added": "A", "modified": "M", "deleted": "D", "renamed": "R"}
+    lines = [f"{marks.get(c['kind'], '?')}  {c['old_path'] + ' -> ' if c.get('old_path') else ''}"
+             f"{c['path']}" for c in d["changes"]]
+    if patch:
+        lines.append(d.get("patch", "").rstrip("\n"))
+    return d, "\n".join(lines)
+
+
+@cli.command()
+@_named
+@pass_ctx
+@json_option
+def commit(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
+    """Apply the branch to its parent atomically; its siblings become stale."""
+    r = obj.client.call("commit", name=name, workspace=_workspace_name(ws))
+    into = r["into"] or "the workspace"
+    text = f"committed {r['branch']} into {into}: {r['changes']} changes in {r['seconds']:.3f}s"
+    if r["invalidated"]:
+        text += f"\ninvalidated: {', '.join(r['invalidated'])}"
+    return r, text
+
+
+@cli.command()
+@_named
+@pass_ctx
+@json_option
+def discard(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
+    """Drop the branch and every branch made from it."""
+    r = obj.client.call("discard", name=name, workspace=_workspace_name(ws))
+    return r, f"discarded {', '.join(r['discarded'])}"
+
+
+def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--memory --cpus --pids --io-weight --timeout, shared by every command that runs things."""
+    for opt in reversed([
+        click.option("--memory", help="Memory limit, e.g. 512M (swap off)."),
+        click.option("--cpus", type=float, help="CPU quota in cores, e.g. 1.5."),
+        click.option("--pids", type=int, help="Most processes at once."),
+        click.option("--io-weight", type=click.IntRange(1, 10000), help="I/O weight."),
+        click.option("--timeout", type=float, help="Wall-clock seconds before the tree is killed."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def limits_from(memory: str | None, cpus: float | None, pids: int | None,
+                io_weight: int | None, timeout: float | None) -> Limits:
+    try:
+        return Limits(memory=parse_size(memory) if memory else None, cpus=cpus, pids=pids,
+                      io_weight=io_weight, timeout=timeout)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@_named
+@limit_options
+@click.option("--at-workspace-path", is_flag=True,
+              help="Bind the branch over the workspace's real path (needs root).")
+@click.option("--capture", is_flag=True, help="Write output to the run record, not here.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_ctx
+@json_option
+def exec_(obj: Context, name: str, ws: str | None, argv: tuple[str, ...],
+          at_workspace_path: bool, capture: bool, **limit_args: Any) -> tuple[dict, str]:
+    """Run a command in the branch, in its own cgroup; exits with the command's status."""
+    limits = limits_from(**limit_args)
+    fds = None if capture else [0, 1, 2]
+    client = obj.client
+    started = client.call("exec", fds, name=name, workspace=_workspace_name(ws),
+                          argv=list(argv), limits=limits.to_dict(), env=dict(os.environ),
+                          at_workspace_path=at_workspace_path or None)
+    try:
+        done = client.call("wait", run=started["run"])
+    except KeyboardInterrupt:
+        client.call("kill", run=started["run"])
+        raise
+    r = done["result"]
+    code = TIMEOUT_EXIT if r["timed_out"] else (
+        r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0))
+    if r["timed_out"]:
+        click.echo(f"branchctl: timed out after {limits.timeout}s; process tree killed", err=True)
+    elif r["oom_killed"]:
+        click.echo("branchctl: killed by the memory limit (OOM)", err=True)
+    done["_exit"] = code
+    text = ""
+    if capture:
+        text = f"run {done['run']}: exit {code}; output in {Path(done['stdout_path']).parent}"
+    return done, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line on stderr and a documented exit code for every failure."""
+    try:
+        rv = cli.main(args=argv, prog_name="branchctl", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return ExitCode.USAGE
+    except click.Abort:
+        click.echo("branchctl: interrupted", err=True)
+        return 130
+    except BranchError as e:
+        click.echo(f"branchctl: error: {e}", err=True)
+        return e.exit_code
+    except BrokenPipeError:
+        return ExitCode.FAILED
+    return rv if isinstance(rv, int) else ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""``Workspace`` and ``Branch``: what agent code holds.
+
+A Workspace is a directory registered with a daemon (a running branchd, or an
+embedded one started on demand). Branches are handles by name: every property
+that can change (status, metadata) is asked of the daemon, never cached.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from branching.client import Client
+from branching.embedded import EmbeddedDaemon
+from branching.errors import BranchError
+from cgroups import Limits
+
+ACTIONS = ("commit", "abort", "keep")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run in a branch ended, as the daemon's cgroup accounting saw it."""
+
+    run: str
+    exit_code: int | None
+    signal: int | None
+    oom_killed: bool
+    timed_out: bool
+    killed: bool
+    peak_memory: int | None
+    cpu_time: float | None
+    duration: float
+    stdout_path: Path | None = None
+    stderr_path: Path | None = None
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> RunResult:
+        r = reply["result"]
+        return cls(
+            run=reply["run"], exit_code=r.get("exit_code"), signal=r.get("signal"),
+            oom_killed=bool(r.get("oom_killed")), timed_out=bool(r.get("timed_out")),
+            killed=bool(r.get("killed")), peak_memory=r.get("peak_memory"),
+            cpu_time=r.get("cpu_time"), duration=float(r.get("duration", 0.0)),
+            stdout_path=Path(reply["stdout_path"]) if reply.get("stdout_path") else None,
+            stderr_path=Path(reply["stderr_path"]) if reply.get("stderr_path") else None,
+        )
+
+    @property
+    def returncode(self) -> int:
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not (self.timed_out or self.oom_killed or self.killed)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path else ""
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()}
+        out["returncode"] = self.returncode
+        out["ok"] = self.ok
+        return out
+
+
+class Workspace:
+    """A directory whose branches this process creates, runs in, commits and discards."""
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 daemon: str | os.PathLike[str] | EmbeddedDaemon | None = None) -> None:
+        self._embedded: EmbeddedDaemon | None = None
+        if daemon is None:
+            daemon = os.environ.get("BRANCHD_SOCKET") or None
+        if daemon is None:
+            self._embedded = EmbeddedDaemon().start()
+            daemon = self._embedded
+        socket_path = daemon.socket if isinstance(daemon, EmbeddedDaemon) else daemon
+        self.client = Client(socket_path)
+        try:
+            info = self.client.call("workspace-add", path=str(Path(path).expanduser().absolute()))
+            status = self.client.call("status")
+        except BaseException:
+            self.close()
+            raise
+        self.name: str = info["name"]
+        self.base = Path(info["base"])
+        self.mountpoint = Path(status["mountpoint"])
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.base)!r}, name={self.name!r})"
+
+    def close(self) -> None:
+        self.client.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    def create(self, name: str | None = None, *, parent: Branch | str | None = None,
+               meta: dict[str, Any] | None = None) -> Branch:
+        """A new branch of the workspace (or of ``parent``), created in O(1)."""
+        name = name or f"b-{uuid.uuid4().hex[:10]}"
+        parent_name = parent.name if isinstance(parent, Branch) else parent
+        info = self.client.call("create", workspace=self.name, name=name,
+                                parent=parent_name, meta=meta)
+        return Branch(self, info)
+
+    @contextmanager
+    def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
+               on_success: str = "commit", on_error: str = "abort",
+               meta: dict[str, Any] | None = None) -> Iterator[Branch]:
+        """A branch for the ``with`` block: committed on success, discarded on error."""
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = self.create(name, parent=parent, meta=meta)
+        try:
+            yield b
+        except BaseException:
+            b._finish(on_error)
+            raise
+        b._finish(on_success)
+
+    def branches(self) -> list[Branch]:
+        reply = self.client.call("list", workspace=self.name)
+        return [Branch(self, info) for info in reply["branches"]]
+
+    def get(self, name: str) -> Branch:
+        return Branch(self, self.client.call("info", workspace=self.name, name=name))
+
+
+class Branch:
+    """A handle on one branch of a workspace."""
+
+    def __init__(self, workspace: Workspace, info: dict[str, Any]) -> None:
+        self.workspace = workspace
+        self.name: str = info["name"]
+        self.parent: str | None = info.get("parent")
+        self.path = Path(info["path"])
+        self.id: str = info["id"]
+
+    def __repr__(self) -> str:
+        return f"Branch({self.name!r}, path={str(self.path)!r})"
+
+    def _call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        return self.workspace.client.call(op, fds, workspace=self.workspace.name,
+                                          name=self.name, **args)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._call("info")
+
+    @property
+    def status(self) -> str:
+        return str(self.info["status"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.info.get("meta") or {})
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._call("set-meta", meta={key: value})
+
+    def create(self, name: str | None = None, **kw: Any) -> Branch:
+        return self.workspace.create(name, parent=self, **kw)
+
+    def branch(self, name: str | None = None, **kw: Any) -> Any:
+        return self.workspace.branch(name, parent=self, **kw)
+
+    def run(self, argv: list[str] | str, *, limits: Limits | None = None,
+            timeout: float | None = None, env: dict[str, str] | None = None,
+            stdin: int | None = None, capture: bool = True,
+            at_workspace_path: bool = False) -> RunResult:
+        """Run a command in the branch, in its own cgroup; blocks until it ends."""
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        limits = limits or Limits()
+        if timeout is not None:
+            limits = Limits.from_dict({**limits.to_dict(), "timeout": timeout})
+        fds = None
+        if not capture:
+            fds = [stdin if stdin is not None else 0, 1, 2]
+        reply = self._call(
+            "exec", argv=list(argv), limits=limits.to_dict(),
+            env=dict(os.environ if env is None else env),
+            at_workspace_path=at_workspace_path or None,
+            fds=fds,
+        )
+        return RunResult.from_reply(self.workspace.client.call("wait", run=reply["run"]))
+
+    def commit(self) -> dict[str, Any]:
+        return self._call("commit")
+
+    def abort(self) -> None:
+        self._call("discard")
+
+    def diff(self, patch: bool = False) -> list[dict[str, Any]]:
+        return list(self._call("diff", patch=patch or None)["changes"])
+
+    def _finish(self, action: str) -> None:
+        if action == "commit":
+            self.commit()
+        elif action == "abort":
+            try:
+                self.abort()
+            except BranchError as e:
+                if e.code != "not-found":  # already gone is what abort wants
+                    raise

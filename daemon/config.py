@@ -1,0 +1,35 @@
+"""Where branchd keeps things: state directory, mountpoint, socket, and who may connect."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.protocol import default_socket, runtime_dir
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/branchd")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "branchd"
+
+
+@dataclass
+class Config:
+    state_dir: Path = field(default_factory=default_state_dir)
+    mountpoint: Path = field(default_factory=lambda: runtime_dir() / "mnt")
+    socket: Path = field(default_factory=default_socket)
+    socket_mode: int = 0o660
+    # peers other than the daemon's own uid (and root) that may connect
+    allow_uids: frozenset[int] = frozenset()
+    debug_fuse: bool = False
+
+    def resolve(self) -> Config:
+        self.state_dir = self.state_dir.expanduser().absolute()
+        self.mountpoint = self.mountpoint.expanduser().absolute()
+        self.socket = self.socket.expanduser().absolute()
+        return self

@@ -1,0 +1,327 @@
+"""The control operations: one method per protocol op, over the Store and the runs.
+
+Handlers take validated arguments and the peer's credentials, call the
+filesystem core or the run table, and return a JSON-able result. They raise
+domain errors; ``daemon.server`` is the one place that turns any exception into
+a protocol error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import branchfs
+import cgroups
+from daemon.meta import MetaStore
+from daemon.protocol import VERSION
+from daemon.runs import RunTable
+
+log = logging.getLogger(__name__)
+
+PATCH_LIMIT = 256 * 1024  # bytes of each side read for `diff --patch`
+META_LIMIT = 64 * 1024  # bytes of JSON a branch may carry
+
+
+class RequestError(Exception):
+    """A request the daemon refuses; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+Handler = Callable[["Handlers", Peer, dict[str, Any], list[int]], Awaitable[dict[str, Any]]]
+
+
+def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = args.get(name, default)
+    if value is ...:
+        raise RequestError("bad-request", f"missing argument {name!r}")
+    if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise RequestError("bad-request", f"argument {name!r} has the wrong type")
+    return value
+
+
+class Handlers:
+    """State shared by all connections: the store, the runs, the nursery runs are watched in."""
+
+    def __init__(
+        self,
+        store: branchfs.Store,
+        runs: RunTable,
+        meta: MetaStore,
+        nursery: trio.Nursery,
+        *,
+        mountpoint: Path,
+        socket_path: Path,
+        on_change: Callable[[], None],
+        shutdown: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.runs = runs
+        self.meta = meta
+        self.nursery = nursery
+        self.mountpoint = mountpoint
+        self.socket_path = socket_path
+        self.on_change = on_change
+        self.shutdown = shutdown
+        self.started = time.time()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _branch(self, args: dict[str, Any]) -> branchfs.Branch:
+        name = arg(args, "name", str)
+        workspace = arg(args, "workspace", str, None)
+        if workspace is None:
+            return self.store.find_branch(name)
+        return self.store.branch(self._workspace(workspace).name, name)
+
+    def _workspace(self, name_or_path: str) -> branchfs.Workspace:
+        """A workspace by name, or by the path of its base directory."""
+        if "/" not in name_or_path and name_or_path not in (".", ".."):
+            return self.store.workspace(name_or_path)
+        real = os.path.realpath(name_or_path)
+        for ws in self.store.workspaces():
+            if ws.base == real:
+                return ws
+        raise branchfs.NotFound(f"no workspace with base {real}")
+
+    def _active(self, branch: branchfs.Branch) -> branchfs.Branch:
+        if branch.status == "active":
+            return branch
+        code = "stale" if branch.status == "invalidated" else "not-found"
+        raise RequestError(code, f"branch {branch.name!r} was {branch.status}")
+
+    def _check_access(self, peer: Peer, ws: branchfs.Workspace) -> None:
+        if peer.uid in (0, os.geteuid()) or peer.uid == ws.owner:
+            return
+        st = os.stat(ws.base)
+        if not _may(st, peer, os.R_OK | os.W_OK | os.X_OK):
+            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use workspace {ws.name!r}")
+
+    def path_of(self, branch: branchfs.Branch) -> str:
+        return str(self.mountpoint / branch.workspace / branch.name)
+
+    def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
+        out = branch.to_dict()
+        out["path"] = self.path_of(branch)
+        out["meta"] = self.meta.get(branch.id)
+        return out
+
+    def _ended(self, branches: list[branchfs.Branch]) -> None:
+        """Kill every process of branches that just ended and forget their metadata."""
+        for b in branches:
+            killed = self.runs.kill_branch(b.id)
+            if killed:
+                log.info("killed %d processes of ended branch %s", killed, b.name)
+            self.meta.drop(b.id)
+        self.on_change()
+
+    # --- operations ----------------------------------------------------------------------
+
+    async def op_hello(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"version": VERSION, "pid": os.getpid()}
+
+    async def op_status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        manager = self.runs.manager
+        return {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "mountpoint": str(self.mountpoint),
+            "socket": str(self.socket_path),
+            "state_dir": str(self.store.state_dir),
+            "workspaces": len(self.store.workspaces()),
+            "branches": len(self.store.branches()),
+            "runs_active": self.runs.active(),
+            "cgroup_layout": manager.layout.kind,
+            "cgroup_warnings": list(manager.warnings),
+            "recovered": list(self.store.recovered),
+        }
+
+    async def op_workspace_add(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
+        path = arg(args, "path", str)
+        name = arg(args, "name", str, None)
+        ws = self.store.add_workspace(path, name, owner=peer.uid)
+        self._check_access(peer, ws)
+        self.on_change()
+        return ws.to_dict()
+
+    async def op_workspace_list(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
+        return {"workspaces": [ws.to_dict() for ws in self.store.workspaces()]}
+
+    async def op_create(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        name = arg(args, "name", str)
+        parent_name = arg(args, "parent", str, None)
+        meta = arg(args, "meta", dict, None)
+        if parent_name is not None:
+            parent = self._active(self._branch({**args, "name": parent_name}))
+            ws = self.store.workspace(parent.workspace)
+        else:
+            ws = self._workspace(arg(args, "workspace", str))
+        self._check_access(peer, ws)
+        if meta:
+            self.meta.check(meta, META_LIMIT)
+        branch = self.store.create_branch(ws.name, name, parent_name)
+        if meta:
+            self.meta.set(branch.id, meta)
+        self.on_change()
+        return self.describe(branch)
+
+    async def op_list(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        workspace = arg(args, "workspace", str, None)
+        if workspace is not None:
+            workspace = self._workspace(workspace).name
+        ended = bool(arg(args, "all", bool, False))
+        branches = self.store.branches(workspace, include_ended=ended)
+        return {"branches": [self.describe(b) for b in branches]}
+
+    async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._branch(args)
+        out = self.describe(branch)
+        out["runs"] = [
+            r.describe() for r in self.runs.runs.values() if r.branch_id == branch.id
+        ]
+        return out
+
+    async def op_set_meta(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
+        """Merge keys into the branch's metadata (a null value removes the key)."""
+        branch = self._active(self._branch(args))
+        meta = {**self.meta.get(branch.id), **arg(args, "meta", dict)}
+        meta = {k: v for k, v in meta.items() if v is not None}
+        self.meta.check(meta, META_LIMIT)
+        self.meta.set(branch.id, meta)
+        return self.describe(branch)
+
+    async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._active(self._branch(args))
+        self._check_access(peer, self.store.workspace(branch.workspace))
+        changes = self.store.diff(branch.workspace, branch.name)
+        out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
+        if arg(args, "patch", bool, False):
+            out["patch"] = "".join(self._patch(branch, c) for c in changes)
+        return out
+
+    def _patch(self, branch: branchfs.Branch, change: branchfs.Change) -> str:
+        if change.type != "file":
+            return ""
+        old = self.store.read_file(branch.workspace, branch.parent,
+                                   change.old_path or change.path, PATCH_LIMIT)
+        new = self.store.read_file(branch.workspace, branch.name, change.path, PATCH_LIMIT)
+        sides = []
+        for data in (old, new):
+            if data is None:
+                sides.append([])
+            elif b"\0" in data:
+                return f"Binary files a/{change.path} and b/{change.path} differ\n"
+            else:
+                sides.append(data.decode("utf-8", "replace").splitlines(keepends=True))
+        lines = difflib.unified_diff(
+            sides[0], sides[1],
+            "/dev/null" if old is None else f"a/{change.old_path or change.path}",
+            "/dev/null" if new is None else f"b/{change.path}",
+        )
+        return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                       for line in lines)
+
+    async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._branch(args)
+        self._check_access(peer, self.store.workspace(branch.workspace))
+        if self.runs.kill_branch(branch.id):
+            log.info("killed the remaining processes of %s before its commit", branch.name)
+        result = self.store.commit(branch.workspace, branch.name)
+        invalidated = [self.store.branch(branch.workspace, n) for n in result.invalidated]
+        self._ended([branch, *invalidated])
+        return result.to_dict()
+
+    async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._branch(args)
+        self._check_access(peer, self.store.workspace(branch.workspace))
+        removed = self.store.discard(branch.workspace, branch.name)
+        self._ended(removed)
+        return {"discarded": [b.name for b in removed]}
+
+    async def op_exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._active(self._branch(args))
+        ws = self.store.workspace(branch.workspace)
+        self._check_access(peer, ws)
+        argv = arg(args, "argv", list)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise RequestError("bad-request", "argv must be a non-empty list of strings")
+        env = arg(args, "env", dict, None)
+        if env is None:
+            env = {"PATH": os.defpath}
+        env = {str(k): str(v) for k, v in env.items()}
+        path = self.path_of(branch)
+        env.update(BRANCHD_BRANCH=branch.name, BRANCHD_WORKSPACE=ws.name, BRANCHD_PATH=path)
+        try:
+            limits = cgroups.Limits.from_dict(arg(args, "limits", dict, None) or {})
+        except (TypeError, ValueError) as e:
+            raise RequestError("bad-request", f"bad limits: {e}") from None
+        bind = None
+        cwd = path
+        if arg(args, "at_workspace_path", bool, False):
+            bind = (path, ws.base)
+            cwd = ws.base
+        if fds and len(fds) != 3:
+            raise RequestError("bad-request", "pass three descriptors: stdin, stdout, stderr")
+        record = self.runs.start(
+            self.nursery, branch_id=branch.id, argv=argv, cwd=cwd, env=env, limits=limits,
+            stdio=fds or None, bind=bind, uid=peer.uid,
+        )
+        return record.describe()
+
+    async def op_wait(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        record = self.runs.get(arg(args, "run", str))
+        if record is None:
+            raise RequestError("not-found", f"no run {args['run']!r}")
+        await record.done.wait()
+        return record.describe()
+
+    async def op_kill(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        record = self.runs.get(arg(args, "run", str))
+        if record is None:
+            raise RequestError("not-found", f"no run {args['run']!r}")
+        record.run.kill()
+        return {"run": record.id}
+
+    async def op_shutdown(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
+        if peer.uid not in (0, os.geteuid()):
+            raise branchfs.PermissionDenied("only the daemon's owner may shut it down")
+        self.shutdown()
+        return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    name[3:].replace("_", "-"): getattr(Handlers, name)
+    for name in dir(Handlers)
+    if name.startswith("op_")
+}
+
+
+def _may(st: os.stat_result, peer: Peer, want: int) -> bool:
+    """Unix permission bits of ``st`` for ``peer`` (owner, then group, then other)."""
+    if st.st_uid == peer.uid:
+        bits = (st.st_mode >> 6) & 7
+    elif st.st_gid == peer.gid:
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    return bits & want == want and stat.S_ISDIR(st.st_mode)

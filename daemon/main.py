@@ -1,0 +1,74 @@
+"""``branchd``: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from daemon import service
+from daemon.config import Config
+
+# syslog priorities for journald's "<N>" line prefixes
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority, as journald reads stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # stderr is connected to journald
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, str]:
+    defaults = Config()
+    p = argparse.ArgumentParser(prog="branchd", description="copy-on-write workspace branches")
+    p.add_argument("--state-dir", type=Path, default=defaults.state_dir)
+    p.add_argument("--mountpoint", type=Path, default=defaults.mountpoint)
+    p.add_argument("--socket", type=Path, default=defaults.socket)
+    p.add_argument("--allow-uid", type=int, action="append", default=[],
+                   help="another uid that may use the control socket (repeatable)")
+    p.add_argument("--log-level", default=os.environ.get("BRANCHD_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    a = p.parse_args(argv)
+    cfg = Config(state_dir=a.state_dir, mountpoint=a.mountpoint, socket=a.socket,
+                 allow_uids=frozenset(a.allow_uid), debug_fuse=a.debug_fuse)
+    return cfg.resolve(), a.log_level
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, level = parse_args(argv)
+    setup_logging(level)
+    try:
+        trio.run(service.run, cfg)
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        # Start-up failures (busy socket, unusable state dir) are one line, not a traceback.
+        code = getattr(e, "code", None)
+        if code is None:
+            raise
+        print(f"branchd: error: {e}", file=sys.stderr)
+        return 4 if code in ("busy", "conflict") else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

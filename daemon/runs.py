@@ -1,0 +1,129 @@
+"""Candidate runs: processes the daemon starts in a branch, each in its own cgroup.
+
+A run's record lives under ``<state>/runs/<branch-id>/<run-id>/``: the captured
+stdout and stderr (unless the client passed its own descriptors) and, once the
+run ends, ``result.json``. Runs belong to their branch (cgroup group = branch
+id) so that discarding or invalidating a branch kills every process in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import cgroups
+from branchfs.durable import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    """One started run. ``result`` is set exactly once, when the process tree is gone."""
+
+    id: str
+    branch_id: str
+    run: cgroups.Run
+    record_dir: Path
+    captured: bool
+    result: dict[str, Any] | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.id, "pid": self.run.pid}
+        if self.captured:
+            out["stdout_path"] = str(self.record_dir / "stdout")
+            out["stderr_path"] = str(self.record_dir / "stderr")
+        if self.result is not None:
+            out["result"] = self.result
+        return out
+
+
+class RunTable:
+    """The daemon's runs, keyed by id; spawns through one cgroups.Manager."""
+
+    def __init__(self, state_dir: Path, manager: cgroups.Manager) -> None:
+        self.root = state_dir / "runs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manager = manager
+        self.runs: dict[str, RunRecord] = {}
+
+    def start(
+        self,
+        nursery: trio.Nursery,
+        *,
+        branch_id: str,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        limits: cgroups.Limits,
+        stdio: list[int] | None,
+        bind: tuple[str, str] | None,
+        uid: int,
+    ) -> RunRecord:
+        """Spawn ``argv`` in a new cgroup of the branch's group and watch it in ``nursery``.
+
+        ``stdio`` is the client's (stdin, stdout, stderr); None captures output
+        into the run record and gives the child /dev/null as stdin.
+        """
+        run_id = uuid.uuid4().hex[:12]
+        record_dir = self.root / branch_id / run_id
+        record_dir.mkdir(parents=True)
+        if uid != os.geteuid():
+            argv = _as_user(uid) + argv
+        opened: list[int] = []
+        if stdio is None:
+            opened = [
+                os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
+                os.open(record_dir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640),
+                os.open(record_dir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640),
+            ]
+            stdio = opened
+        try:
+            run = self.manager.spawn(
+                argv, cwd=cwd, env=env, limits=limits, group=branch_id,
+                stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], bind=bind,
+            )
+        finally:
+            for fd in opened:
+                os.close(fd)
+        record = RunRecord(run_id, branch_id, run, record_dir, captured=bool(opened))
+        self.runs[run_id] = record
+        nursery.start_soon(self._watch, record)
+        log.info("run %s started in branch %s: pid %d, %s", run_id, branch_id, run.pid, argv)
+        return record
+
+    async def _watch(self, record: RunRecord) -> None:
+        try:
+            result = await trio.to_thread.run_sync(record.run.wait, abandon_on_cancel=True)
+        except BaseException:
+            record.run.kill()
+            raise
+        assert result is not None  # wait() without a timeout returns only when done
+        record.result = result.to_dict()
+        atomic_write(record.record_dir / "result.json", json.dumps(record.result).encode())
+        record.done.set()
+        log.info("run %s ended: %s", record.id, record.result)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        return self.runs.get(run_id)
+
+    def kill_branch(self, branch_id: str) -> int:
+        return self.manager.kill_group(branch_id)
+
+    def active(self) -> int:
+        return sum(1 for r in self.runs.values() if r.result is None)
+
+
+def _as_user(uid: int) -> list[str]:
+    """Drop from the daemon's root to the requesting user before the candidate starts."""
+    entry = pwd.getpwuid(uid)
+    return ["setpriv", f"--reuid={uid}", f"--regid={entry.pw_gid}", "--init-groups", "--"]

@@ -1,0 +1,104 @@
+"""The daemon's life: open the state, mount, listen, announce readiness, shut down cleanly.
+
+Teardown order is explicit (one nursery inside one exit stack): stop accepting
+requests, kill every candidate process, unmount, close the state.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+from contextlib import ExitStack
+from pathlib import Path
+
+import trio
+
+import branchfs
+import cgroups
+from daemon.config import Config
+from daemon.handlers import Handlers
+from daemon.meta import MetaStore
+from daemon.notify import Notifier
+from daemon.runs import RunTable
+from daemon.server import bind_socket, serve_control
+
+log = logging.getLogger(__name__)
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """A daemon killed with SIGKILL leaves its FUSE mount behind ("transport endpoint
+    is not connected"); detach it so that the new daemon can mount there."""
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == str(mountpoint) for line in f)
+    if mounted:
+        log.warning("detaching a stale mount at %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+
+
+async def run(cfg: Config, notifier: Notifier | None = None) -> None:
+    """Serve until SIGTERM, SIGINT or a ``shutdown`` request."""
+    notifier = notifier or Notifier()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with ExitStack() as stack:
+        clear_stale_mount(cfg.mountpoint)
+        store = branchfs.Store(cfg.state_dir, mountpoint=str(cfg.mountpoint))
+        stack.callback(store.close)
+        for line in store.recovered:
+            log.warning("recovery: %s", line)
+        manager = cgroups.Manager(name=f"branchd-{os.getpid()}")
+        stack.callback(manager.close)
+        for warning in manager.warnings:
+            log.warning("%s", warning)
+        runs = RunTable(cfg.state_dir, manager)
+        meta = MetaStore(cfg.state_dir / "branch-meta.json")
+        listener = bind_socket(cfg.socket, cfg.socket_mode)
+        stack.callback(cfg.socket.unlink, missing_ok=True)
+        stack.callback(listener.close)
+
+        async with trio.open_nursery() as nursery:
+
+            def report() -> None:
+                notifier.status(f"{len(store.workspaces())} workspaces, "
+                                f"{len(store.branches())} branches, {runs.active()} runs")
+
+            handlers = Handlers(
+                store, runs, meta, nursery,
+                mountpoint=cfg.mountpoint, socket_path=cfg.socket,
+                on_change=report, shutdown=nursery.cancel_scope.cancel,
+            )
+            await nursery.start(_serve_fs, store, cfg)
+            await nursery.start(serve_control, listener, handlers, cfg.allow_uids)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            log.info("branchd ready: mount %s, socket %s, cgroups %s",
+                     cfg.mountpoint, cfg.socket, manager.layout.kind)
+            notifier.ready(f"{len(store.workspaces())} workspaces, "
+                           f"{len(store.branches())} branches")
+        notifier.stopping()
+        log.info("branchd stopping")
+
+
+async def _serve_fs(store: branchfs.Store, cfg: Config, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    await branchfs.serve(store, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                _toggle_debug()
+                continue
+            log.info("received %s", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _toggle_debug() -> None:
+    """SIGHUP switches the log level between INFO and DEBUG at runtime."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if root.level != logging.DEBUG else logging.INFO)
+    log.warning("log level now %s", logging.getLevelName(root.level))
