@@ -7,6 +7,7 @@ requests, kill every candidate process, unmount, close the state.
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import logging
 import os
 import signal
@@ -19,13 +20,25 @@ import trio
 import branchfs
 import cgroups
 from daemon.config import Config
-from daemon.handlers import Handlers
+from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
 from daemon.notify import Notifier
 from daemon.runs import RunTable
 from daemon.server import bind_socket, serve_control
 
 log = logging.getLogger(__name__)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """One daemon per state directory: hold an exclusive lock for the daemon's life."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RequestError("busy", f"another branchd is using {state_dir}") from None
+    return fd
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
@@ -44,6 +57,10 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     with ExitStack() as stack:
+        stack.callback(os.close, lock_state_dir(cfg.state_dir))
+        listener = bind_socket(cfg.socket, cfg.socket_mode)
+        stack.callback(cfg.socket.unlink, missing_ok=True)
+        stack.callback(listener.close)
         clear_stale_mount(cfg.mountpoint)
         store = branchfs.Store(cfg.state_dir, mountpoint=str(cfg.mountpoint))
         stack.callback(store.close)
@@ -55,9 +72,6 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             log.warning("%s", warning)
         runs = RunTable(cfg.state_dir, manager)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
-        listener = bind_socket(cfg.socket, cfg.socket_mode)
-        stack.callback(cfg.socket.unlink, missing_ok=True)
-        stack.callback(listener.close)
 
         async with trio.open_nursery() as nursery:
 

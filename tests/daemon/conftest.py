@@ -1,0 +1,58 @@
+"""Fixtures for daemon and CLI tests: a real branchd (real FUSE mount) in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from branching import EmbeddedDaemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDaemon]:
+    """One daemon per test module; stopped (and unmounted) even when tests fail."""
+    d = EmbeddedDaemon(tmp_path_factory.mktemp("branchd"))
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A small workspace directory with a few files."""
+    base = tmp_path / "proj"
+    (base / "src").mkdir(parents=True)
+    (base / "README").write_text("hello\n")
+    (base / "src" / "app.py").write_text("print('v1')\n")
+    return base
+
+
+class CLI:
+    """Runs branchctl as a user would, against one daemon."""
+
+    def __init__(self, socket: Path) -> None:
+        self.env = {**os.environ, "BRANCHD_SOCKET": str(socket)}
+
+    def __call__(self, *args: str, check: int | None = 0,
+                 cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "branching.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60, cwd=cwd)
+        if check is not None:
+            assert proc.returncode == check, (args, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def json(self, *args: str, check: int = 0) -> dict:
+        return json.loads(self(*args, "--json", check=check).stdout)
+
+
+@pytest.fixture
+def cli(daemon: EmbeddedDaemon) -> CLI:
+    return CLI(daemon.socket)

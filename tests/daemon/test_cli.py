@@ -1,0 +1,148 @@
+"""branchctl end to end: a real daemon, a real FUSE mount, real processes.
+
+Each test uses its own workspace directory; branch names are unique per test
+because the daemon is shared by the module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon.protocol import ExitCode
+
+from .conftest import CLI
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+
+
+def test_create_prints_a_path_that_shows_the_workspace(cli: CLI, ws: Path) -> None:
+    path = Path(cli("create", "c1", "--workspace", str(ws)).stdout.strip())
+    assert (path / "README").read_text() == "hello\n"
+    assert sorted(os.listdir(path)) == ["README", "src"]
+
+
+def test_branch_changes_stay_in_the_branch_until_commit(cli: CLI, ws: Path) -> None:
+    path = Path(cli("create", "c2", "-w", str(ws)).stdout.strip())
+    (path / "src" / "app.py").write_text("print('v2')\n")
+    (path / "NEW").write_text("new\n")
+    os.unlink(path / "README")
+    assert (ws / "src" / "app.py").read_text() == "print('v1')\n"
+    assert (ws / "README").exists() and not (ws / "NEW").exists()
+
+    changes = cli.json("diff", "c2")["changes"]
+    assert {(c["kind"], c["path"]) for c in changes} == {
+        ("modified", "src/app.py"), ("added", "NEW"), ("deleted", "README")}
+    patch = cli("diff", "c2", "--patch").stdout
+    assert "-print('v1')" in patch and "+print('v2')" in patch
+
+    result = cli.json("commit", "c2")
+    assert result["changes"] == 3
+    assert (ws / "src" / "app.py").read_text() == "print('v2')\n"
+    assert (ws / "NEW").read_text() == "new\n" and not (ws / "README").exists()
+    assert "c2" not in {b["name"] for b in cli.json("list")["branches"]}
+
+
+def test_discard_leaves_the_workspace_untouched(cli: CLI, ws: Path) -> None:
+    path = Path(cli("create", "c3", "-w", str(ws)).stdout.strip())
+    (path / "README").write_text("changed\n")
+    assert cli.json("discard", "c3")["discarded"] == ["c3"]
+    assert (ws / "README").read_text() == "hello\n"
+    assert not path.exists()
+
+
+def test_nested_branch_commits_into_its_parent_then_the_workspace(cli: CLI, ws: Path) -> None:
+    outer = Path(cli("create", "n1", "-w", str(ws)).stdout.strip())
+    (outer / "a").write_text("outer\n")
+    inner = Path(cli("create", "n1b", "--from", "n1").stdout.strip())
+    assert (inner / "a").read_text() == "outer\n"
+    (inner / "b").write_text("inner\n")
+    cli("commit", "n1b")
+    assert (outer / "b").read_text() == "inner\n"
+    assert not (ws / "b").exists()
+    cli("commit", "n1")
+    assert (ws / "a").read_text() == "outer\n" and (ws / "b").read_text() == "inner\n"
+
+
+def test_first_commit_wins_and_the_sibling_is_stale(cli: CLI, ws: Path) -> None:
+    p1 = Path(cli("create", "r1", "-w", str(ws)).stdout.strip())
+    p2 = Path(cli("create", "r2", "-w", str(ws)).stdout.strip())
+    (p1 / "f").write_text("one\n")
+    (p2 / "f").write_text("two\n")
+    assert "r2" in cli.json("commit", "r1")["invalidated"]
+    lost = cli("commit", "r2", check=ExitCode.CONFLICT)
+    assert lost.stderr.startswith("branchctl: error:") and len(lost.stderr.splitlines()) == 1
+    assert (ws / "f").read_text() == "one\n"
+
+
+def test_prefix_named_branches_do_not_affect_each_other(cli: CLI, ws: Path) -> None:
+    p1 = Path(cli("create", "x1", "-w", str(ws)).stdout.strip())
+    (p1 / "mine").write_text("x1\n")
+    p10 = Path(cli("create", "x10", "-w", str(ws)).stdout.strip())
+    (p10 / "mine").write_text("x10\n")
+    with open(p10 / "mine") as held:
+        cli("discard", "x1")
+        assert held.read() == "x10\n"
+    assert (p10 / "mine").read_text() == "x10\n"
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "x" * 256, "bad\x01name"])
+def test_bad_names_get_one_line_and_exit_2(cli: CLI, ws: Path, name: str) -> None:
+    proc = cli("create", name, "-w", str(ws), check=None)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert cli.json("list", "-w", str(ws))["branches"] == []
+
+
+def test_missing_branch_and_workspace(cli: CLI, ws: Path, tmp_path: Path) -> None:
+    for args in (["commit", "nope"], ["discard", "nope"], ["diff", "nope"], ["info", "nope"]):
+        proc = cli(*args, check=ExitCode.NOT_FOUND)
+        assert "nope" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = cli("create", "w1", "-w", str(tmp_path / "absent"), check=ExitCode.NOT_FOUND)
+    assert "absent" in proc.stderr
+
+
+def test_discarded_branch_cannot_be_committed(cli: CLI, ws: Path) -> None:
+    cli("create", "d1", "-w", str(ws))
+    cli("discard", "d1")
+    proc = cli("commit", "d1", check=ExitCode.NOT_FOUND)
+    assert "discarded" in proc.stderr
+
+
+def test_workspace_inside_the_mount_is_refused(cli: CLI, daemon, ws: Path) -> None:
+    path = cli("create", "m1", "-w", str(ws)).stdout.strip()
+    proc = cli("create", "m2", "-w", path, check=None)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+
+
+def test_exec_passes_the_exit_code_and_streams_output(cli: CLI, ws: Path) -> None:
+    cli("create", "e1", "-w", str(ws))
+    proc = cli("exec", "e1", "--", "sh", "-c", "pwd; cat README; echo oops >&2; exit 7", check=7)
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("/e1") and lines[1] == "hello"
+    assert proc.stderr.strip() == "oops"
+    cli("exec", "e1", "--", "sh", "-c", "echo made > out.txt")
+    assert cli.json("diff", "e1")["changes"] == [
+        {"kind": "added", "path": "out.txt", "type": "file", "old_path": None}]
+
+
+def test_exec_timeout_kills_the_tree_and_exits_124(cli: CLI, ws: Path) -> None:
+    cli("create", "t1", "-w", str(ws))
+    proc = cli("exec", "t1", "--timeout", "1", "--", "sh", "-c", "sleep 60 & sleep 60",
+               check=124)
+    assert "timed out" in proc.stderr
+
+
+def test_json_everywhere(cli: CLI, ws: Path) -> None:
+    created = cli.json("create", "j1", "-w", str(ws))
+    assert created["name"] == "j1" and created["status"] == "active"
+    assert cli.json("info", "j1")["path"] == created["path"]
+    assert cli.json("status")["branches"] >= 1
+    assert any(w["base"] == str(ws) for w in cli.json("workspace", "list")["workspaces"])
+
+
+def test_no_daemon_is_exit_5(tmp_path: Path) -> None:
+    proc = CLI(tmp_path / "none.sock")("list", check=ExitCode.UNAVAILABLE)
+    assert "no branchd" in proc.stderr and len(proc.stderr.splitlines()) == 1
