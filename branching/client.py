@@ -25,7 +25,8 @@ class _Connection:
             self.sock.connect(str(path))
         except OSError as e:
             self.sock.close()
-            raise BranchError("unavailable", f"no branchd at {path}: {e.strerror}") from None
+            code = "permission" if isinstance(e, PermissionError) else "unavailable"
+            raise BranchError(code, f"cannot reach branchd at {path}: {e.strerror}") from None
         self.buf = b""
         self.next_id = 1
         self.call("hello", {"version": protocol.VERSION})

@@ -145,4 +145,4 @@ def test_json_everywhere(cli: CLI, ws: Path) -> None:
 
 def test_no_daemon_is_exit_5(tmp_path: Path) -> None:
     proc = CLI(tmp_path / "none.sock")("list", check=ExitCode.UNAVAILABLE)
-    assert "no branchd" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert "cannot reach branchd" in proc.stderr and len(proc.stderr.splitlines()) == 1
