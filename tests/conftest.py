@@ -1,0 +1,33 @@
+"""Suite-wide guard: a test run must leave no FUSE mount behind.
+
+Every fixture unmounts what it mounted; this checks it once at the end of the
+session, detaches any leftover (so the machine stays usable) and fails the run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+
+def fuse_mounts() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f if line.split()[2].startswith("fuse")}
+
+
+_before: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _before.update(fuse_mounts())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = fuse_mounts() - _before
+    if not left:
+        return
+    for mnt in sorted(left):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+    print(f"\nFAILED: the tests left FUSE mounts behind: {', '.join(sorted(left))}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
