@@ -71,7 +71,8 @@ class Context:
                   ) -> Iterator[BenchWorkspace]:
         """A fresh copy of the seed tree of ``files`` files (None: a README alone),
         registered with the backend, removed afterwards whatever happened."""
-        base = self.work / backend.name / label
+        # the directory's name is the workspace's name in branchd: unique per backend
+        base = self.work / backend.name / f"{label}-{backend.name}"
         base.parent.mkdir(exist_ok=True)
         if files is None:
             base.mkdir()
