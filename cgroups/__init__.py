@@ -1,0 +1,22 @@
+"""Resource limits and process placement for candidates: cgroup v2 first, v1 on hybrid hosts.
+
+See README.md in this folder for the layouts supported and their caveats.
+"""
+
+from .errors import CgroupError, SpawnError
+from .layout import Layout, detect
+from .limits import Limits, parse_size
+from .manager import Manager
+from .run import Run, RunResult
+
+__all__ = [
+    "CgroupError",
+    "Layout",
+    "Limits",
+    "Manager",
+    "Run",
+    "RunResult",
+    "SpawnError",
+    "detect",
+    "parse_size",
+]

@@ -1,0 +1,395 @@
+"""The Manager: one cgroup subtree per daemon, candidates spawned into it, a thread that reaps them.
+
+Tree (in the v2 tree and in each v1 hierarchy used):
+
+    <this process's own cgroup>/<name>/<group>.<n>
+
+One leaf per run, so a run's limits, statistics and kill are its own; a
+group's runs (the daemon uses the branch id) are the runs with that group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import os
+import re
+import select
+import signal
+import threading
+import time
+
+from .cgroup import Cgroup, write
+from .errors import CgroupError, SpawnError
+from .layout import V1_CONTROLLERS, Layout, detect
+from .limits import Limits
+from .run import Run
+from .spawn import Tools, can_bind, start
+
+log = logging.getLogger(__name__)
+
+_V2_LIMIT_CONTROLLERS = ("cpu", "io", "memory", "pids")
+_V1_FOR_V2 = {"memory": "memory", "cpu": "cpu", "pids": "pids", "io": "blkio"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SUPERVISOR = "supervisor"  # leaf the daemon moves itself into (the v2 no-internal-process rule)
+
+_names_lock = threading.Lock()
+_names_in_use: set[str] = set()
+
+
+class _Monitor:
+    """A thread that reaps runs the moment their main process exits and enforces timeouts.
+
+    Invariant: a run is watched from spawn until its `_finish` has run; runs
+    finish even when nobody waits for them, so their cgroups go away promptly.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._poll = select.poll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._by_fd: dict[int, Run] = {}
+        self._deadlines: list[tuple[float, int, Run]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="cgroups-monitor", daemon=True)
+        self._thread.start()
+
+    def add(self, run: Run, timeout: float | None) -> None:
+        fd = os.pidfd_open(run.pid)  # a zombie still has its pidfd: no race with a quick exit
+        with self._lock:
+            self._by_fd[fd] = run
+            self._poll.register(fd, select.POLLIN)
+            if timeout is not None:
+                heapq.heappush(self._deadlines, (time.monotonic() + timeout, next(self._seq), run))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join()
+        for fd in list(self._by_fd):
+            os.close(fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                timeout_ms = None
+                if self._deadlines:
+                    timeout_ms = max(0, int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1)
+            for fd, _ in self._poll.poll(timeout_ms):
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                with self._lock:
+                    run = self._by_fd.pop(fd)
+                    self._poll.unregister(fd)
+                os.close(fd)
+                self._guarded(run._finish, run)
+            now = time.monotonic()
+            due = []
+            with self._lock:
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    due.append(heapq.heappop(self._deadlines)[2])
+            for run in due:
+                if run.poll() is None:
+                    log.info(
+                        "run %s: timeout of %gs reached, killing it", run.id, run.limits.timeout
+                    )
+                    self._guarded(lambda r=run: r._stop("timeout"), run)
+
+    @staticmethod
+    def _guarded(fn: object, run: Run) -> None:
+        # the monitor must outlive any one run's failure, or every later run would hang
+        try:
+            fn()  # type: ignore[operator]
+        except Exception:
+            log.exception("run %s: unexpected error in the monitor", run.id)
+
+
+class Manager:
+    """Owns one cgroup subtree (per layout) for one process (the daemon).
+
+    Invariants: every cgroup it creates lies under `<own cgroup>/<name>` and is
+    removed when its run ends or, at the latest, by `close()`; each limit that
+    cannot be enforced here is warned about once (log and `warnings`); `name`
+    is used by one Manager at a time in this process.
+    """
+
+    def __init__(self, name: str | None = None, layout: Layout | None = None) -> None:
+        self.name = name or "branchd"
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"invalid manager name {self.name!r}: use letters, digits, _ . -")
+        with _names_lock:
+            if self.name in _names_in_use:
+                raise ValueError(f"a Manager named {self.name!r} already exists in this process")
+            _names_in_use.add(self.name)
+        self.layout = layout if layout is not None else detect()
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
+        self._tools = Tools.find()
+        self._lock = threading.Lock()
+        self._runs: dict[str, Run] = {}
+        self._leftovers: list[Cgroup] = []
+        self._counter = itertools.count(1)
+        self._closed = False
+        try:
+            self._base = self._make_base()
+        except BaseException:
+            with _names_lock:
+                _names_in_use.discard(self.name)
+            raise
+        self._unsupported = (
+            self._base.unsupported()
+            if self._base is not None
+            else {k: "no usable cgroup hierarchy" for k in ("memory", "cpus", "pids", "io_weight")}
+        )
+        if self._base is None or self._base.kill_method is None:
+            self._warn(
+                "kill",
+                f"no race-free way to kill a run's whole tree ({self.layout.kind} cgroups: no "
+                "cgroup.kill, no v1 freezer); a candidate's processes that leave its session "
+                "survive a kill",
+            )
+        self._monitor = _Monitor()
+        log.debug("cgroups manager %s on %s", self.name, self.layout)
+
+    # -- setup -----------------------------------------------------------------
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warnings.append(message)
+            log.warning("%s", message)
+
+    def _make_base(self) -> Cgroup | None:
+        layout = self.layout
+        v2: Cgroup | None = None
+        enabled: frozenset[str] = frozenset()
+        if layout.v2_dir is not None:
+            wanted = frozenset(_V2_LIMIT_CONTROLLERS) & layout.v2_controllers
+            enabled = self._enable_own_v2(layout.v2_dir, wanted)
+            _remove_stale(os.path.join(layout.v2_dir, self.name))
+            v2 = Cgroup.create(layout.v2_dir, {}, self.name, enabled)
+            try:
+                v2.enable(enabled)
+            except CgroupError:
+                v2.remove()
+                raise
+        # v1 hierarchies only for what v2 does not do here
+        needed = {_V1_FOR_V2[c] for c in _V1_FOR_V2 if c not in enabled}
+        if v2 is None:
+            needed.add("cpuacct")  # v2's cpu.stat counts CPU time without any controller
+        if v2 is None or not os.path.exists(os.path.join(v2.dirs[0], "cgroup.kill")):
+            needed.add("freezer")
+        parents = {}
+        for c in V1_CONTROLLERS:
+            d = layout.v1_dir(c)
+            if c in needed and d is not None:
+                parents[c] = d
+                _remove_stale(os.path.join(d, self.name))
+        try:
+            v1 = Cgroup.create(None, parents, self.name, frozenset())
+        except CgroupError:
+            if v2 is not None:
+                v2.remove()
+            raise
+        if v2 is None and not parents:
+            return None
+        return Cgroup(v2.v2 if v2 is not None else None, v1.v1, enabled)
+
+    def _enable_own_v2(self, own: str, wanted: frozenset[str]) -> frozenset[str]:
+        """Enable `wanted` in our own cgroup's subtree_control; what could be enabled."""
+        if not wanted:
+            return wanted
+        with open(os.path.join(own, "cgroup.subtree_control")) as f:
+            if wanted <= set(f.read().split()):
+                return wanted
+        node = Cgroup(own, {}, frozenset())
+        try:
+            node.enable(wanted)
+            return wanted
+        except CgroupError as exc:
+            first = exc
+        # EBUSY: v2 lets a non-root cgroup with processes in it enable no
+        # controllers for its children; move ourselves into a leaf (what
+        # systemd's Delegate=yes expects of a service) and try again
+        try:
+            leaf = os.path.join(own, _SUPERVISOR)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(leaf)
+            write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+            log.info("moved this process into %s to delegate controllers", leaf)
+            node.enable(wanted)
+            return wanted
+        except CgroupError as exc:
+            self._warn(
+                "v2-delegation",
+                f"cannot enable the v2 controllers {' '.join(sorted(wanted))} for our runs "
+                f"({first}; {exc}): other processes share our cgroup {own}?",
+            )
+            return frozenset()
+
+    # -- API -------------------------------------------------------------------
+
+    def unenforced(self, limits: Limits) -> list[str]:
+        """Why each limit set in `limits` cannot be enforced here (empty when all can)."""
+        return [
+            self._unenforced(key) for key in self._unsupported if getattr(limits, key) is not None
+        ]
+
+    def _unenforced(self, key: str) -> str:
+        return (
+            f"{key} limit cannot be enforced ({self.layout.kind} cgroups): "
+            f"{self._unsupported[key]}; runs get no {key} limit"
+        )
+
+    @property
+    def bind_unavailable(self) -> str | None:
+        """None where spawn(bind=...) works, else why not."""
+        return can_bind(self._tools)
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        cwd: str,
+        env: dict[str, str] | None = None,
+        limits: Limits = Limits(),  # noqa: B008 (frozen, shared safely)
+        group: str = "default",
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+        bind: tuple[str, str] | None = None,
+    ) -> Run:
+        """Start `argv` in a new cgroup with `limits`; its code runs only once placed.
+
+        env None inherits this process's environment; a dict is the whole
+        environment. bind=(source, target) runs it in a private mount namespace
+        with source bind-mounted over target. Raises SpawnError/CgroupError.
+        """
+        for key in self._unsupported:
+            if getattr(limits, key) is not None:
+                self._warn(key, self._unenforced(key))
+        if bind is not None and (why := self.bind_unavailable):
+            raise SpawnError(f"cannot bind {bind[0]} over {bind[1]}: {why}")
+        with self._lock:
+            if self._closed:
+                raise CgroupError(f"cgroups manager {self.name} is closed")
+            run_id = f"{_safe(group)}.{next(self._counter)}"
+        node = None
+        if self._base is not None:
+            node = Cgroup.create(self._base.v2, self._base.v1, run_id, self._base.v2_controllers)
+        started = time.monotonic()
+        try:
+            if node is not None:
+                node.apply(limits)
+            proc = start(
+                argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                bind=bind, place=node.place if node is not None else _nowhere, tools=self._tools,
+            )  # fmt: skip
+        except BaseException:
+            if node is not None:
+                node.remove()
+            raise
+        run = Run(run_id, group, limits, node, proc, started, self._run_done)
+        with self._lock:
+            self._runs[run_id] = run
+        self._monitor.add(run, limits.timeout)
+        log.debug("run %s: pid %d started: %s", run_id, run.pid, argv)
+        return run
+
+    def _run_done(self, run: Run, leftover: Cgroup | None) -> None:
+        with self._lock:
+            self._runs.pop(run.id, None)
+            if leftover is not None:
+                self._leftovers.append(leftover)
+
+    def runs(self, group: str | None = None) -> list[Run]:
+        """Runs that have not ended yet (of one group, or all)."""
+        with self._lock:
+            return [r for r in self._runs.values() if group is None or r.group == group]
+
+    def kill_group(self, group: str) -> int:
+        """Kill every run of `group`; how many processes were killed."""
+        return sum(r._stop("killed") for r in self.runs(group))
+
+    def close(self) -> None:
+        """Kill every run, wait for them to end, remove every cgroup this Manager made."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        errors = []
+        try:
+            for run in self.runs():
+                try:
+                    run._stop("killed")
+                except CgroupError as exc:
+                    errors.append(str(exc))
+            for run in self.runs():
+                if run.wait(10) is None:
+                    errors.append(f"run {run.id} (pid {run.pid}) did not end")
+            self._monitor.stop()
+            for node in [*self._leftovers, *([self._base] if self._base else [])]:
+                try:
+                    node.remove()
+                except CgroupError as exc:
+                    errors.append(str(exc))
+        finally:
+            with _names_lock:
+                _names_in_use.discard(self.name)
+        if errors:
+            raise CgroupError(
+                f"cgroups manager {self.name} closed with errors: {'; '.join(errors)}"
+            )
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _nowhere(pid: int) -> None:
+    """Placement where no cgroup hierarchy is usable (warned about at start)."""
+
+
+def _safe(group: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", group)[:48] or "_"
+
+
+def _remove_stale(path: str) -> None:
+    """Kill and remove a tree left by an earlier owner of the same name (a daemon that crashed)."""
+    if not os.path.isdir(path):
+        return
+    log.warning("removing stale cgroup tree %s (left by an earlier process)", path)
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
+        for _ in range(50):
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        try:
+            os.rmdir(dirpath)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise CgroupError(f"cannot remove stale cgroup {dirpath}: {exc.strerror}") from None
