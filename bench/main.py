@@ -120,7 +120,12 @@ def run_kv(quick: bool, notes: list[str]) -> Any:
         notes.append("kv skipped: vLLM is not installed")
         print("note: KV-fork rows skipped, vLLM is not installed")
         return None
-    return importlib.import_module("bench.kv").run(quick)
+    try:
+        return importlib.import_module("bench.kv").run(quick)
+    except Exception as e:  # the filesystem rows are still worth printing
+        log.exception("the KV-fork rows failed")
+        notes.append(f"kv FAILED: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def main(args: list[str] | None = None) -> int:
@@ -169,6 +174,8 @@ def main(args: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     failed = report.errors(ctx.results)
+    if isinstance(kv, dict) and kv.get("error"):
+        failed.append(f"kv: {kv['error']}")
     for line in failed:
         print(f"FAILED: {line}")
     if profiler:
