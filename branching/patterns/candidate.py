@@ -71,14 +71,15 @@ class Call:
         return text
 
     def command(self, scratch: Path) -> list[str]:
+        fn = pickle.dumps(self.fn)
         payload = {
             "sys_path": [p for p in sys.path if p],
-            "main_file": _main_file(),
-            "fn": pickle.dumps(self.fn),
+            # only a callable from the caller's script needs that script in the child
+            "main_file": _main_file() if b"__main__" in fn else None,
+            "fn": fn,
         }
         call = scratch / "call.pickle"
         call.write_bytes(pickle.dumps(payload))
-        os.chmod(call, 0o644)
         return [sys.executable, "-m", "branching.patterns._child", str(call),
                 str(scratch / "result.pickle")]
 

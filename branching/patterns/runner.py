@@ -50,6 +50,7 @@ class RunOptions:
     max_parallel: int = 0  # 0: one per CPU
     env: dict[str, str] = field(default_factory=dict)
     on_event: EventHook | None = None
+    capture: bool = True  # False: runs write to this process's stdout and stderr (one at a time)
 
     def workers(self) -> int:
         return self.max_parallel if self.max_parallel > 0 else (os.cpu_count() or 1)
@@ -159,7 +160,8 @@ class Session:
         started = time.monotonic()
         try:
             run = branch.run(candidate.command(scratch), limits=self.options.limits,
-                             timeout=self.options.timeout, env=env)
+                             timeout=self.options.timeout, env=env,
+                             capture=self.options.capture)
         except BranchError as e:
             if branch.name in self._discarded:  # discarded under the run: a lost race
                 result.status = oc.CANCELLED

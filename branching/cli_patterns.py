@@ -1,0 +1,186 @@
+"""``branchctl`` commands that run agent patterns: run, speculate, best-of-n, reflexion.
+
+Each runs candidates in branches of the workspace (``--workspace``, default the
+current directory) and exits 0 only when something was committed, 1 when
+nothing was.  Progress (which candidates run, pass, fail) goes to stderr on a
+TTY; the summary, or with ``--json`` the whole outcome, goes to stdout.
+``branching/cli.py`` registers ``COMMANDS``.
+
+A command given after ``--`` as one argument runs through ``/bin/sh -c``;
+several arguments are an argv.  Scores for ``best-of-n``: the candidate writes
+a number to its file descriptor 3 or to the file named by
+``$BRANCHING_SCORE_FILE``; ``$BRANCHING_ATTEMPT`` tells it which attempt it is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from branching.patterns import (
+    BestOfN,
+    CandidateResult,
+    Command,
+    Outcome,
+    Pattern,
+    Reflexion,
+    Speculate,
+)
+from branching.patterns import outcome as oc
+from branching.workspace import Workspace
+from cgroups import Limits, parse_size
+
+_MARKS = {oc.RUNNING: "[cyan]…[/]", oc.PASSED: "[green]✔[/]", oc.CANCELLED: "[dim]–[/]"}
+
+
+class Progress:
+    """Prints one stderr line per candidate event; silent unless stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.enabled = enabled
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, r: CandidateResult) -> None:
+        if not self.enabled:
+            return
+        if kind == "commit":
+            line = f"[bold green]committed[/] #{r.index + 1} {r.label} ({r.branch})"
+        else:
+            mark = _MARKS.get(r.status, "[red]✘[/]")
+            what = "running" if kind == "start" else r.describe()
+            line = f"{mark} #{r.index + 1} {r.label}: {what}"
+        with self._lock:
+            self.console.print(line)
+
+
+def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every pattern command shares."""
+    for opt in reversed([
+        click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False), default=".",
+                     show_default=True, help="The workspace directory."),
+        click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
+        click.option("--memory", help="Memory limit per candidate, e.g. 512M."),
+        click.option("--cpus", type=float, help="CPU quota per candidate in cores, e.g. 1.5."),
+        click.option("--pids", type=int, help="Most processes per candidate."),
+        click.option("--timeout", type=float, help="Wall-clock seconds per candidate."),
+        click.option("--max-parallel", "-j", type=click.IntRange(1), default=None,
+                     help="Candidates running at once (default: one per CPU)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Show candidates as they run (default: when stderr is a terminal)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _argv(argv: tuple[str, ...]) -> Command:
+    if not argv:
+        raise click.UsageError("give the command after --")
+    return Command(argv[0] if len(argv) == 1 else list(argv))
+
+
+def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_json: bool,
+             memory: str | None, cpus: float | None, pids: int | None, timeout: float | None,
+             max_parallel: int | None, progress: bool | None, live: bool = False) -> int:
+    try:
+        limits = Limits(memory=parse_size(memory) if memory else None, cpus=cpus, pids=pids)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    show = sys.stderr.isatty() if progress is None else progress
+    pattern = make(resource_limits=limits, timeout=timeout, max_parallel=max_parallel,
+                   on_event=Progress(show))
+    pattern.options.capture = not live or as_json
+    socket = getattr(ctx.find_root().obj, "socket", None)
+    with Workspace(ws, daemon=socket) as workspace:
+        outcome = pattern(workspace)
+    if as_json:
+        click.echo(json.dumps(outcome.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(summary(outcome))
+    return 0 if outcome.committed else 1
+
+
+def summary(outcome: Outcome) -> str:
+    """The outcome as text: one line per candidate, then what was committed."""
+    lines = []
+    for r in outcome.candidates:
+        mark = "*" if r.committed else " "
+        lines.append(f"{mark} #{r.index + 1:<3} {r.describe():<40} {r.label}")
+    if outcome.winner:
+        lines.append(f"committed #{outcome.winner.index + 1} ({outcome.winner.branch}): "
+                     f"{(outcome.commit or {}).get('changes', '?')} changes")
+    else:
+        lines.append("nothing committed")
+    return "\n".join(lines)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@_options
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def run_cmd(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> int:
+    """Run CMD in a new branch; commit it if CMD exits 0, discard it otherwise."""
+    command = _argv(argv)
+    return _execute(ctx, lambda **kw: Speculate([command], **kw), live=True, **opts)
+
+
+@click.command("speculate")
+@_options
+@click.option("--candidate", "-c", "candidates", multiple=True, required=True,
+              help="A shell command; give -c once per candidate.")
+@click.option("--in-order", is_flag=True,
+              help="Prefer earlier candidates: wait for them instead of taking the first success.")
+@click.pass_context
+def speculate_cmd(ctx: click.Context, candidates: tuple[str, ...], in_order: bool,
+                  **opts: Any) -> int:
+    """Run every candidate at once in its own branch; the first to succeed is committed."""
+    commands = [Command(c) for c in candidates]
+    return _execute(ctx, lambda **kw: Speculate(commands, first_wins=not in_order, **kw),
+                    **opts)
+
+
+@click.command("best-of-n", context_settings={"ignore_unknown_options": True})
+@_options
+@click.option("-n", "n", type=click.IntRange(1), default=3, show_default=True,
+              help="How many attempts.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def best_of_n_cmd(ctx: click.Context, n: int, argv: tuple[str, ...], **opts: Any) -> int:
+    """Run CMD n times; commit the success with the highest score.
+
+    CMD sees $BRANCHING_ATTEMPT (1..n) and writes its score, a number, to fd 3
+    or to the file $BRANCHING_SCORE_FILE.
+    """
+    command = _argv(argv)
+    return _execute(ctx, lambda **kw: BestOfN(command, n=n, **kw), **opts)
+
+
+@click.command("reflexion", context_settings={"ignore_unknown_options": True})
+@_options
+@click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
+              help="Attempts after the first.")
+@click.option("--critique", help="A shell command run in the failed branch; its stdout is "
+              "the feedback (the failure report is in $BRANCHING_FAILURE).")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def reflexion_cmd(ctx: click.Context, retries: int, critique: str | None,
+                  argv: tuple[str, ...], **opts: Any) -> int:
+    """Run CMD; on failure run it again in a fresh branch with feedback, up to --retries times.
+
+    Each attempt finds the previous one's critique in $BRANCHING_FEEDBACK.
+    """
+    command = _argv(argv)
+    critic = Command(critique) if critique else None
+    return _execute(ctx, lambda **kw: Reflexion(command, max_retries=retries, critique=critic,
+                                                **kw), **opts)
+
+
+COMMANDS = [run_cmd, speculate_cmd, best_of_n_cmd, reflexion_cmd]
+
+__all__ = ["COMMANDS", "summary"]

@@ -1,0 +1,62 @@
+"""What the textstats examples share: the buggy project, its patches, running its tests.
+
+The examples copy ``buggy_project/`` into a temporary directory and use that
+as the workspace, so this repository's copy is never modified.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE / "buggy_project"
+FIXES = sorted((HERE / "patches" / "fix").glob("*.diff"))
+FEATURES = sorted((HERE / "patches" / "feature").glob("*.diff"))
+# Candidates must not leave bytecode behind: it would be committed with the fix.
+ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def copy_project() -> Path:
+    """A fresh copy of the buggy project in a temporary directory."""
+    workspace = Path(tempfile.mkdtemp(prefix="textstats-")) / "textstats"
+    shutil.copytree(PROJECT, workspace)
+    return workspace
+
+
+def apply_patch(patch: Path, path: Path) -> None:
+    """Apply a unified diff in ``path``; raises CalledProcessError if it does not apply."""
+    subprocess.run(["git", "apply", "-p1", str(patch)], cwd=path, check=True)
+
+
+def run_tests(path: Path) -> tuple[int, int]:
+    """Run the project's unittest suite in ``path``: (tests passed, tests run)."""
+    proc = subprocess.run([sys.executable, "-m", "unittest", "-q"], cwd=path,
+                          capture_output=True, text=True, env={**os.environ, **ENV})
+    sys.stderr.write(proc.stderr)  # the candidate's log shows the failures
+    ran = re.search(r"^Ran (\d+) tests?", proc.stderr, re.M)
+    total = int(ran.group(1)) if ran else 0
+    bad = sum(int(n) for n in re.findall(r"(?:failures|errors)=(\d+)", proc.stderr))
+    return total - bad, total
+
+
+def diff_trees(old: Path, new: Path) -> str:
+    """A unified diff of the text files that differ between two trees."""
+    out = []
+    names = {p.relative_to(old) for p in old.rglob("*") if p.is_file()}
+    names |= {p.relative_to(new) for p in new.rglob("*") if p.is_file()}
+    for name in sorted(names):
+        a, b = old / name, new / name
+        a_text = a.read_text().splitlines(keepends=True) if a.exists() else []
+        b_text = b.read_text().splitlines(keepends=True) if b.exists() else []
+        if a_text != b_text:
+            out += difflib.unified_diff(a_text, b_text,
+                                        f"a/{name}" if a.exists() else "/dev/null",
+                                        f"b/{name}" if b.exists() else "/dev/null")
+    return "".join(out)

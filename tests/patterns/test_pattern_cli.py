@@ -1,0 +1,84 @@
+"""branchctl run / speculate / best-of-n / reflexion, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import files
+
+from branching import EmbeddedDaemon
+
+pytestmark = [pytest.mark.mount, pytest.mark.cgroup]
+
+# The pattern commands on the lead's real branchctl group and main(); added here
+# only if cli.py does not register them yet.
+_MAIN = """
+import sys
+from branching.cli import cli, main
+from branching.cli_patterns import COMMANDS
+for command in COMMANDS:
+    if command.name not in cli.commands:
+        cli.add_command(command)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def branchctl(daemon: EmbeddedDaemon, *args: str, cwd: Path | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _MAIN, "--socket", str(daemon.socket), *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_run_commits_on_exit_0(daemon: EmbeddedDaemon, base: Path) -> None:
+    p = branchctl(daemon, "run", "-w", str(base), "--", "sh", "-c", "echo ran > value.txt")
+    assert p.returncode == 0, p.stderr
+    assert (base / "value.txt").read_text() == "ran\n"
+    assert "committed" in p.stdout
+
+
+def test_run_discards_on_failure(daemon: EmbeddedDaemon, base: Path) -> None:
+    before = files(base)
+    p = branchctl(daemon, "run", "--", "echo nope > value.txt; exit 4", cwd=base)
+    assert p.returncode == 1
+    assert files(base) == before and "nothing committed" in p.stdout
+
+
+def test_speculate_json(daemon: EmbeddedDaemon, base: Path) -> None:
+    p = branchctl(daemon, "speculate", "-w", str(base), "--json", "--memory", "256M",
+                  "--timeout", "60", "-c", "exit 1", "-c", "echo two > value.txt")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["committed"] and out["winner"] == 1
+    assert [c["status"] for c in out["candidates"]] == ["failed", "committed"] or \
+        out["candidates"][1]["committed"]
+    assert (base / "value.txt").read_text() == "two\n"
+
+
+def test_best_of_n_scores_from_fd3(daemon: EmbeddedDaemon, base: Path) -> None:
+    # attempt 2 scores highest: 10 - (attempt - 2)^2
+    script = ('echo $BRANCHING_ATTEMPT > value.txt; '
+              'echo $((10 - (BRANCHING_ATTEMPT - 2) * (BRANCHING_ATTEMPT - 2))) >&3')
+    p = branchctl(daemon, "best-of-n", "-w", str(base), "-n", "4", "--json", "--", script)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert [c["score"] for c in out["candidates"]] == [9.0, 10.0, 9.0, 6.0]
+    assert (base / "value.txt").read_text() == "2\n"
+
+
+def test_reflexion_with_critique(daemon: EmbeddedDaemon, base: Path) -> None:
+    p = branchctl(daemon, "reflexion", "-w", str(base), "--retries", "2",
+                  "--critique", "echo use-the-force", "--",
+                  'case "$BRANCHING_FEEDBACK" in *force*) echo done > value.txt;; *) exit 1;; esac')
+    assert p.returncode == 0, p.stderr
+    assert (base / "value.txt").read_text() == "done\n"
+
+
+def test_usage_errors(daemon: EmbeddedDaemon, base: Path) -> None:
+    p = branchctl(daemon, "best-of-n", "-w", str(base), "-n", "0", "--", "true")
+    assert p.returncode == 2
+    p = branchctl(daemon, "speculate", "-w", str(base), "--memory", "lots", "-c", "true")
+    assert p.returncode == 2 and "lots" in p.stderr
