@@ -1,0 +1,226 @@
+"""Low-level access to the backing directories, always relative to directory fds.
+
+Every name handled here may come from a FUSE request or from a directory an
+untrusted user can write, so components are opened one at a time with
+O_NOFOLLOW: a symlink planted anywhere in a path makes the walk fail instead
+of leading outside the workspace. Also here: the overlayfs upper-directory
+conventions (whiteout = char device 0/0, opaque dir = xattr
+``user.overlay.opaque="y"``) and copying one entry with its metadata
+(FICLONE, then copy_file_range, then read/write; holes kept).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator, Sequence
+
+OPAQUE_XATTR = "user.overlay.opaque"
+PRIVATE_XATTR_PREFIX = "user.overlay."
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FICLONE = 0x40049409
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def at(dirfd: int, name: str) -> str:
+    """A path naming *name* inside the directory *dirfd* without resolving anything
+    but the final component (for calls that have no dir_fd parameter)."""
+    return f"/proc/self/fd/{dirfd}/{name}"
+
+
+def open_dir(rootfd: int, parts: Sequence[str]) -> int:
+    """Open the directory *parts* below *rootfd*, never following a symlink."""
+    fd = os.dup(rootfd)
+    try:
+        for name in parts:
+            nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.ELOOP:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        raise
+    return fd
+
+
+def lstat_at(dirfd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque_at(dirfd: int, name: str) -> bool:
+    try:
+        return os.getxattr(at(dirfd, name), OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def set_opaque_at(dirfd: int, name: str) -> None:
+    os.setxattr(at(dirfd, name), OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
+def clear_opaque_at(dirfd: int, name: str) -> None:
+    try:
+        os.removexattr(at(dirfd, name), OPAQUE_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+
+
+def make_whiteout(dirfd: int, name: str) -> None:
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
+
+
+def remove_at(dirfd: int, name: str) -> None:
+    """Remove whatever *name* is (a directory with all its content); absent is fine."""
+    st = lstat_at(dirfd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    try:
+        for child in os.listdir(fd):
+            remove_at(fd, child)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def rename2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
+    """renameat2(2), for RENAME_NOREPLACE and RENAME_EXCHANGE."""
+    if _libc.renameat2(olddir, os.fsencode(old), newdir, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def user_xattrs(path: str) -> Iterator[tuple[str, bytes]]:
+    """The xattrs of *path* (not followed) worth copying, without our private ones."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if name.startswith(PRIVATE_XATTR_PREFIX):
+            continue
+        try:
+            yield name, os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
+
+
+def copy_data(src: int, dst: int) -> None:
+    """Copy a regular file's data: reflink if the filesystem can, else only the
+    data extents (holes stay holes) with copy_file_range, else read/write."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
+                             errno.EBADF, errno.EPERM):
+            raise
+    size = os.fstat(src).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    off = start
+    while off < end:
+        n = min(_CHUNK * 64, end - off)
+        try:
+            done = os.copy_file_range(src, dst, n, off, off)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            done = 0
+        if done == 0:  # unsupported or short: plain copy of the rest of this extent
+            while off < end:
+                buf = os.pread(src, min(_CHUNK, end - off), off)
+                if not buf:
+                    return
+                os.pwrite(dst, buf, off)
+                off += len(buf)
+            return
+        off += done
+
+
+def copy_meta(st: os.stat_result, dstdir: int, name: str, xattrs_from: str | None) -> None:
+    """Give the new entry *name* the owner, mode, xattrs and times of *st*."""
+    path = at(dstdir, name)
+    if os.geteuid() == 0:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dstdir, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        if xattrs_from is not None:
+            for xname, value in user_xattrs(xattrs_from):
+                try:
+                    os.setxattr(path, xname, value, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                        raise
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dstdir, follow_symlinks=False)
+
+
+def copy_entry(srcdir: int, srcname: str, st: os.stat_result, dstdir: int, dstname: str,
+               tmpdir: int | None = None) -> None:
+    """Copy one non-directory entry (file, symlink, device, fifo, socket) with its
+    metadata as *dstname* (only a regular file may replace an existing name).
+    A regular file is written under a temp name in *tmpdir* (same filesystem as
+    *dstdir*; default *dstdir* itself) and renamed into place, so it appears
+    complete or not at all."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        if tmpdir is None:
+            tmpdir = dstdir
+        tmp = f".branchfs-copy.{os.getpid()}.{dstname}"[:250]
+        sfd = os.open(srcname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=srcdir)
+        try:
+            remove_at(tmpdir, tmp)
+            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=tmpdir)
+            try:
+                copy_data(sfd, dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        copy_meta(st, tmpdir, tmp, at(srcdir, srcname))
+        os.rename(tmp, dstname, src_dir_fd=tmpdir, dst_dir_fd=dstdir)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(srcname, dir_fd=srcdir), dstname, dir_fd=dstdir)
+    elif stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "copy_entry copies no directories", srcname)
+    else:
+        os.mknod(dstname, mode, st.st_rdev, dir_fd=dstdir)
+    copy_meta(st, dstdir, dstname, at(srcdir, srcname))

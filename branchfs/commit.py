@@ -1,0 +1,231 @@
+"""Commit: planning a branch's delta onto its parent, and applying the plan.
+
+The plan is a list of idempotent steps computed from the branch's upper dir
+against the target (the workspace base, or the parent branch's view whose
+upper dir receives the changes). Each step can be applied again after a crash
+with the same result, so a journaled plan rolls forward:
+
+- ``["move", R, strip, opaque]``: if the source entry R still exists, remove
+  what the target has at R and rename the source there (a whole subtree for a
+  new or opaque directory). Across filesystems: copy into a temp name in the
+  target directory, rename it into place, then remove the source. *strip*
+  removes whiteouts and opaque marks inside the moved tree (the base gets no
+  overlay artefacts); *opaque* marks the moved directory opaque in a parent's
+  upper dir where a lower layer still has that name.
+- ``["delete", R]``: remove R from the target (a directory with its content).
+- ``["whiteout", R]``: in a parent's upper dir, replace R by a whiteout.
+- ``["dir", R, meta]``: give the existing target directory R the branch's
+  mode, owner, xattrs and times (after its children are applied).
+
+Symlinks are moved as they are, never followed: every path is resolved from a
+directory fd, one component at a time with O_NOFOLLOW (see ``backing``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+from . import backing
+from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
+from .view import Parts, View
+
+CRASH_ENV = "BRANCHFS_CRASH_AT"
+
+Step = list[Any]
+
+
+def crash_point(name: str, n: int | None = None) -> None:
+    """Fault injection for the recovery tests: ``BRANCHFS_CRASH_AT=name`` or
+    ``name:n`` kills this process with SIGKILL at that point of a commit."""
+    spec = os.environ.get(CRASH_ENV)
+    if spec and (spec == name or (n is not None and spec == f"{name}:{n}")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def plan(src_root: int, target: View, into_base: bool) -> list[Step]:
+    steps: list[Step] = []
+    _plan_dir(src_root, (), target, into_base, steps)
+    return steps
+
+
+def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
+              steps: list[Step]) -> None:
+    fd = backing.open_dir(src_root, parts)
+    try:
+        names = sorted(os.listdir(fd))
+        for name in names:
+            st = lstat_at(fd, name)
+            if st is None:
+                continue
+            rel = (*parts, name)
+            path = "/".join(rel)
+            te = target.lookup(rel)
+            if is_whiteout(st):
+                if into_base:
+                    if te is not None:
+                        steps.append(["delete", path])
+                elif _target_lower_has(target, rel):
+                    steps.append(["whiteout", path])
+                else:
+                    steps.append(["delete", path])
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                steps.append(["move", path, False, False])
+                continue
+            opaque_here = backing.is_opaque_at(fd, name)
+            if te is not None and te.is_dir and not opaque_here:
+                _plan_dir(src_root, rel, target, into_base, steps)
+                steps.append(["dir", path, _dir_meta(fd, name, st)])
+                continue
+            steps.append(["move", path, into_base,
+                          (not into_base) and _target_lower_has(target, rel)])
+    finally:
+        os.close(fd)
+
+
+def _target_lower_has(target: View, rel: Parts) -> bool:
+    """Whether a layer below the parent's upper dir has *rel* (ignoring the
+    parent's own whiteouts, which the commit replaces)."""
+    lower = View(target.layers[1:])
+    return lower.lookup(rel) is not None
+
+
+def _dir_meta(fd: int, name: str, st: os.stat_result) -> dict[str, Any]:
+    return {
+        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns,
+        "xattrs": {k: v.hex() for k, v in backing.user_xattrs(at(fd, name))},
+    }
+
+
+def count_changes(steps: Sequence[Step]) -> int:
+    """Changes a user would count: directory metadata refreshes are not."""
+    return sum(1 for s in steps if s[0] != "dir")
+
+
+def apply_step(step: Step, src_root: int, target: View, into_base: bool) -> None:
+    kind, path = step[0], step[1]
+    rel = tuple(path.split("/"))
+    parent, name = rel[:-1], rel[-1]
+    tdir = target.upper_dir(parent)
+    try:
+        if kind == "delete":
+            backing.remove_at(tdir, name)
+        elif kind == "whiteout":
+            st = lstat_at(tdir, name)
+            if st is None or not is_whiteout(st):
+                backing.remove_at(tdir, name)
+                backing.make_whiteout(tdir, name)
+        elif kind == "dir":
+            os.close(target.upper_dir(rel))  # a parent's upper may not have it yet
+            _apply_dir_meta(tdir, name, step[2])
+        elif kind == "move":
+            _move(src_root, rel, tdir, strip=step[2], opaque=step[3])
+        else:
+            raise ValueError(f"unknown commit step {kind!r}")
+    finally:
+        os.close(tdir)
+
+
+def _move(src_root: int, rel: Parts, tdir: int, *, strip: bool, opaque: bool) -> None:
+    try:
+        sdir = backing.open_dir(src_root, rel[:-1])
+    except (FileNotFoundError, NotADirectoryError):
+        return  # applied before a crash, source parent already gone
+    name = rel[-1]
+    try:
+        st = lstat_at(sdir, name)
+        if st is None:
+            return  # applied before a crash
+        if stat.S_ISDIR(st.st_mode) and (strip or opaque):
+            _prepare_dir(sdir, name, strip=strip, opaque=opaque)
+        tst = lstat_at(tdir, name)
+        if tst is not None and (stat.S_ISDIR(tst.st_mode) or stat.S_ISDIR(st.st_mode)):
+            backing.remove_at(tdir, name)
+        try:
+            os.rename(name, name, src_dir_fd=sdir, dst_dir_fd=tdir)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(sdir, name, st, tdir)
+    finally:
+        os.close(sdir)
+
+
+def _prepare_dir(sdir: int, name: str, *, strip: bool, opaque: bool) -> None:
+    """Make the source tree ready to land in the target: for the base drop every
+    overlay artefact inside it; for a parent's upper dir set the opaque mark.
+    Done on the source side, before the rename, so a replay repeats it."""
+    if opaque:
+        backing.set_opaque_at(sdir, name)
+        return
+    backing.clear_opaque_at(sdir, name)
+    fd = os.open(name, DIR_FLAGS, dir_fd=sdir)
+    try:
+        for child in os.listdir(fd):
+            st = lstat_at(fd, child)
+            if st is None:
+                continue
+            if is_whiteout(st):
+                os.unlink(child, dir_fd=fd)
+            elif stat.S_ISDIR(st.st_mode):
+                _prepare_dir(fd, child, strip=True, opaque=False)
+    finally:
+        os.close(fd)
+
+
+def _copy_across(sdir: int, name: str, st: os.stat_result, tdir: int) -> None:
+    """rename(2) across filesystems: copy to a temp name in the target dir,
+    rename it over the target, then remove the source (so a replay redoes it)."""
+    tmp = f".branchfs-commit.{name}"[:250]
+    backing.remove_at(tdir, tmp)
+    if stat.S_ISDIR(st.st_mode):
+        _copy_tree(sdir, name, st, tdir, tmp)
+    else:
+        backing.copy_entry(sdir, name, st, tdir, tmp, tmpdir=tdir)
+    tst = lstat_at(tdir, name)
+    if tst is not None and stat.S_ISDIR(tst.st_mode):
+        backing.remove_at(tdir, name)
+    os.rename(tmp, name, src_dir_fd=tdir, dst_dir_fd=tdir)
+    backing.remove_at(sdir, name)
+
+
+def _copy_tree(sdir: int, name: str, st: os.stat_result, tdir: int, tname: str) -> None:
+    os.mkdir(tname, 0o700, dir_fd=tdir)
+    sfd = os.open(name, DIR_FLAGS, dir_fd=sdir)
+    dfd = os.open(tname, DIR_FLAGS, dir_fd=tdir)
+    try:
+        for child in os.listdir(sfd):
+            cst = lstat_at(sfd, child)
+            if cst is None:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                _copy_tree(sfd, child, cst, dfd, child)
+            else:
+                backing.copy_entry(sfd, child, cst, dfd, child, tmpdir=dfd)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    backing.copy_meta(st, tdir, tname, at(sdir, name))
+    if backing.is_opaque_at(sdir, name):
+        backing.set_opaque_at(tdir, tname)
+
+
+def _apply_dir_meta(tdir: int, name: str, meta: dict[str, Any]) -> None:
+    path = at(tdir, name)
+    if os.geteuid() == 0:
+        os.chown(name, meta["uid"], meta["gid"], dir_fd=tdir, follow_symlinks=False)
+    os.chmod(path, meta["mode"])
+    want = {k: bytes.fromhex(v) for k, v in meta["xattrs"].items()}
+    have = dict(backing.user_xattrs(path))
+    for k in have.keys() - want.keys():
+        os.removexattr(path, k, follow_symlinks=False)
+    for k, v in want.items():
+        if have.get(k) != v:
+            os.setxattr(path, k, v, follow_symlinks=False)
+    os.utime(name, ns=(meta["atime_ns"], meta["mtime_ns"]), dir_fd=tdir, follow_symlinks=False)

@@ -1,0 +1,77 @@
+"""The value types of the branch store and the name rules.
+
+These are what the daemon sends over the control protocol (``to_dict``); they
+are immutable snapshots, the store keeps its own records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadName
+
+ACTIVE = "active"
+COMMITTED = "committed"
+DISCARDED = "discarded"
+INVALIDATED = "invalidated"
+ENDED = frozenset({COMMITTED, DISCARDED})
+
+MAX_NAME_BYTES = 255
+
+
+def check_name(name: object, what: str) -> str:
+    """Return *name* if it can name a workspace or branch (one path component)."""
+    if not isinstance(name, str) or not name:
+        raise BadName(f"{what} name must be a non-empty string")
+    if name in (".", "..") or "/" in name or "\0" in name:
+        raise BadName(f"{what} name {name!r} may not be '.', '..' or contain '/' or NUL")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadName(f"{what} name {name!r} is not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise BadName(f"{what} name is {size} bytes long, at most {MAX_NAME_BYTES} are allowed")
+    return name
+
+
+class _Dict:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(frozen=True)
+class Workspace(_Dict):
+    name: str
+    base: str  # absolute real path of the directory the branches fork
+    owner: int  # uid
+    created: float
+
+
+@dataclass(frozen=True)
+class Branch(_Dict):
+    name: str
+    workspace: str
+    parent: str | None  # None: forked from the workspace directory itself
+    status: str  # active | committed | discarded | invalidated
+    created: float
+    id: str
+
+
+@dataclass(frozen=True)
+class Change(_Dict):
+    kind: str  # added | modified | deleted
+    path: str  # relative to the workspace root, "/"-separated
+    type: str  # file | dir | symlink | other
+    old_path: str | None = None
+
+
+@dataclass(frozen=True)
+class CommitResult(_Dict):
+    branch: str
+    workspace: str
+    into: str | None  # parent branch, None for the workspace directory
+    changes: int
+    invalidated: list[str]
+    seconds: float

@@ -1,0 +1,599 @@
+"""The Store: every workspace and branch under one state directory.
+
+Layout of a state directory (docs/format.md has the details)::
+
+    state.json              workspaces and branches, written with atomic_write
+    branches/<id>/upper/    the branch's delta (overlayfs upper-dir conventions)
+    branches/<id>/work/     empty; temp copies; overlayfs's workdir
+    journal/commit-<id>.json  a commit's plan while it is being applied
+    trash/                  deltas of ended branches, deleted in the background
+
+State changes are written before the call returns; a commit goes through its
+journal (plan, fsync, apply, state, remove journal) and ``Store()`` rolls a
+complete journal forward and drops an incomplete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from . import backing, commit, diff
+from .durable import TMP_SUFFIX, atomic_write, fsync_dir, syncfs
+from .errors import BadName, Conflict, Exists, HasChildren, NoSpace, NotFound, Stale
+from .model import (
+    ACTIVE,
+    COMMITTED,
+    DISCARDED,
+    ENDED,
+    INVALIDATED,
+    Branch,
+    Change,
+    CommitResult,
+    Workspace,
+    check_name,
+)
+from .view import View
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change of the branch tree, for subscribers (the FUSE adapter).
+
+    kinds: ``workspace-added``, ``branch-created``, ``branch-ended`` (committed,
+    discarded or invalidated; ``branch`` has the new status) and ``committed``
+    (``target`` is the id of the parent branch whose view changed at ``paths``,
+    None when the changes went into the workspace directory)."""
+
+    kind: str
+    workspace: str
+    branch: Branch | None = None
+    target: str | None = None
+    paths: tuple[str, ...] = ()
+
+
+@dataclass
+class _Rec:
+    id: str
+    name: str
+    workspace: str
+    parent_id: str | None
+    status: str
+    created: float
+    note: str = ""  # why it ended (" by the commit of x"), for error messages
+
+
+class _Trash:
+    """Deletes ended deltas in one background thread; what it has not finished
+    is found again in trash/ at the next open."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, name: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="branchfs-trash", daemon=True)
+            self._thread.start()
+        self._queue.put(name)
+
+    def _run(self) -> None:
+        while (name := self._queue.get()) is not None:
+            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class Store:
+    """All workspaces and branches under one state directory.
+
+    Invariants: at most one record per (workspace, branch name); an active
+    branch's parent is active; every non-ended branch has its upper and work
+    dirs open (fds) and every workspace its base dir; ``state.json`` matches
+    the records whenever a public method returns. Not thread-safe: one thread
+    (the daemon's trio thread, which also runs the FUSE handlers) calls it.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, mountpoint: str | None = None) -> None:
+        self.state_dir = os.path.realpath(state_dir)
+        self.mountpoint = os.path.realpath(mountpoint) if mountpoint is not None else None
+        self.recovered: list[str] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self._ws: dict[str, Workspace] = {}
+        self._recs: dict[str, _Rec] = {}
+        self._base_fds: dict[str, int] = {}
+        self._dir_fds: dict[str, tuple[int, int]] = {}  # id -> (upper fd, work fd)
+        self._views: dict[str, View] = {}
+        for sub in ("branches", "journal", "trash"):
+            os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
+        self._trash = _Trash(os.path.join(self.state_dir, "trash"))
+        self._load()
+        self._open_fds()
+        self._recover()
+        self._sweep()
+
+    # -- persistence --------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.state_dir, *parts)
+
+    def _load(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(STATE_FILE + TMP_SUFFIX))
+        try:
+            with open(self._path(STATE_FILE), "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        self._set_state(data)
+
+    def _set_state(self, data: dict[str, Any]) -> None:
+        if data.get("version") != STATE_VERSION:
+            raise BadName(f"state file version {data.get('version')} is not {STATE_VERSION}")
+        self._ws = {w["name"]: Workspace(**w) for w in data["workspaces"]}
+        self._recs = {}
+        for b in data["branches"]:
+            self._recs[b["id"]] = _Rec(**b)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "workspaces": [w.to_dict() for w in self._ws.values()],
+            "branches": [vars(r).copy() for r in self._recs.values()],
+        }
+
+    def _save(self) -> None:
+        atomic_write(self._path(STATE_FILE), json.dumps(self._state(), indent=1).encode())
+
+    def subscribe(self, callback: Callable[[Event], None]) -> None:
+        """Call *callback* after every change of the branch tree."""
+        self._listeners.append(callback)
+
+    def _emit(self, event: Event) -> None:
+        for cb in self._listeners:
+            try:
+                cb(event)
+            except Exception:
+                log.exception("store subscriber failed on %s", event.kind)
+
+    # -- fds and views ------------------------------------------------------
+
+    def _open_fds(self) -> None:
+        for w in self._ws.values():
+            if w.name not in self._base_fds:
+                try:
+                    self._base_fds[w.name] = os.open(w.base, backing.DIR_FLAGS)
+                except OSError as exc:
+                    log.warning("workspace %s: cannot open %s: %s", w.name, w.base, exc)
+        for r in self._recs.values():
+            if r.status not in ENDED and r.id not in self._dir_fds:
+                root = self._path("branches", r.id)
+                self._dir_fds[r.id] = (os.open(os.path.join(root, "upper"), backing.DIR_FLAGS),
+                                       os.open(os.path.join(root, "work"), backing.DIR_FLAGS))
+
+    def _close_branch_fds(self, bid: str) -> None:
+        self._views.pop(bid, None)
+        fds = self._dir_fds.pop(bid, None)
+        if fds is not None:
+            for fd in fds:
+                os.close(fd)
+
+    def _base_fd(self, ws: str) -> int:
+        try:
+            return self._base_fds[ws]
+        except KeyError:
+            raise NotFound(f"workspace {ws} has no directory {self._ws[ws].base}") from None
+
+    def view_by_id(self, bid: str) -> View:
+        """The merged view of a branch that has not ended."""
+        v = self._views.get(bid)
+        if v is None:
+            rec = self._recs[bid]
+            layers: list[int] = []
+            r: _Rec | None = rec
+            while r is not None:
+                layers.append(self._dir_fds[r.id][0])
+                r = self._recs[r.parent_id] if r.parent_id else None
+            layers.append(self._base_fd(rec.workspace))
+            v = self._views[bid] = View(layers, work=self._dir_fds[bid][1])
+        return v
+
+    def _base_view(self, ws: str) -> View:
+        return View([self._base_fd(ws)])
+
+    def status(self, bid: str) -> str | None:
+        """The status of the branch with id *bid* (None if unknown): cheap, for
+        the FUSE adapter's check on every request."""
+        r = self._recs.get(bid)
+        return r.status if r is not None else None
+
+    def branch_by_id(self, bid: str) -> Branch | None:
+        r = self._recs.get(bid)
+        return self._branch(r) if r is not None else None
+
+    # -- recovery -----------------------------------------------------------
+
+    def _recover(self) -> None:
+        jdir = self._path("journal")
+        for name in sorted(os.listdir(jdir)):
+            path = os.path.join(jdir, name)
+            if name.endswith(TMP_SUFFIX):
+                os.unlink(path)
+                msg = f"dropped the incomplete journal {name}: that commit never started"
+                log.warning("%s", msg)
+                self.recovered.append(msg)
+                continue
+            with open(path, "rb") as f:
+                journal = json.load(f)
+            self._apply_journal(journal, path)
+            msg = (f"completed the interrupted commit of branch {journal['name']} "
+                   f"in workspace {journal['workspace']}")
+            log.warning("%s", msg)
+            self.recovered.append(msg)
+        fsync_dir(jdir)
+
+    def _sweep(self) -> None:
+        """Empty the trash and the work dirs; trash deltas no live record owns."""
+        tdir = self._path("trash")
+        for name in os.listdir(tdir):
+            self._trash.put(name)
+        for bid in os.listdir(self._path("branches")):
+            r = self._recs.get(bid)
+            if r is None or r.status in ENDED:
+                self._to_trash(bid)
+        for _, work in self._dir_fds.values():
+            for name in os.listdir(work):
+                backing.remove_at(work, name)
+
+    def _to_trash(self, bid: str) -> None:
+        src = self._path("branches", bid)
+        if not os.path.lexists(src):
+            return
+        name = f"{bid}.{secrets.token_hex(4)}"
+        os.rename(src, self._path("trash", name))
+        self._trash.put(name)
+
+    # -- workspaces ---------------------------------------------------------
+
+    def add_workspace(self, base: str, name: str | None = None,
+                      owner: int | None = None) -> Workspace:
+        real = self._resolve_base(base)
+        for w in self._ws.values():
+            if w.base == real:
+                return w
+        if name is None:
+            stem = os.path.basename(real) or "root"
+            name, n = stem, 1
+            while name in self._ws:
+                n += 1
+                name = f"{stem}-{n}"
+        check_name(name, "workspace")
+        if name in self._ws:
+            raise Exists(f"workspace {name} already exists for {self._ws[name].base}")
+        st = os.stat(real)
+        ws = Workspace(name=name, base=real, owner=st.st_uid if owner is None else owner,
+                       created=time.time())
+        self._base_fds[name] = os.open(real, backing.DIR_FLAGS)
+        self._ws[name] = ws
+        self._save()
+        self._emit(Event("workspace-added", name))
+        return ws
+
+    def _resolve_base(self, base: str) -> str:
+        """realpath(base), refusing (before touching it) anything inside the
+        mountpoint or the state dir: stat'ing our own mount from the thread that
+        serves it would deadlock."""
+        path = os.path.abspath(base)
+        parts = [p for p in path.split("/") if p]
+        cur = "/"
+        hops = 0
+        while parts:
+            comp = parts.pop(0)
+            if comp == ".":
+                continue
+            cur = os.path.dirname(cur) if comp == ".." else os.path.join(cur, comp)
+            self._check_outside(cur, base)
+            try:
+                st = os.lstat(cur)
+            except OSError:
+                raise NotFound(f"workspace directory {base} does not exist") from None
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > 40:
+                    raise BadName(f"workspace path {base} has too many symlinks")
+                target = os.readlink(cur)
+                cur = "/" if target.startswith("/") else os.path.dirname(cur)
+                parts = [p for p in target.split("/") if p] + parts
+        if not os.path.isdir(cur):
+            raise NotFound(f"workspace path {base} is not a directory")
+        for own in (self.state_dir, self.mountpoint):
+            if own is not None and _within(own, cur):
+                raise BadName(f"workspace {base} contains the branch store's directory {own}")
+        return cur
+
+    def _check_outside(self, path: str, given: str) -> None:
+        for own, what in ((self.state_dir, "state directory"), (self.mountpoint, "mountpoint")):
+            if own is not None and _within(path, own):
+                raise BadName(f"workspace {given} is inside the branch store's {what} {own}")
+
+    def workspaces(self) -> list[Workspace]:
+        return list(self._ws.values())
+
+    def workspace(self, name: str) -> Workspace:
+        try:
+            return self._ws[name]
+        except KeyError:
+            raise NotFound(f"no workspace named {name}") from None
+
+    # -- branches -----------------------------------------------------------
+
+    def _branch(self, r: _Rec) -> Branch:
+        parent = self._recs[r.parent_id].name if r.parent_id else None
+        return Branch(name=r.name, workspace=r.workspace, parent=parent, status=r.status,
+                      created=r.created, id=r.id)
+
+    def _find(self, ws: str, name: str) -> _Rec | None:
+        for r in self._recs.values():
+            if r.workspace == ws and r.name == name:
+                return r
+        return None
+
+    def _get(self, ws: str, name: str) -> _Rec:
+        """The branch record, which must not have ended."""
+        self.workspace(ws)
+        r = self._find(ws, name)
+        if r is None:
+            raise NotFound(f"no branch named {name} in workspace {ws}")
+        if r.status in ENDED:
+            raise NotFound(f"branch {name} in workspace {ws} was {r.status}{r.note}")
+        return r
+
+    def _children(self, r: _Rec) -> list[_Rec]:
+        return [c for c in self._recs.values() if c.parent_id == r.id]
+
+    def _descendants(self, r: _Rec) -> list[_Rec]:
+        out: list[_Rec] = []
+        todo = [r]
+        while todo:
+            for c in self._children(todo.pop()):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def create_branch(self, workspace: str, name: str, parent: str | None = None) -> Branch:
+        self.workspace(workspace)
+        check_name(name, "branch")
+        old = self._find(workspace, name)
+        if old is not None and old.status not in ENDED:
+            raise Exists(f"branch {name} already exists in workspace {workspace}"
+                         + ("" if old.status == ACTIVE else f" ({old.status}{old.note})"))
+        parent_rec = None
+        if parent is not None:
+            parent_rec = self._get(workspace, parent)
+            if parent_rec.status != ACTIVE:
+                raise Stale(f"parent branch {parent} was {parent_rec.status}{parent_rec.note}")
+        if old is not None:
+            if any(c.status not in ENDED for c in self._descendants(old)):
+                raise Exists(f"ended branch {name} still has live children")
+            del self._recs[old.id]
+        bid = secrets.token_hex(8)
+        root = self._path("branches", bid)
+        os.mkdir(root, 0o700)
+        os.mkdir(os.path.join(root, "work"), 0o700)
+        os.mkdir(os.path.join(root, "upper"), 0o700)
+        below = (self.view_by_id(parent_rec.id) if parent_rec is not None
+                 else self._base_view(workspace))
+        root_st = below.lookup(())
+        assert root_st is not None
+        rfd = os.open(root, backing.DIR_FLAGS)
+        try:
+            backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
+        finally:
+            os.close(rfd)
+        rec = _Rec(id=bid, name=name, workspace=workspace,
+                   parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
+                   created=time.time())
+        self._recs[bid] = rec
+        self._open_fds()
+        self._save()
+        b = self._branch(rec)
+        self._emit(Event("branch-created", workspace, b))
+        return b
+
+    def branch(self, workspace: str, name: str) -> Branch:
+        self.workspace(workspace)
+        r = self._find(workspace, name)
+        if r is None:
+            raise NotFound(f"no branch named {name} in workspace {workspace}")
+        return self._branch(r)
+
+    def branches(self, workspace: str | None = None, *,
+                 include_ended: bool = False) -> list[Branch]:
+        """Branches that have not ended (active and invalidated ones), or all."""
+        if workspace is not None:
+            self.workspace(workspace)
+        return [self._branch(r) for r in self._recs.values()
+                if (workspace is None or r.workspace == workspace)
+                and (include_ended or r.status not in ENDED)]
+
+    def find_branch(self, name: str) -> Branch:
+        """The one branch named *name* that has not ended, across workspaces."""
+        live = [r for r in self._recs.values() if r.name == name and r.status not in ENDED]
+        if len(live) > 1:
+            where = ", ".join(sorted(r.workspace for r in live))
+            raise Conflict(f"branch name {name} is ambiguous: it exists in workspaces {where}")
+        if not live:
+            ended = [r for r in self._recs.values() if r.name == name]
+            if len(ended) == 1:
+                r = ended[0]
+                raise NotFound(f"branch {name} in workspace {r.workspace} was {r.status}{r.note}")
+            raise NotFound(f"no branch named {name}")
+        return self._branch(live[0])
+
+    def delta_dir(self, workspace: str, name: str) -> str:
+        return self._path("branches", self._get(workspace, name).id, "upper")
+
+    def view(self, workspace: str, name: str | None) -> View:
+        """The view of a branch that has not ended, or of the base (name None)."""
+        if name is None:
+            self.workspace(workspace)
+            return self._base_view(workspace)
+        return self.view_by_id(self._get(workspace, name).id)
+
+    def _parent_view(self, r: _Rec) -> View:
+        if r.parent_id is None:
+            return self._base_view(r.workspace)
+        return self.view_by_id(r.parent_id)
+
+    def diff(self, workspace: str, name: str) -> list[Change]:
+        r = self._get(workspace, name)
+        return diff.diff(self.view_by_id(r.id), self._parent_view(r))
+
+    def read_file(self, workspace: str, branch: str | None, path: str,
+                  limit: int) -> bytes | None:
+        parts = tuple(p for p in path.split("/") if p)
+        if any(p in (".", "..") or "\0" in p for p in parts):
+            raise BadName(f"path {path!r} may not contain '.', '..' or NUL")
+        v = self.view(workspace, branch)
+        try:
+            fd = v.open_read(parts)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return os.pread(fd, limit, 0)
+        finally:
+            os.close(fd)
+
+    # -- commit and discard -------------------------------------------------
+
+    def commit(self, workspace: str, name: str) -> CommitResult:
+        t0 = time.monotonic()
+        r = self._get(workspace, name)
+        if r.status == INVALIDATED:
+            raise Stale(f"branch {name} was invalidated{r.note}: its parent changed under it")
+        live = [c.name for c in self._children(r) if c.status not in ENDED]
+        if live:
+            raise HasChildren(f"branch {name} has child branches ({', '.join(sorted(live))}); "
+                              "commit or discard them first")
+        upper = self._dir_fds[r.id][0]
+        target = self._parent_view(r)
+        try:
+            syncfs(upper)
+            steps = commit.plan(upper, target, r.parent_id is None)
+        except OSError as exc:
+            _raise_os(exc, f"planning the commit of {name}")
+        invalidated: list[_Rec] = []
+        note = f" by the commit of {name}"
+        for s in self._recs.values():
+            if (s.workspace == r.workspace and s.parent_id == r.parent_id and s.id != r.id
+                    and s.status == ACTIVE):
+                invalidated.append(s)
+                invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
+        old_state = self._state()
+        r.status, r.note = COMMITTED, ""
+        for s in invalidated:
+            s.status, s.note = INVALIDATED, note
+        new_state = self._state()
+        self._set_state(old_state)  # records change once the journal is durable
+        journal = {"version": 1, "branch": r.id, "name": name, "workspace": workspace,
+                   "target": r.parent_id, "steps": steps, "state": new_state}
+        jpath = self._path("journal", f"commit-{r.id}.json")
+        atomic_write(jpath, json.dumps(journal).encode(),
+                     before_replace=lambda: commit.crash_point("journal-tmp"))
+        commit.crash_point("journal")
+        try:
+            self._apply_journal(journal, jpath)
+        except OSError as exc:
+            _raise_os(exc, f"committing {name} (its journal is replayed at the next open)")
+        result = CommitResult(
+            branch=name, workspace=workspace,
+            into=self._recs[r.parent_id].name if r.parent_id else None,
+            changes=commit.count_changes(steps),
+            invalidated=[s.name for s in invalidated], seconds=time.monotonic() - t0)
+        log.info("committed %s/%s: %d changes, %d branches invalidated", workspace, name,
+                 result.changes, len(invalidated))
+        self._emit(Event("committed", workspace, self._branch(self._recs[r.id]),
+                         target=r.parent_id, paths=tuple(s[1] for s in steps)))
+        for bid in [r.id, *(s.id for s in invalidated)]:
+            self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
+        return result
+
+    def _apply_journal(self, journal: dict[str, Any], jpath: str) -> None:
+        bid = journal["branch"]
+        upper = self._dir_fds[bid][0] if bid in self._dir_fds else None
+        if upper is not None:
+            r = self._recs[bid]
+            target = self._parent_view(r)
+            into_base = r.parent_id is None
+            for i, step in enumerate(journal["steps"], 1):
+                commit.apply_step(step, upper, target, into_base)
+                commit.crash_point("step", i)
+            commit.crash_point("steps")
+            syncfs(target.layers[0])
+        self._set_state(journal["state"])
+        self._save()
+        commit.crash_point("state")
+        for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
+            self._close_branch_fds(stale)
+        self._views.clear()  # layer lists of the survivors are rebuilt on demand
+        self._to_trash(bid)
+        os.unlink(jpath)
+        fsync_dir(os.path.dirname(jpath))
+
+    def discard(self, workspace: str, name: str) -> list[Branch]:
+        r = self._get(workspace, name)
+        gone = [r, *(d for d in self._descendants(r) if d.status not in ENDED)]
+        for g in gone:
+            g.status, g.note = DISCARDED, ""
+        self._save()
+        for g in gone:
+            self._close_branch_fds(g.id)
+            self._to_trash(g.id)
+        out = [self._branch(g) for g in gone]
+        for b in out:
+            self._emit(Event("branch-ended", workspace, b))
+        return out
+
+    def close(self) -> None:
+        for bid in list(self._dir_fds):
+            self._close_branch_fds(bid)
+        for fd in self._base_fds.values():
+            os.close(fd)
+        self._base_fds.clear()
+        self._trash.close()
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether *path* is *root* or below it (whole components, never a string prefix)."""
+    return path == root or os.path.commonpath([path, root]) == root
+
+
+def _raise_os(exc: OSError, doing: str) -> NoReturn:
+    """Re-raise an OSError met while *doing*; a full disk becomes NoSpace."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpace(f"no space left on device while {doing}") from exc
+    raise exc

@@ -1,0 +1,564 @@
+"""One branch's merged view of its layers, and every change made through it.
+
+A view is a stack of directory trees, top first: the branch's own upper dir
+(the only one ever written), its ancestors' upper dirs, and last the
+workspace's base directory. A name resolves to the topmost layer holding it;
+a whiteout hides it in every layer below; a directory merges the directories
+of the same name below it until one of them is opaque or a layer holds a
+non-directory there (overlayfs's lookup rules). Changes copy the entry up
+into the upper dir first. Paths are tuples of names ("parts"); every error is
+an OSError carrying the errno a POSIX filesystem would give.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import backing
+from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
+
+Parts = tuple[str, ...]
+
+
+def _err(code: int, parts: Sequence[str] = ()) -> OSError:
+    return OSError(code, os.strerror(code), "/".join(parts))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a name resolved: the layer index (0 = upper) and its lstat."""
+
+    layer: int
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+class _Dirs:
+    """The merged directory at some path: (layer index, open dir fd), top first."""
+
+    def __init__(self, fds: list[tuple[int, int]]) -> None:
+        self.fds = fds
+
+    def close(self) -> None:
+        for _, fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def fd(self, layer: int) -> int:
+        for i, fd in self.fds:
+            if i == layer:
+                return fd
+        raise KeyError(layer)
+
+    def find(self, name: str) -> Entry | None:
+        for i, fd in self.fds:
+            st = lstat_at(fd, name)
+            if st is None:
+                continue
+            if is_whiteout(st):
+                return None
+            return Entry(i, st)
+        return None
+
+    def lower_has(self, name: str) -> bool:
+        """Whether a layer below the upper shows *name* (deleting it needs a whiteout)."""
+        for i, fd in self.fds:
+            if i == 0:
+                continue
+            st = lstat_at(fd, name)
+            if st is None:
+                continue
+            return not is_whiteout(st)
+        return False
+
+
+class View:
+    """A branch's merged view over ``layers`` (root dir fds, top first).
+
+    Invariants: only ``layers[0]`` (the upper dir) is written, and only when
+    the view is writable; the fds belong to the caller (the Store) and stay
+    open while the view is used; nothing here follows a symlink found in a
+    layer.
+    """
+
+    def __init__(self, layers: Sequence[int], work: int | None = None) -> None:
+        self.layers = list(layers)
+        self.work = work  # fd of the branch's work dir: temp copies, same fs as upper
+
+    # -- resolution -------------------------------------------------------
+
+    @contextmanager
+    def dirs(self, parts: Sequence[str]) -> Iterator[_Dirs]:
+        d = self._merged(parts)
+        try:
+            yield d
+        finally:
+            d.close()
+
+    def _merged(self, parts: Sequence[str]) -> _Dirs:
+        cur = _Dirs([(i, os.dup(fd)) for i, fd in enumerate(self.layers)])
+        try:
+            for depth, name in enumerate(parts):
+                nxt: list[tuple[int, int]] = []
+                found = False
+                try:
+                    for i, fd in cur.fds:
+                        st = lstat_at(fd, name)
+                        if st is None:
+                            continue
+                        if is_whiteout(st):
+                            break
+                        if not stat.S_ISDIR(st.st_mode):
+                            if not found:
+                                raise _err(errno.ENOTDIR, parts[: depth + 1])
+                            break
+                        try:
+                            nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue  # changed under us in a lower layer
+                        except OSError as exc:
+                            if exc.errno != errno.ELOOP:
+                                raise
+                            continue
+                        found = True
+                        nxt.append((i, nfd))
+                        if _fd_opaque(nfd):
+                            break
+                except BaseException:
+                    _Dirs(nxt).close()
+                    raise
+                cur.close()
+                cur = _Dirs(nxt)
+                if not found:
+                    raise _err(errno.ENOENT, parts[: depth + 1])
+            return cur
+        except BaseException:
+            cur.close()
+            raise
+
+    def lookup(self, parts: Sequence[str]) -> Entry | None:
+        if not parts:
+            return Entry(0, os.fstat(self.layers[0]))
+        try:
+            with self.dirs(parts[:-1]) as d:
+                return d.find(parts[-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def need(self, parts: Sequence[str]) -> Entry:
+        e = self.lookup(parts)
+        if e is None:
+            raise _err(errno.ENOENT, parts)
+        return e
+
+    def listdir(self, parts: Sequence[str]) -> dict[str, Entry]:
+        """The merged directory's entries, in the order of the upper-most listing."""
+        out: dict[str, Entry] = {}
+        hidden: set[str] = set()
+        with self.dirs(parts) as d:
+            for i, fd in d.fds:
+                for name in os.listdir(fd):
+                    if name in out or name in hidden:
+                        continue
+                    st = lstat_at(fd, name)
+                    if st is None:
+                        continue
+                    if is_whiteout(st):
+                        hidden.add(name)
+                    else:
+                        out[name] = Entry(i, st)
+        return out
+
+    def is_empty_dir(self, parts: Sequence[str]) -> bool:
+        return not self.listdir(parts)
+
+    def readlink(self, parts: Sequence[str]) -> str:
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(parts[-1])
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            if not stat.S_ISLNK(e.st.st_mode):
+                raise _err(errno.EINVAL, parts)
+            return os.readlink(parts[-1], dir_fd=d.fd(e.layer))
+
+    def open_read(self, parts: Sequence[str], flags: int = os.O_RDONLY) -> int:
+        """Open the topmost copy of a file without copying it up."""
+        if not parts:
+            raise _err(errno.EISDIR)
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(parts[-1])
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd(e.layer))
+
+    # -- copy-up ------------------------------------------------------------
+
+    def upper_dir(self, parts: Sequence[str]) -> int:
+        """Open the upper copy of directory *parts*, copying up the chain as needed."""
+        fd = os.dup(self.layers[0])
+        try:
+            for k, name in enumerate(parts):
+                st = lstat_at(fd, name)
+                if st is None:
+                    self._copy_up_dir(parts[: k + 1], fd)
+                elif not stat.S_ISDIR(st.st_mode):
+                    raise _err(errno.ENOENT if is_whiteout(st) else errno.ENOTDIR, parts[: k + 1])
+                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _copy_up_dir(self, parts: Sequence[str], upparent: int) -> None:
+        name = parts[-1]
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(name)
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            if not e.is_dir:
+                raise _err(errno.ENOTDIR, parts)
+            os.mkdir(name, 0o700, dir_fd=upparent)
+            backing.copy_meta(e.st, upparent, name, at(d.fd(e.layer), name))
+
+    def copy_up(self, parts: Sequence[str]) -> Entry:
+        """Make sure the entry *parts* has its own copy in the upper dir."""
+        if not parts:
+            return Entry(0, os.fstat(self.layers[0]))
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(parts[-1])
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            if e.layer == 0:
+                return e
+            up = self.upper_dir(parts[:-1])
+            try:
+                if e.is_dir:
+                    self._copy_up_dir(parts, up)
+                else:
+                    backing.copy_entry(d.fd(e.layer), parts[-1], e.st, up, parts[-1],
+                                       tmpdir=self.work)
+                return Entry(0, os.stat(parts[-1], dir_fd=up, follow_symlinks=False))
+            finally:
+                os.close(up)
+
+    def copy_up_tree(self, parts: Sequence[str]) -> None:
+        """Give directory *parts* a complete opaque upper copy (no lower layer left
+        in its merge), as a directory rename needs (overlayfs redirect_dir=off).
+        Entries already in the upper dir are moved, not copied: their inodes, open
+        files and hard links stay."""
+        if not parts:
+            return
+        with self.dirs(parts) as md:
+            if all(i == 0 for i, _ in md.fds):
+                return
+        assert self.work is not None
+        name = parts[-1]
+        tmp = f".branchfs-tree.{os.getpid()}.{name}"[:250]
+        backing.remove_at(self.work, tmp)
+        e = self.need(parts)
+        os.mkdir(tmp, 0o700, dir_fd=self.work)
+        tfd = os.open(tmp, DIR_FLAGS, dir_fd=self.work)
+        try:
+            self._fill_tree(parts, tfd)
+        finally:
+            os.close(tfd)
+        with self.dirs(parts[:-1]) as d:
+            backing.copy_meta(e.st, self.work, tmp, at(d.fd(e.layer), name))
+        backing.set_opaque_at(self.work, tmp)
+        up = self.upper_dir(parts[:-1])
+        try:
+            backing.remove_at(up, name)
+            os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=up)
+        finally:
+            os.close(up)
+
+    def _fill_tree(self, parts: Sequence[str], dst: int) -> None:
+        entries = self.listdir(parts)
+        with self.dirs(parts) as d:
+            for name, e in entries.items():
+                src = d.fd(e.layer)
+                if not e.is_dir:
+                    if e.layer == 0:
+                        os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+                    else:
+                        backing.copy_entry(src, name, e.st, dst, name, tmpdir=dst)
+                    continue
+                os.mkdir(name, 0o700, dir_fd=dst)
+                cfd = os.open(name, DIR_FLAGS, dir_fd=dst)
+                try:
+                    self._fill_tree((*parts, name), cfd)
+                finally:
+                    os.close(cfd)
+                backing.copy_meta(e.st, dst, name, at(src, name))
+
+    # -- namespace changes ------------------------------------------------
+
+    def _new_name(self, parts: Sequence[str]) -> tuple[int, bool]:
+        """Open the upper parent of a name about to be created; clear a whiteout
+        there. Returns (parent fd, whether a whiteout was cleared)."""
+        if self.lookup(parts) is not None:
+            raise _err(errno.EEXIST, parts)
+        up = self.upper_dir(parts[:-1])
+        st = lstat_at(up, parts[-1])
+        if st is not None:
+            os.unlink(parts[-1], dir_fd=up)  # only a whiteout can be here
+        return up, st is not None
+
+    def _own(self, dirfd: int, name: str, uid: int | None, gid: int | None) -> None:
+        if uid is not None and os.geteuid() == 0:
+            os.chown(name, uid, -1 if gid is None else gid, dir_fd=dirfd, follow_symlinks=False)
+
+    def create(self, parts: Sequence[str], flags: int, mode: int,
+               uid: int | None = None, gid: int | None = None) -> int:
+        up, _ = self._new_name(parts)
+        try:
+            fd = os.open(parts[-1], (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777, dir_fd=up)
+            self._own(up, parts[-1], uid, gid)
+            return fd
+        finally:
+            os.close(up)
+
+    def mkdir(self, parts: Sequence[str], mode: int,
+              uid: int | None = None, gid: int | None = None) -> None:
+        up, was_whiteout = self._new_name(parts)
+        try:
+            os.mkdir(parts[-1], mode & 0o7777, dir_fd=up)
+            if was_whiteout:
+                backing.set_opaque_at(up, parts[-1])
+            self._own(up, parts[-1], uid, gid)
+        finally:
+            os.close(up)
+
+    def mknod(self, parts: Sequence[str], mode: int, rdev: int,
+              uid: int | None = None, gid: int | None = None) -> None:
+        up, _ = self._new_name(parts)
+        try:
+            if stat.S_ISREG(mode):
+                os.close(os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 mode & 0o7777, dir_fd=up))
+            else:
+                os.mknod(parts[-1], mode, rdev, dir_fd=up)
+            self._own(up, parts[-1], uid, gid)
+        finally:
+            os.close(up)
+
+    def symlink(self, parts: Sequence[str], target: str,
+                uid: int | None = None, gid: int | None = None) -> None:
+        up, _ = self._new_name(parts)
+        try:
+            os.symlink(target, parts[-1], dir_fd=up)
+            self._own(up, parts[-1], uid, gid)
+        finally:
+            os.close(up)
+
+    def link(self, src: Sequence[str], dst: Sequence[str]) -> None:
+        e = self.need(src)
+        if e.is_dir:
+            raise _err(errno.EPERM, src)
+        self.copy_up(src)
+        sp = self.upper_dir(src[:-1])
+        try:
+            dp, _ = self._new_name(dst)
+            try:
+                os.link(src[-1], dst[-1], src_dir_fd=sp, dst_dir_fd=dp, follow_symlinks=False)
+            finally:
+                os.close(dp)
+        finally:
+            os.close(sp)
+
+    def _remove(self, parts: Sequence[str], want_dir: bool) -> None:
+        if not parts:
+            raise _err(errno.EBUSY)
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(parts[-1])
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            if want_dir and not e.is_dir:
+                raise _err(errno.ENOTDIR, parts)
+            if not want_dir and e.is_dir:
+                raise _err(errno.EISDIR, parts)
+            lower = d.lower_has(parts[-1])
+        if want_dir and not self.is_empty_dir(parts):
+            raise _err(errno.ENOTEMPTY, parts)
+        up = self.upper_dir(parts[:-1])
+        try:
+            if e.layer == 0:
+                if want_dir:
+                    backing.remove_at(up, parts[-1])  # holds whiteouts at most
+                else:
+                    os.unlink(parts[-1], dir_fd=up)
+            if lower:
+                backing.make_whiteout(up, parts[-1])
+        finally:
+            os.close(up)
+
+    def unlink(self, parts: Sequence[str]) -> None:
+        self._remove(parts, want_dir=False)
+
+    def rmdir(self, parts: Sequence[str]) -> None:
+        self._remove(parts, want_dir=True)
+
+    def rename(self, src: Sequence[str], dst: Sequence[str], flags: int = 0) -> None:
+        if not src or not dst:
+            raise _err(errno.EBUSY)
+        se = self.need(src)
+        de = self.lookup(dst)
+        if tuple(src) == tuple(dst):
+            return
+        if flags & backing.RENAME_EXCHANGE:
+            if de is None:
+                raise _err(errno.ENOENT, dst)
+            for parts, e in ((src, se), (dst, de)):
+                if e.is_dir:
+                    self.copy_up_tree(parts)
+                else:
+                    self.copy_up(parts)
+            sp = self.upper_dir(src[:-1])
+            try:
+                dp = self.upper_dir(dst[:-1])
+                try:
+                    backing.rename2(sp, src[-1], dp, dst[-1], backing.RENAME_EXCHANGE)
+                finally:
+                    os.close(dp)
+            finally:
+                os.close(sp)
+            return
+        if de is not None:
+            if flags & backing.RENAME_NOREPLACE:
+                raise _err(errno.EEXIST, dst)
+            if se.is_dir and not de.is_dir:
+                raise _err(errno.ENOTDIR, dst)
+            if not se.is_dir and de.is_dir:
+                raise _err(errno.EISDIR, dst)
+            if de.is_dir and not self.is_empty_dir(dst):
+                raise _err(errno.ENOTEMPTY, dst)
+        with self.dirs(src[:-1]) as d:
+            src_lower = d.lower_has(src[-1])
+        if se.is_dir:
+            self.copy_up_tree(src)
+        else:
+            self.copy_up(src)
+        dp = self.upper_dir(dst[:-1])
+        try:
+            with self.dirs(dst[:-1]) as d:
+                dst_lower = d.lower_has(dst[-1])
+            st = lstat_at(dp, dst[-1])
+            if st is not None and (is_whiteout(st) or stat.S_ISDIR(st.st_mode)):
+                backing.remove_at(dp, dst[-1])  # a whiteout, or an empty-looking dir
+            sp = self.upper_dir(src[:-1])
+            try:
+                os.rename(src[-1], dst[-1], src_dir_fd=sp, dst_dir_fd=dp)
+                if se.is_dir and dst_lower:
+                    backing.set_opaque_at(dp, dst[-1])
+                if src_lower:
+                    backing.make_whiteout(sp, src[-1])
+            finally:
+                os.close(sp)
+        finally:
+            os.close(dp)
+
+    # -- attributes ---------------------------------------------------------
+
+    @contextmanager
+    def upper_parent(self, parts: Sequence[str]) -> Iterator[tuple[int, str]]:
+        """Copy *parts* up and yield (upper parent fd, name); the root yields (root, ".")."""
+        if not parts:
+            yield self.layers[0], "."
+            return
+        self.copy_up(parts)
+        up = self.upper_dir(parts[:-1])
+        try:
+            yield up, parts[-1]
+        finally:
+            os.close(up)
+
+    @contextmanager
+    def top_parent(self, parts: Sequence[str]) -> Iterator[tuple[int, str]]:
+        """Yield (parent dir fd, name) of the topmost copy, without copying up."""
+        if not parts:
+            yield self.layers[0], "."
+            return
+        with self.dirs(parts[:-1]) as d:
+            e = d.find(parts[-1])
+            if e is None:
+                raise _err(errno.ENOENT, parts)
+            yield d.fd(e.layer), parts[-1]
+
+    def chmod(self, parts: Sequence[str], mode: int) -> None:
+        with self.upper_parent(parts) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(at(fd, name), mode & 0o7777)
+
+    def chown(self, parts: Sequence[str], uid: int, gid: int) -> None:
+        with self.upper_parent(parts) as (fd, name):
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+
+    def utime(self, parts: Sequence[str], atime_ns: int | None, mtime_ns: int | None) -> None:
+        with self.upper_parent(parts) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            ns = (st.st_atime_ns if atime_ns is None else atime_ns,
+                  st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+
+    def truncate(self, parts: Sequence[str], size: int) -> None:
+        with self.upper_parent(parts) as (fd, name):
+            f = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                os.ftruncate(f, size)
+            finally:
+                os.close(f)
+
+    def stat(self, parts: Sequence[str]) -> os.stat_result:
+        return self.need(parts).st
+
+    # -- xattrs: user.overlay.* is ours, hidden and refused -----------------
+
+    def getxattr(self, parts: Sequence[str], name: str) -> bytes:
+        if name.startswith(backing.PRIVATE_XATTR_PREFIX):
+            raise _err(errno.ENODATA, parts)
+        with self.top_parent(parts) as (fd, n):
+            return os.getxattr(at(fd, n), name, follow_symlinks=False)
+
+    def listxattr(self, parts: Sequence[str]) -> list[str]:
+        with self.top_parent(parts) as (fd, n):
+            names = os.listxattr(at(fd, n), follow_symlinks=False)
+        return [x for x in names if not x.startswith(backing.PRIVATE_XATTR_PREFIX)]
+
+    def setxattr(self, parts: Sequence[str], name: str, value: bytes) -> None:
+        if name.startswith(backing.PRIVATE_XATTR_PREFIX):
+            raise _err(errno.EPERM, parts)
+        with self.upper_parent(parts) as (fd, n):
+            os.setxattr(at(fd, n), name, value, follow_symlinks=False)
+
+    def removexattr(self, parts: Sequence[str], name: str) -> None:
+        if name.startswith(backing.PRIVATE_XATTR_PREFIX):
+            raise _err(errno.EPERM, parts)
+        with self.top_parent(parts) as (fd, n):
+            os.getxattr(at(fd, n), name, follow_symlinks=False)  # ENODATA before a copy-up
+        with self.upper_parent(parts) as (fd, n):
+            os.removexattr(at(fd, n), name, follow_symlinks=False)
+
+    def open_write(self, parts: Sequence[str], flags: int) -> int:
+        """Copy the file up and open the upper copy with *flags*."""
+        with self.upper_parent(parts) as (fd, name):
+            return os.open(name, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, dir_fd=fd)
+
+
+def _fd_opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, backing.OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
