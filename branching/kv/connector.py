@@ -1,0 +1,259 @@
+"""`BranchdConnector`: vLLM's KV-connector interface onto the shared-memory chunk store.
+
+Loaded by vLLM itself, in each engine process, from `kv_transfer_config`
+(`kv_connector="BranchdConnector"`, `kv_connector_module_path="branching.kv.connector"`,
+or the name alone once the `vllm.general_plugins` entry point has registered it).
+vLLM makes two instances: the scheduler-side one decides which blocks a request can
+load from the store; the worker-side one copies block bytes between the store and
+the engine's paged KV tensors.
+
+What it does:
+- save: a request whose `kv_transfer_params` carry `{"branchd_kv": {"save": true}}`
+  has its prompt's full blocks written to the store once its prefill is computed;
+- load: for any request, the full blocks after vLLM's own prefix-cache hit that the
+  store holds (chained keys over the tokens) are claimed as external hits, after
+  their fingerprint and CRC32C (and the handle's checksums, when the request
+  names a handle) are checked; the first bad block ends the claim, the rest is
+  recomputed by vLLM, and the reason comes back in `RequestOutput.kv_transfer_params`;
+- a block that fails its check again when the worker reads it is reported through
+  `get_block_ids_with_load_errors`, and vLLM recomputes it
+  (`kv_load_failure_policy="recompute"`).
+
+Only vLLM's public connector interface is used; `SUPPORTED_VLLM` is the range it
+was written and tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from branching.kv.handle import Fingerprint, block_keys, fingerprint_of
+from branching.kv.store import DEFAULT_ROOT, ChunkError, ChunkStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = (">=0.32", "<0.34")
+PARAMS_KEY = "branchd_kv"
+
+
+@dataclasses.dataclass
+class BlockOp:
+    block_id: int
+    key: str
+    crc: int | None = None
+
+
+@dataclasses.dataclass
+class BranchdConnectorMetadata(KVConnectorMetadata):
+    """One step's work for the worker: blocks to load before, and save after, the forward."""
+
+    loads: list[BlockOp] = dataclasses.field(default_factory=list)
+    saves: list[BlockOp] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Claim:
+    keys: list[tuple[str, int | None]]
+    first_block: int
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    keys: list[str]
+    block_ids: list[int]
+
+
+class BranchdConnector(KVConnectorBase_V1):
+    """KV blocks shared between engines through a `ChunkStore`.
+
+    Invariants: a block is claimed (scheduler) only after its chunk passed every
+    check; a block is written into paged KV (worker) only after passing them again;
+    the connector never changes a block vLLM computed itself.
+    """
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        assert vllm_config.kv_transfer_config is not None  # vLLM makes a connector only with one
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        capacity = extra.get("capacity")
+        self._store = ChunkStore(extra.get("store", DEFAULT_ROOT), capacity)
+        self._fingerprint = fingerprint_of(vllm_config)
+        self._block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._claims: dict[str, _Claim] = {}
+        self._ready: list[BlockOp] = []
+        self._pending_saves: dict[str, _PendingSave] = {}
+        self._reports: dict[str, dict[str, Any]] = {}
+        # worker side
+        self._kv_caches: list[tuple[torch.Tensor, int]] = []
+        self._load_errors: set[int] = set()
+
+    # ---- scheduler side -------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        params = (request.kv_transfer_params or {}).get(PARAMS_KEY, {})
+        report = self._reports.setdefault(
+            request.request_id, {"loaded_tokens": 0, "fallback": None, "saved_blocks": 0}
+        )
+        handle = params.get("handle")
+        if handle is not None and Fingerprint.from_json(handle["fingerprint"]) != self._fingerprint:
+            report["fallback"] = "fingerprint mismatch: handle from another engine kind"
+            log.warning("request %s: %s", request.request_id, report["fallback"])
+            return 0, False
+        tokens = list(request.prompt_token_ids or [])
+        # vLLM must compute at least one prompt token itself, to sample from.
+        keys = block_keys(tokens[: max(len(tokens) - 1, 0)], self._block_size)
+        expected = dict(zip(handle["keys"], handle["checksums"], strict=False)) if handle else {}
+        first = num_computed_tokens // self._block_size
+        claimed: list[tuple[str, int | None]] = []
+        for key in keys[first:]:
+            try:
+                self._store.read(key, self._fingerprint, expected.get(key))
+            except ChunkError as e:
+                if self._store.chunk_path(key).exists() or key in expected:
+                    report["fallback"] = str(e)
+                    log.warning("request %s: recomputing from %s", request.request_id, e)
+                break
+            claimed.append((key, expected.get(key)))
+        if not claimed:
+            return 0, False
+        self._claims[request.request_id] = _Claim(claimed, first)
+        return len(claimed) * self._block_size, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        claim = self._claims.pop(request.request_id, None)
+        if claim is None or num_external_tokens == 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        # `blocks` are all the request's blocks; the claim starts after vLLM's own hit.
+        for i, (key, crc) in enumerate(claim.keys[: num_external_tokens // self._block_size]):
+            self._ready.append(BlockOp(block_ids[claim.first_block + i], key, crc))
+        self._reports[request.request_id]["loaded_tokens"] = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = BranchdConnectorMetadata(loads=self._ready)
+        self._ready = []
+        for new in scheduler_output.scheduled_new_reqs:
+            params = (new.sampling_params.extra_args or {}) if new.sampling_params else {}
+            wants = params.get("kv_transfer_params", {}).get(PARAMS_KEY, {})
+            if wants.get("save") and new.prompt_token_ids:
+                keys = block_keys(new.prompt_token_ids, self._block_size)
+                self._pending_saves[new.req_id] = _PendingSave(keys, list(new.block_ids[0]))
+            self._emit_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            pending = self._pending_saves.get(req_id)
+            if pending is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                pending.block_ids.extend(new_ids[0])
+            self._emit_save(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
+        return meta
+
+    def _emit_save(
+        self, meta: BranchdConnectorMetadata, req_id: str, computed: int, out: SchedulerOutput
+    ) -> None:
+        pending = self._pending_saves.get(req_id)
+        if pending is None:
+            return
+        done = computed + out.num_scheduled_tokens.get(req_id, 0)
+        if done < len(pending.keys) * self._block_size:
+            return  # prefill not finished (chunked): save once it is
+        del self._pending_saves[req_id]
+        # block_ids may run past the prompt's full blocks (its partial last block)
+        pairs = zip(pending.block_ids, pending.keys, strict=False)
+        meta.saves.extend(BlockOp(b, k) for b, k in pairs)
+        if req_id in self._reports:
+            self._reports[req_id]["saved_blocks"] = len(pending.keys)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._pending_saves.pop(request.request_id, None)
+        self._claims.pop(request.request_id, None)
+        report = self._reports.pop(request.request_id, None)
+        return False, ({PARAMS_KEY: report} if report is not None else None)
+
+    # ---- worker side ----------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = self._kv_cache_config.num_blocks
+        self._kv_caches = []
+        for name in sorted(kv_caches):
+            tensor = kv_caches[name]
+            # The block dimension is where the layout puts num_blocks (1 for the CPU
+            # and flash backends' (2, blocks, ...), 0 for others).
+            dim = next(d for d, size in enumerate(tensor.shape) if size == num_blocks)
+            self._kv_caches.append((tensor, dim))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, BranchdConnectorMetadata)
+        for op in meta.loads:
+            try:
+                payload = self._store.read(op.key, self._fingerprint, op.crc)
+                self._write_block(op.block_id, payload)
+            except (ChunkError, ValueError, RuntimeError) as e:
+                log.warning("block %d: load failed (%s); vLLM recomputes it", op.block_id, e)
+                self._load_errors.add(op.block_id)
+
+    def _write_block(self, block_id: int, payload: bytes) -> None:
+        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        offset = 0
+        for tensor, dim in self._kv_caches:
+            dst = tensor.select(dim, block_id)
+            nbytes = dst.numel() * dst.element_size()
+            src = flat[offset : offset + nbytes].view(dst.dtype).view(dst.shape)
+            dst.copy_(src.to(dst.device))
+            offset += nbytes
+        if offset != len(payload):
+            raise ValueError(f"block size {len(payload)} != expected {offset}")
+
+    def _read_block(self, block_id: int) -> bytes:
+        parts = [
+            tensor.select(dim, block_id).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            for tensor, dim in self._kv_caches
+        ]
+        return b"".join(parts)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # whole blocks are saved after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, BranchdConnectorMetadata)
+        for op in meta.saves:
+            self._store.put(op.key, self._read_block(op.block_id), self._fingerprint)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors

@@ -1,0 +1,157 @@
+"""The prefix handle a branch carries: what a KV prefix is and how to find its blocks.
+
+A handle is small JSON (ids, hashes, checksums; never KV data) so that a branch can
+keep it in its metadata and any process can later resume from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+HANDLE_VERSION = 1
+# The root of every key chain; a constant (not vLLM's per-process random seed) so
+# that two engine processes derive the same key for the same tokens.
+_ROOT_KEY = hashlib.sha256(b"branchd-kv-root-v1").digest()
+
+
+def block_keys(token_ids: Sequence[int], block_size: int) -> list[str]:
+    """Chained keys of the full blocks of `token_ids`, as vLLM chains its block hashes.
+
+    Key i depends on every token of blocks 0..i: equal keys mean an equal prefix.
+    A partial last block has no key (vLLM never caches it either).
+    """
+    keys = []
+    parent = _ROOT_KEY
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = token_ids[start : start + block_size]
+        parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
+        keys.append(parent.hex())
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What must match for KV produced by one engine to be valid in another."""
+
+    model: str
+    dtype: str
+    block_size: int
+    kv_layout: str
+    vllm_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Fingerprint:
+        return cls(**data)
+
+
+def fingerprint_of(vllm_config: Any) -> Fingerprint:
+    """The fingerprint of an engine, from its public `VllmConfig`.
+
+    The connector (inside the engine) and the client (outside) both call this, so
+    both see the same value for the same engine.
+    """
+    import vllm
+
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
+    layout = (
+        f"layers={model_config.get_num_layers(parallel)}"
+        f" kv_heads={model_config.get_num_kv_heads(parallel)}"
+        f" head_size={model_config.get_head_size()} cache_dtype={cache.cache_dtype}"
+    )
+    return Fingerprint(
+        model=str(model_config.model),
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        block_size=int(cache.block_size),
+        kv_layout=layout,
+        vllm_version=vllm.__version__,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixHandle:
+    """A conversation prefix whose KV exists (or existed) in an engine or a store.
+
+    Invariants: `keys == block_keys(token_ids, fingerprint.block_size)`; `checksums`
+    is empty (same-engine only) or has one CRC32C per key; a handle never changes,
+    a continued conversation gets a child handle whose `parent` is this one's id.
+    """
+
+    handle_id: str
+    fingerprint: Fingerprint
+    token_ids: tuple[int, ...]
+    keys: tuple[str, ...]
+    checksums: tuple[int, ...] = ()
+    parent: str | None = None
+    store: str | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the prefix that live in full blocks (what a cache can serve)."""
+        return len(self.keys) * self.fingerprint.block_size
+
+    def child(self, token_ids: Sequence[int], checksums: Sequence[int] = ()) -> PrefixHandle:
+        """A handle for this prefix extended by more tokens (the next turn)."""
+        full = tuple(self.token_ids) + tuple(token_ids)
+        return PrefixHandle(
+            handle_id=new_handle_id(),
+            fingerprint=self.fingerprint,
+            token_ids=full,
+            keys=tuple(block_keys(full, self.fingerprint.block_size)),
+            checksums=tuple(checksums),
+            parent=self.handle_id,
+            store=self.store,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": HANDLE_VERSION,
+            "handle_id": self.handle_id,
+            "fingerprint": self.fingerprint.to_json(),
+            "token_ids": list(self.token_ids),
+            "keys": list(self.keys),
+            "checksums": list(self.checksums),
+            "parent": self.parent,
+            "store": self.store,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PrefixHandle:
+        if data.get("version") != HANDLE_VERSION:
+            raise ValueError(f"unsupported prefix handle version {data.get('version')!r}")
+        fingerprint = Fingerprint.from_json(data["fingerprint"])
+        handle = cls(
+            handle_id=str(data["handle_id"]),
+            fingerprint=fingerprint,
+            token_ids=tuple(int(t) for t in data["token_ids"]),
+            keys=tuple(str(k) for k in data["keys"]),
+            checksums=tuple(int(c) for c in data["checksums"]),
+            parent=data.get("parent"),
+            store=data.get("store"),
+        )
+        if list(handle.keys) != block_keys(handle.token_ids, fingerprint.block_size):
+            raise ValueError(f"prefix handle {handle.handle_id}: keys do not match its tokens")
+        if handle.checksums and len(handle.checksums) != len(handle.keys):
+            raise ValueError(f"prefix handle {handle.handle_id}: one checksum per key expected")
+        return handle
+
+    @classmethod
+    def loads(cls, text: str) -> PrefixHandle:
+        return cls.from_json(json.loads(text))
+
+
+def new_handle_id() -> str:
+    return uuid.uuid4().hex
