@@ -7,6 +7,7 @@ from .errors import CgroupError, SpawnError
 from .layout import Layout, detect
 from .limits import Limits, parse_size
 from .manager import Manager
+from .mounts import release_mountpoint, share_mountpoint
 from .run import Run, RunResult
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "SpawnError",
     "detect",
     "parse_size",
+    "release_mountpoint",
+    "share_mountpoint",
 ]

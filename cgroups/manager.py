@@ -275,12 +275,16 @@ class Manager:
         stdout: int | None = None,
         stderr: int | None = None,
         bind: tuple[str, str] | None = None,
+        hide: list[str] | None = None,
     ) -> Run:
         """Start `argv` in a new cgroup with `limits`; its code runs only once placed.
 
         env None inherits this process's environment; a dict is the whole
         environment. bind=(source, target) runs it in a private mount namespace
-        with source bind-mounted over target. Raises SpawnError/CgroupError.
+        with source bind-mounted over target; `hide` (with bind) covers each
+        given directory there with an empty read-only tmpfs: the daemon passes
+        its FUSE mountpoint, so that a candidate cannot reach its sibling
+        branches through their real paths. Raises SpawnError/CgroupError.
         """
         for key in self._unsupported:
             if getattr(limits, key) is not None:
@@ -300,7 +304,8 @@ class Manager:
                 node.apply(limits)
             proc = start(
                 argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                bind=bind, place=node.place if node is not None else _nowhere, tools=self._tools,
+                bind=bind, hide=hide or [], tools=self._tools,
+                place=node.place if node is not None else _nowhere,
             )  # fmt: skip
         except BaseException:
             if node is not None:

@@ -25,9 +25,21 @@ log = logging.getLogger(__name__)
 
 _SHIM_NAME = "branchd-shim"  # $0 of the shim: names it in the shell's own error messages
 _SHIM = 'kill -STOP $$ && exec "$@"'
-# $1 mount, $2 source, $3 target, $4 cwd: cd after the bind, so that a cwd at
-# (or under) the target is the bound branch and not the directory beneath it
-_BIND_SHIM = '"$1" --bind -- "$2" "$3" && cd -- "$4" && shift 4 && kill -STOP $$ && exec "$@"'
+# $1 mount, $2 source, $3 target, $4 cwd, $5 how many paths to hide, then
+# those paths, then the command. cd after the bind, so that a cwd at (or under)
+# the target is the bound branch and not the directory beneath it; hide after
+# the bind, so that hiding the branch's own mount does not undo the bind.
+_BIND_SHIM = """\
+m=$1 src=$2 dst=$3 cwd=$4 n=$5
+shift 5
+"$m" --bind -- "$src" "$dst" || exit
+while [ "$n" -gt 0 ]; do
+  "$m" -t tmpfs -o ro,size=4k,mode=0555 branchd-hidden "$1" || exit
+  shift
+  n=$((n - 1))
+done
+cd -- "$cwd" && kill -STOP $$ && exec "$@"
+"""
 _CAP_SYS_ADMIN = 21
 
 
@@ -56,14 +68,17 @@ def can_bind(tools: Tools) -> str | None:
     return "private mount namespaces need CAP_SYS_ADMIN (run the daemon as root)"
 
 
-def shim_argv(argv: list[str], cwd: str, bind: tuple[str, str] | None, tools: Tools) -> list[str]:
+def shim_argv(
+    argv: list[str], cwd: str, bind: tuple[str, str] | None, hide: list[str], tools: Tools
+) -> list[str]:
     if bind is None:
         return [tools.sh, "-c", _SHIM, _SHIM_NAME, *argv]
     assert tools.unshare is not None and tools.mount is not None
     source, target = bind
     return [
         tools.unshare, "--mount", "--propagation", "slave", "--",
-        tools.sh, "-c", _BIND_SHIM, _SHIM_NAME, tools.mount, source, target, cwd, *argv,
+        tools.sh, "-c", _BIND_SHIM, _SHIM_NAME,
+        tools.mount, source, target, cwd, str(len(hide)), *hide, *argv,
     ]  # fmt: skip
 
 
@@ -76,6 +91,7 @@ def start(
     stdout: int | None,
     stderr: int | None,
     bind: tuple[str, str] | None,
+    hide: list[str],
     place: Callable[[int], None],
     tools: Tools,
 ) -> subprocess.Popen[bytes]:
@@ -86,9 +102,11 @@ def start(
     """
     if not argv:
         raise SpawnError("empty command")
+    if hide and bind is None:
+        raise SpawnError("hide needs bind (a private mount namespace)")
     try:
         proc = subprocess.Popen(
-            shim_argv(argv, cwd, bind, tools),
+            shim_argv(argv, cwd, bind, hide, tools),
             cwd="/" if bind is not None else cwd,
             env=env,
             stdin=stdin,

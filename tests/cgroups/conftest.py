@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cgroup_helpers import PREFIX, counter, layout_for, leftover_cgroups, need_root, remove_tree
 
-from cgroups import Layout, Manager
+from cgroups import Layout, Manager, share_mountpoint
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,13 +67,17 @@ def started() -> Iterator[list[int]]:
 
 @pytest.fixture
 def tmpfs(tmp_path: Any) -> Iterator[Callable[[str], str]]:
-    """Mount a small tmpfs (stand-in for the daemon's FUSE mount); lazily unmounted at teardown."""
+    """Mount a small tmpfs (stand-in for the daemon's FUSE mount), optionally on a
+    mountpoint prepared with share_mountpoint; lazily unmounted at teardown."""
     mounted: list[str] = []
 
-    def mount(name: str) -> str:
+    def mount(name: str, shared_parent: bool = False) -> str:
         need_root()
         path = str(tmp_path / name)
         os.mkdir(path)
+        if shared_parent:
+            share_mountpoint(path)
+            mounted.append(path)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", path], check=True)
         mounted.append(path)
         return path
