@@ -17,6 +17,8 @@ import signal
 import time
 from collections.abc import Iterable
 
+import psutil
+
 from .errors import CgroupError
 from .limits import Limits
 
@@ -127,15 +129,16 @@ class Cgroup:
                 return path
         return None
 
-    def _io_weight_file(self) -> tuple[str, bool] | None:
-        """(file, v1 scale?) that sets an I/O weight, if any."""
-        v2 = self._v2_file("io", "io.weight")
-        if v2 is not None:
-            return v2, False
-        for name in ("blkio.bfq.weight", "blkio.weight"):
-            v1 = self._v1_file("blkio", name)
-            if v1 is not None:
-                return v1, True
+    def _io_weight(self, weight: int) -> tuple[str, str] | None:
+        """(file, value) that sets the v2-scale I/O `weight` here, if any file can."""
+        if v2 := self._v2_file("io", "io.weight"):
+            return v2, f"default {weight}"
+        # v1 BFQ weights are 1..1000 with v2's default of 100: the same scale;
+        # v1 CFQ weights are 10..1000 with 500 as the default
+        if bfq := self._v1_file("blkio", "blkio.bfq.weight"):
+            return bfq, str(min(1000, weight))
+        if cfq := self._v1_file("blkio", "blkio.weight"):
+            return cfq, str(min(1000, max(10, weight * 5)))
         return None
 
     def unsupported(self) -> dict[str, str]:
@@ -146,11 +149,19 @@ class Cgroup:
             or self._v1_file("memory", "memory.limit_in_bytes")
         ):
             missing["memory"] = "no memory controller is available (neither v2 nor v1)"
+        elif psutil.swap_memory().total and not (
+            self._v2_file("memory", "memory.swap.max")
+            or self._v1_file("memory", "memory.memsw.limit_in_bytes")
+        ):
+            missing["memory"] = (
+                "swap cannot be limited (no memory.swap.max / memory.memsw; boot with "
+                "swapaccount=1): a candidate can swap past its memory limit"
+            )
         if not (self._v2_file("cpu", "cpu.max") or self._v1_file("cpu", "cpu.cfs_quota_us")):
             missing["cpus"] = "no cpu controller with a CFS quota is available (neither v2 nor v1)"
         if not (self._v2_file("pids", "pids.max") or self._v1_file("pids", "pids.max")):
             missing["pids"] = "no pids controller is available (neither v2 nor v1)"
-        if self._io_weight_file() is None:
+        if self._io_weight(100) is None:
             missing["io_weight"] = (
                 "no I/O weight file (v2 io.weight, v1 blkio.weight or blkio.bfq.weight: "
                 "the block device's scheduler must be BFQ or CFQ)"
@@ -201,14 +212,8 @@ class Cgroup:
         pids = self._v2_file("pids", "pids.max") or self._v1_file("pids", "pids.max")
         if limits.pids is not None and pids:
             write(pids, str(limits.pids))
-        if limits.io_weight is not None and (found := self._io_weight_file()):
-            path, v1_scale = found
-            if v1_scale:
-                # v1 weights are 10..1000 with 100 (bfq) / 500 (cfq) as default; v2's
-                # default is 100, so the v2 value maps onto bfq's scale unchanged
-                write(path, str(min(1000, max(10, limits.io_weight))))
-            else:
-                write(path, f"default {limits.io_weight}")
+        if limits.io_weight is not None and (io := self._io_weight(limits.io_weight)):
+            write(*io)
 
     def place(self, pid: int) -> None:
         """Move `pid` (all its threads) into this node in every hierarchy."""

@@ -141,6 +141,7 @@ class Manager:
         self.layout = layout if layout is not None else detect()
         self.warnings: list[str] = []
         self._warned: set[str] = set()
+        self._warn_lock = threading.Lock()
         self._tools = Tools.find()
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
@@ -171,10 +172,12 @@ class Manager:
     # -- setup -----------------------------------------------------------------
 
     def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        with self._warn_lock:
+            if key in self._warned:
+                return
             self._warned.add(key)
             self.warnings.append(message)
-            log.warning("%s", message)
+        log.warning("%s", message)
 
     def _make_base(self) -> Cgroup | None:
         layout = self.layout
@@ -254,8 +257,7 @@ class Manager:
 
     def _unenforced(self, key: str) -> str:
         return (
-            f"{key} limit cannot be enforced ({self.layout.kind} cgroups): "
-            f"{self._unsupported[key]}; runs get no {key} limit"
+            f"{key} limit cannot be enforced ({self.layout.kind} cgroups): {self._unsupported[key]}"
         )
 
     @property
@@ -313,8 +315,15 @@ class Manager:
             raise
         run = Run(run_id, group, limits, node, proc, started, self._run_done)
         with self._lock:
-            self._runs[run_id] = run
-        self._monitor.add(run, limits.timeout)
+            closing = self._closed
+            if not closing:
+                self._runs[run_id] = run
+                self._monitor.add(run, limits.timeout)
+        if closing:
+            # close() began while we started it: it will not see this run
+            run._stop("killed")
+            run._finish()
+            raise CgroupError(f"cgroups manager {self.name} is closed")
         log.debug("run %s: pid %d started: %s", run_id, run.pid, argv)
         return run
 
