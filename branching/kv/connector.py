@@ -116,6 +116,8 @@ class BranchdConnector(KVConnectorBase_V1):
         report = self._reports.setdefault(
             request.request_id, {"loaded_tokens": 0, "fallback": None, "saved_blocks": 0}
         )
+        if params.get("load") is False:
+            return 0, False  # the caller asked for a cold prefill (a baseline)
         handle = params.get("handle")
         if handle is not None and Fingerprint.from_json(handle["fingerprint"]) != self._fingerprint:
             report["fallback"] = "fingerprint mismatch: handle from another engine kind"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,21 @@ def engine_kwargs(store: str | None = None, capacity: int | None = None) -> dict
             "kv_connector_extra_config": {"store": str(store), "capacity": capacity},
         }
     return kwargs
+
+
+def make_engine(model: str | os.PathLike[str], *, store: str | None = None,
+                capacity: int | None = None, **overrides: Any) -> LLM:
+    """A `vllm.LLM` for token-id prompts, with prefix caching and (with `store`) the
+    connector. Block size 32: vLLM's CPU attention needs a multiple of 32."""
+    # vLLM's CPU backend sizes its KV cache from this variable only (GiB); 1 is
+    # plenty for small models and keeps 2-core CI machines from reserving more.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs: dict[str, Any] = {
+        "skip_tokenizer_init": True, "block_size": 32, "max_model_len": 8192,
+        "disable_log_stats": False, **engine_kwargs(store, capacity),
+    }
+    kwargs.update(overrides)
+    return LLM(model=str(model), **kwargs)
 
 
 def engine_store(engine: LLM) -> ChunkStore | None:
@@ -93,10 +109,12 @@ class Candidate:
     handle: PrefixHandle
 
 
-def _params(sampling: SamplingParams, handle: PrefixHandle, save: bool) -> SamplingParams:
+def _params(sampling: SamplingParams, handle: PrefixHandle | None, save: bool,
+            load: bool = True) -> SamplingParams:
     params = sampling.clone()
     extra = dict(params.extra_args or {})
-    extra["kv_transfer_params"] = {PARAMS_KEY: {"handle": handle.to_json(), "save": save}}
+    extra["kv_transfer_params"] = {PARAMS_KEY: {
+        "handle": handle.to_json() if handle else None, "save": save, "load": load}}
     params.extra_args = extra
     return params
 
@@ -213,3 +231,39 @@ def candidates(engine: LLM, handle: PrefixHandle, n: int, sampling: SamplingPara
         )
         for i, c in enumerate(out.outputs)
     ]
+
+
+def prefill(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> ResumeResult:
+    """The baseline: `prompt` computed from scratch (vLLM's prefix cache emptied, the
+    store not consulted). Needs an idle engine: resetting the cache waits for none."""
+    fingerprint = fingerprint_of(engine.llm_engine.vllm_config)
+    engine.reset_prefix_cache()
+    if sampling.logprobs is None:
+        sampling = sampling.clone()
+        sampling.logprobs = 0
+    out = _generate(engine, prompt, _params(sampling, None, save=False, load=False))
+    completion = out.outputs[0]
+    handle = PrefixHandle(new_handle_id(), fingerprint, tuple(prompt),
+                          tuple(block_keys(prompt, fingerprint.block_size)))
+    return ResumeResult(
+        token_ids=list(completion.token_ids),
+        cumulative_logprob=completion.cumulative_logprob,
+        logprobs=_sampled_logprobs(completion),
+        prompt_tokens=len(prompt),
+        cached_tokens=int(out.num_cached_tokens or 0),
+        expected_cached=0,
+        loaded_tokens=0,
+        fallback=None,
+        handle=handle.child(completion.token_ids),
+    )
+
+
+def prompt_tokens_by_source(engine: LLM) -> dict[str, int]:
+    """vLLM's own counters of prompt tokens since the engine started, by where they
+    came from: local_compute (prefill paid), local_cache_hit, external_kv_transfer."""
+    counts: dict[str, int] = {}
+    for metric in engine.get_metrics():
+        if metric.name == "vllm:prompt_tokens_by_source":
+            source = metric.labels.get("source", "")
+            counts[source] = counts.get(source, 0) + int(getattr(metric, "value", 0))
+    return counts

@@ -1,0 +1,111 @@
+"""Session-scoped vLLM engines (CPU) on a tiny random-weight Llama, shared by the kv tests.
+
+Engines take ~15 s to start, so one engine with the connector serves every test in
+the session, and one producer engine runs in a child process (started first, so
+that both start at once), writes a handle and waits to be killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# vLLM's engine core in this process (not a spawned child): faster to start, and
+# the tests' pids are the only processes to clean up.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+with warnings.catch_warnings():
+    # vLLM's import emits torch deprecation warnings; pyproject makes warnings errors.
+    warnings.simplefilter("ignore")
+    pytest.importorskip("vllm", reason="vLLM (requirements/kv.txt) not installed")
+    import branching.kv.fork  # noqa: F401  (imports vLLM's engine and connector modules)
+
+HERE = Path(__file__).parent
+ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).parent == HERE:
+            # vLLM warns (deprecations) while it builds and runs an engine: not ours.
+            item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
+            item.add_marker(pytest.mark.filterwarnings("ignore::FutureWarning"))
+            item.add_marker(pytest.mark.filterwarnings("ignore::UserWarning"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from branching.kv.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def store_dir() -> Iterator[Path]:
+    path = Path("/dev/shm") / f"branchd-kv-test-{os.getpid()}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def producer(tiny_model: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[subprocess.Popen[bytes]]:
+    """A second engine process that snapshots a prefix into the store (see producer.py)."""
+    out = tmp_path_factory.mktemp("producer") / "handle.json"
+    with open(out.with_suffix(".log"), "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "producer.py"), str(tiny_model), str(store_dir),
+             str(out)],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+    proc.result_path = out  # type: ignore[attr-defined]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def producer_result(proc: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, Any]:
+    path: Path = proc.result_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            log = path.with_suffix(".log").read_text()[-3000:]
+            raise AssertionError(f"producer exited {proc.returncode}:\n{log}")
+        if time.monotonic() > deadline:
+            raise AssertionError("producer wrote no handle in time")
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: Path, store_dir: Path, producer: subprocess.Popen[bytes]) -> Any:
+    from branching.kv.fork import make_engine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_engine(tiny_model, store=str(store_dir), **ENGINE_ARGS)
+
+
+@pytest.fixture
+def kill_producer(producer: subprocess.Popen[bytes]) -> Any:
+    def kill() -> dict[str, Any]:
+        result = producer_result(producer)
+        producer.send_signal(signal.SIGKILL)
+        producer.wait()
+        return result
+    return kill
