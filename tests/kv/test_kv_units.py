@@ -1,0 +1,102 @@
+"""Handles, the chunk store and the connector's contract with vLLM, without an engine."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+from branching.kv.handle import Fingerprint, PrefixHandle, block_keys, new_handle_id
+from branching.kv.store import ChunkError, ChunkStore
+
+pytestmark = pytest.mark.kv
+
+FP = Fingerprint("m", "float32", 4, "layers=1", "0.32.0")
+
+
+def handle(tokens: list[int]) -> PrefixHandle:
+    return PrefixHandle(new_handle_id(), FP, tuple(tokens), tuple(block_keys(tokens, 4)))
+
+
+def test_keys_chain_over_the_whole_prefix() -> None:
+    a, b = block_keys([1, 2, 3, 4, 5, 6, 7, 8, 9], 4), block_keys([0, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and len(b) == 2  # the partial block has no key
+    assert a[1] != b[1]  # block 1 is equal, but its parent differs
+
+
+def test_handle_round_trips_through_json_and_rejects_tampering() -> None:
+    h = handle(list(range(10))).child([42])
+    assert PrefixHandle.loads(h.dumps()) == h
+    data = h.to_json()
+    data["token_ids"][0] = 99
+    with pytest.raises(ValueError, match="keys do not match"):
+        PrefixHandle.from_json(data)
+    assert len(h.dumps()) < 2000  # small enough for branch metadata
+
+
+def test_store_checks_every_read(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    key = block_keys([1, 2, 3, 4], 4)[0]
+    crc = store.put(key, b"kv" * 100, FP)
+    assert store.read(key, FP, crc) == b"kv" * 100
+    with pytest.raises(ChunkError, match="fingerprint"):
+        store.read(key, Fingerprint("other", "float32", 4, "layers=1", "0.32.0"))
+    with pytest.raises(ChunkError, match="checksum"):
+        store.read(key, FP, (crc or 0) ^ 1)
+    path = store.chunk_path(key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChunkError, match="checksum"):
+        store.read(key, FP)
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ChunkError, match="truncated"):
+        store.read(key, FP)
+    with pytest.raises(ValueError):
+        store.chunk_path("../escape")
+
+
+def test_chunks_live_while_a_handle_holds_them_and_memory_is_bounded(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path, capacity=3000)
+    root = handle(list(range(8)))
+    a, b = root.handle_id, new_handle_id()
+    store.retain(a, root.keys)
+    store.retain(b, root.keys[:1])
+    for key in root.keys:
+        assert store.put(key, b"x" * 1000, FP) is not None
+    assert store.usage().chunks == 2 and store.usage().handles == 2
+    assert store.put(block_keys(list(range(100, 104)), 4)[0], b"y" * 2000, FP) is None  # full
+    freed = store.release(a)
+    assert store.usage().chunks == 1 and freed > 1000  # the shared chunk stays for b
+    store.release(b)
+    assert store.usage().chunks == 0 and store.usage().bytes == 0
+
+
+def test_connector_matches_the_installed_vllm_interface() -> None:
+    """Fails loudly when vLLM's connector interface moves: abstract methods we do not
+    implement, or a changed signature of one we override."""
+    pytest.importorskip("vllm")
+    import vllm
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    from branching.kv.connector import SUPPORTED_VLLM, BranchdConnector
+
+    assert vllm.__version__ in SpecifierSet(",".join(SUPPORTED_VLLM)), vllm.__version__
+    assert not BranchdConnector.__abstractmethods__
+    ours = {n for n, v in vars(BranchdConnector).items() if inspect.isfunction(v)}
+    for name in sorted(ours & set(dir(KVConnectorBase_V1))):
+        base = list(inspect.signature(getattr(KVConnectorBase_V1, name)).parameters)
+        mine = list(inspect.signature(getattr(BranchdConnector, name)).parameters)
+        assert mine == base, f"{name}: vLLM has {base}, we have {mine}"
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "branching.kv.plugin:register" for ep in plugins)
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from branching.kv.plugin import register
+
+    register()
+    register()  # vLLM may load plugins more than once per process
+    assert KVConnectorFactory.get_connector_class_by_name("BranchdConnector") is BranchdConnector
