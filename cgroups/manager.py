@@ -11,7 +11,6 @@ group's runs (the daemon uses the branch id) are the runs with that group.
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import itertools
 import logging
@@ -180,40 +179,52 @@ class Manager:
         log.warning("%s", message)
 
     def _make_base(self) -> Cgroup | None:
+        """Create `<own>/<name>` in every hierarchy we use; a hierarchy we cannot use is warned
+        about and left out (e.g. without root), so that candidates still run, unlimited."""
         layout = self.layout
-        v2: Cgroup | None = None
+        v2: str | None = None
         enabled: frozenset[str] = frozenset()
         if layout.v2_dir is not None:
             wanted = frozenset(_V2_LIMIT_CONTROLLERS) & layout.v2_controllers
             enabled = self._enable_own_v2(layout.v2_dir, wanted)
-            _remove_stale(os.path.join(layout.v2_dir, self.name))
-            v2 = Cgroup.create(layout.v2_dir, {}, self.name, enabled)
+            node = None
             try:
-                v2.enable(enabled)
-            except CgroupError:
-                v2.remove()
-                raise
+                _remove_stale(os.path.join(layout.v2_dir, self.name))
+                node = Cgroup.create(layout.v2_dir, {}, self.name, enabled)
+                node.enable(enabled)
+                v2 = node.v2
+            except CgroupError as exc:
+                self._warn("v2", f"cannot use the cgroup v2 tree: {exc}")
+                enabled = frozenset()
+                if node is not None:
+                    node.remove()
         # v1 hierarchies only for what v2 does not do here
         needed = {_V1_FOR_V2[c] for c in _V1_FOR_V2 if c not in enabled}
         if v2 is None:
             needed.add("cpuacct")  # v2's cpu.stat counts CPU time without any controller
-        if v2 is None or not os.path.exists(os.path.join(v2.dirs[0], "cgroup.kill")):
+        if v2 is None or not os.path.exists(os.path.join(v2, "cgroup.kill")):
             needed.add("freezer")
-        parents = {}
+        v1: dict[str, str] = {}
+        failed: list[str] = []
         for c in V1_CONTROLLERS:
-            d = layout.v1_dir(c)
-            if c in needed and d is not None:
-                parents[c] = d
-                _remove_stale(os.path.join(d, self.name))
-        try:
-            v1 = Cgroup.create(None, parents, self.name, frozenset())
-        except CgroupError:
-            if v2 is not None:
-                v2.remove()
-            raise
-        if v2 is None and not parents:
+            parent = layout.v1_dir(c)
+            if c not in needed or parent is None:
+                continue
+            path = os.path.join(parent, self.name)
+            if path in v1.values():  # co-mounted with a controller done already
+                v1[c] = path
+                continue
+            try:
+                _remove_stale(path)
+                Cgroup.create(None, {c: parent}, self.name, frozenset())
+                v1[c] = path
+            except CgroupError as exc:
+                failed.append(f"{c} ({exc})" if not failed else c)
+        if failed:
+            self._warn("v1", f"cannot use the cgroup v1 hierarchies {', '.join(failed)}")
+        if v2 is None and not v1:
             return None
-        return Cgroup(v2.v2 if v2 is not None else None, v1.v1, enabled)
+        return Cgroup(v2, v1, enabled)
 
     def _enable_own_v2(self, own: str, wanted: frozenset[str]) -> frozenset[str]:
         """Enable `wanted` in our own cgroup's subtree_control; what could be enabled."""
@@ -231,19 +242,19 @@ class Manager:
         # EBUSY: v2 lets a non-root cgroup with processes in it enable no
         # controllers for its children; move ourselves into a leaf (what
         # systemd's Delegate=yes expects of a service) and try again
+        leaf = os.path.join(own, _SUPERVISOR)
         try:
-            leaf = os.path.join(own, _SUPERVISOR)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(leaf)
             write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
             log.info("moved this process into %s to delegate controllers", leaf)
             node.enable(wanted)
             return wanted
-        except CgroupError as exc:
+        except (OSError, CgroupError) as exc:
             self._warn(
                 "v2-delegation",
                 f"cannot enable the v2 controllers {' '.join(sorted(wanted))} for our runs "
-                f"({first}; {exc}): other processes share our cgroup {own}?",
+                f"({first}; {exc}): do other processes share our cgroup {own}?",
             )
             return frozenset()
 
@@ -392,18 +403,18 @@ def _remove_stale(path: str) -> None:
     if not os.path.isdir(path):
         return
     log.warning("removing stale cgroup tree %s (left by an earlier process)", path)
-    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
-        for _ in range(50):
-            with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                pids = [int(p) for p in f.read().split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
-        try:
-            os.rmdir(dirpath)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise CgroupError(f"cannot remove stale cgroup {dirpath}: {exc.strerror}") from None
+    try:
+        for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
+            for _ in range(50):
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.01)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(dirpath)
+    except OSError as exc:
+        raise CgroupError(f"cannot remove stale cgroup tree {path}: {exc.strerror}") from None

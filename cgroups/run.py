@@ -144,13 +144,14 @@ class Run:
     def _kill_tree(self, main: bool) -> int:
         if self.cgroup is not None and self.cgroup.kill_method is not None:
             return self.cgroup.kill()
-        # no cgroup to kill: the main process and what stayed in its session
-        n = len(_kill_session(self.pid))
+        # no cgroup to kill: the main process first (so that it cannot react to
+        # its children's deaths), then what stayed in its session
+        n = 0
         if main:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
                 n += 1
-        return n
+        return n + len(_kill_session(self.pid))
 
     def _finish(self) -> None:
         """The main process has exited: kill what it left behind, reap, measure, clean up."""

@@ -3,6 +3,7 @@ errors, threads, and cleanup (close, stale trees, layouts without cgroups)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cgroup_helpers import PREFIX, gone, layout_for, py, wait_for
+from cgroup_helpers import PREFIX, gone, layout_for, need_root, py, wait_for
 
 from cgroups import CgroupError, Layout, Limits, Manager, RunResult, SpawnError
 
@@ -133,7 +134,7 @@ def test_no_cgroups_at_all(make_manager: Callable[..., Manager], tmp_path: Path)
     wait_for(lambda: len(session(run.pid)) == 3, "the tree")
     assert manager.kill_group("g") == 3  # shell, its background sleep, its foreground sleep
     result = run.wait(10)
-    assert result is not None and result.killed
+    assert result is not None and result.killed and result.signal == 9
     assert result.peak_memory is None and result.cpu_time is None
 
 
@@ -212,3 +213,26 @@ def test_result_of_v1_only_layout_measures_with_cpuacct(
     result = run.wait(30)
     assert result is not None and result.exit_code == 0
     assert result.cpu_time is not None and result.cpu_time > 0
+
+
+def test_without_root_runs_unlimited_and_says_so(tmp_path: Path) -> None:
+    # a real unprivileged process (setpriv to nobody), not a simulated permission error
+    need_root()
+    code = (
+        "import json, sys\n"
+        "from cgroups import Limits, Manager\n"
+        f"m = Manager({PREFIX + '-nobody'!r})\n"
+        "r = m.spawn(['true'], cwd='/', limits=Limits(memory='1G', timeout=30)).wait(30)\n"
+        "m.close()\n"
+        "print(json.dumps({'warnings': m.warnings, 'exit': r.exit_code, 'killed': r.killed}))\n"
+    )
+    proc = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *py(code)],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["exit"] == 0 and not report["killed"]
+    assert any("cannot use the cgroup" in w for w in report["warnings"])
+    assert any(w.startswith("memory limit cannot be enforced") for w in report["warnings"])
