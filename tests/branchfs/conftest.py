@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,14 +111,23 @@ class Mount:
 def mount_factory(tmp_path: Path) -> Iterator[Any]:
     mounts: list[Mount] = []
 
-    def start(base: Path, branches: list[str]) -> Mount:
-        m = Mount(tmp_path, base, branches)
+    def start(base: Path, branches: list[str], where: Path | None = None) -> Mount:
+        m = Mount(where or tmp_path, base, branches)
         mounts.append(m)
         return m
 
     yield start
     for m in mounts:
         m.stop()
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A temp dir other users can traverse (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="branchfs-test-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
