@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import trio
+import trio.testing
 from cgroup_helpers import PREFIX, gone, layout_for, need_root, py, wait_for
 
 from cgroups import CgroupError, Layout, Limits, Manager, RunResult, SpawnError
@@ -236,3 +238,19 @@ def test_without_root_runs_unlimited_and_says_so(tmp_path: Path) -> None:
     assert report["exit"] == 0 and not report["killed"]
     assert any("cannot use the cgroup" in w for w in report["warnings"])
     assert any(w.startswith("memory limit cannot be enforced") for w in report["warnings"])
+
+
+@pytest.mark.trio
+async def test_from_trio(manager: Manager) -> None:
+    # the daemon's way: spawn on the trio thread, wait in a worker thread, kill from trio
+    run = manager.spawn(["sleep", "60"], cwd="/", group="branch")
+    async with trio.open_nursery() as nursery:
+        done: list[RunResult | None] = []
+
+        async def waiter() -> None:
+            done.append(await trio.to_thread.run_sync(run.wait, abandon_on_cancel=True))
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()  # the waiter sits in run.wait
+        assert manager.kill_group("branch") == 1
+    assert done and done[0] is not None and done[0].killed
