@@ -101,8 +101,8 @@ def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_js
         outcome = pattern(workspace)
     if as_json:
         click.echo(json.dumps(outcome.to_dict(), indent=2, sort_keys=True))
-    else:
-        click.echo(summary(outcome))
+    else:  # with live output, stdout is the command's: the summary is a log line then
+        click.echo(summary(outcome), err=live)
     return 0 if outcome.committed else 1
 
 

@@ -10,12 +10,12 @@ from branching.patterns.best_of_n import BestOfN, Tournament
 from branching.patterns.candidate import Call, Command
 from branching.patterns.outcome import CandidateResult, Outcome
 from branching.patterns.reflexion import Reflexion
-from branching.patterns.runner import CandidateError, Interrupted
+from branching.patterns.runner import CandidateError
 from branching.patterns.search import BeamSearch, TreeOfThoughts
 from branching.patterns.speculate import Cascaded, Speculate
 
 __all__ = [
     "BeamSearch", "BestOfN", "Call", "CandidateError", "CandidateResult", "Cascaded", "Command",
-    "Interrupted", "Outcome", "Pattern", "Reflexion", "Speculate", "Tournament",
+    "Outcome", "Pattern", "Reflexion", "Speculate", "Tournament",
     "TreeOfThoughts",
 ]
