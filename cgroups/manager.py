@@ -11,6 +11,7 @@ group's runs (the daemon uses the branch id) are the runs with that group.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -20,6 +21,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from .cgroup import Cgroup, write
 from .errors import CgroupError, SpawnError
@@ -109,13 +111,13 @@ class _Monitor:
                     log.info(
                         "run %s: timeout of %gs reached, killing it", run.id, run.limits.timeout
                     )
-                    self._guarded(lambda r=run: r._stop("timeout"), run)
+                    self._guarded(functools.partial(run._stop, "timeout"), run)
 
     @staticmethod
-    def _guarded(fn: object, run: Run) -> None:
+    def _guarded(fn: Callable[[], object], run: Run) -> None:
         # the monitor must outlive any one run's failure, or every later run would hang
         try:
-            fn()  # type: ignore[operator]
+            fn()
         except Exception:
             log.exception("run %s: unexpected error in the monitor", run.id)
 
