@@ -76,6 +76,11 @@ class Backend(ABC):
     name: str
     scenarios: frozenset[str] | None = None  # the scenarios it takes part in; None: all
 
+    @property
+    def group(self) -> str:
+        """Backends of one group share a process: when one hangs, the others are skipped."""
+        return self.name
+
     @abstractmethod
     def workspace(self, base: Path) -> BenchWorkspace:
         """Register ``base`` (untimed)."""

@@ -106,6 +106,10 @@ class BranchdBackend(Backend):
         # has the rows where the CLI does the work.
         self.scenarios = frozenset({"create", "commit", "run"}) if cli else None
 
+    @property
+    def group(self) -> str:
+        return "branchd"
+
     def workspace(self, base: Path) -> BenchWorkspace:
         cls = CliWorkspace if self.cli else ApiWorkspace
         return cls(base, self.daemon.socket)

@@ -24,6 +24,7 @@ def describe(bench_dir: Path) -> dict[str, Any]:
         "device": device,
         "branchd_commit": _git_head(),
         "euid": os.geteuid(),
+        "loadavg_start": loadavg(),
         "executable": sys.executable,
     }
 
@@ -41,6 +42,12 @@ def filesystem_of(path: Path) -> tuple[str, str]:
             ) > len(best[0]):
                 best = (mountpoint, fs_type, device)
     return best[1], best[2]
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine skews every row."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def _cpu_model() -> str:
@@ -81,5 +88,6 @@ def summary(machine: dict[str, Any]) -> str:
     return (
         f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
         f"Linux {machine['kernel']}, bench dir on {machine['filesystem']} ({machine['device']}), "
-        f"Python {machine['python']}, branchd {machine['branchd_commit']}"
+        f"Python {machine['python']}, branchd {machine['branchd_commit']}, "
+        f"load {machine['loadavg_start']}"
     )

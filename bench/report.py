@@ -131,6 +131,20 @@ def _cell(row: Row | None, native: Row | None) -> str:
     return text
 
 
+def kv_table(kv: dict[str, Any]) -> str:
+    """bench.kv's rows: time to first token and prefill tokens per method of continuing."""
+    out = [f"KV fork ({kv.get('device', '?')}): mean TTFT per branch turn, prefill tokens "
+           "computed, speedup over re-prefill"]
+    for row in kv["rows"]:
+        state = "evicted" if row.get("evicted") else "idle"
+        out.append(f"  prefix {row['prefix']} tokens, {row['branches']} branches, {state}:")
+        for method, m in row["methods"].items():
+            speed = f"  x{m['ttft_speedup']:.2f}" if "ttft_speedup" in m else ""
+            out.append(f"    {method:<20} {fmt_seconds(m['ttft_mean_s']):>10}"
+                       f"  prefill {m['prefill_tokens']:>7}{speed}")
+    return "\n".join(out)
+
+
 def errors(results: Results) -> list[str]:
     return [f"{r.backend} / {r.scenario} {r.param}: {r.error}" for r in results.rows if r.error]
 

@@ -29,6 +29,7 @@ class Sizes:
     parallel: tuple[int, ...]  # numbers of branches running a job at once
     job_files: int  # files each parallel job writes and reads back
     job_file_size: int
+    scenario_timeout: int  # seconds one scenario may take on one backend before it is failed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +51,7 @@ FULL = Sizes(
     parallel=(1, 4, 16),
     job_files=100,
     job_file_size=64 * KiB,
+    scenario_timeout=3600,
 )
 
 QUICK = Sizes(
@@ -68,6 +70,7 @@ QUICK = Sizes(
     parallel=(1, 4, 16),
     job_files=20,
     job_file_size=16 * KiB,
+    scenario_timeout=600,
 )
 
 TINY = Sizes(
@@ -86,6 +89,7 @@ TINY = Sizes(
     parallel=(1, 2),
     job_files=3,
     job_file_size=4 * KiB,
+    scenario_timeout=120,
 )
 
 MODES = {s.mode: s for s in (FULL, QUICK, TINY)}

@@ -1,0 +1,257 @@
+"""KV-fork benchmark: what a branch's next request costs, four ways.
+
+    python -m bench.kv [--quick] [--device cpu|cuda] [--model DIR] [--json PATH]
+
+A shared prefix (2k, 4k tokens) is forked into 1, 4, 16 branches; each branch runs
+3 turns (32 new tokens of "test output", then the next token asked for). For each
+turn we take the wall time of the request (time to first token: max_tokens=1) and
+vLLM's own count of prompt tokens it computed (`vllm:prompt_tokens_by_source`):
+
+- re-prefill: the whole conversation computed every turn (prefix cache emptied);
+- prefix cache: plain requests, vLLM's prefix cache alone, store not consulted;
+- fork (same engine): `snapshot` + `fork` + `resume`;
+- fork (cross engine): the prefix snapshotted by engine A, every branch resumed in
+  engine B (another process) through the connector and the shared-memory store.
+
+Each is run idle and "evicted" (vLLM's prefix cache emptied before every turn, as
+other traffic on a busy engine would): there the prefix cache alone pays the prefill
+again, the forks load the prefix from the store. On the CPU with a tiny random model
+the times show overheads, not a GPU's prefill cost: run `--device cuda --model DIR`
+on a GPU machine for those (the code path is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TURNS = 3
+NEW_TOKENS = 32
+METHODS = ("re-prefill", "prefix-cache", "fork-same-engine", "fork-cross-engine")
+
+
+def _prefix(length: int, seed: int) -> list[int]:
+    return [(i * (2 * seed + 7) + seed) % 500 + 3 for i in range(length)]
+
+
+def _turn_tokens(branch: int, turn: int) -> list[int]:
+    return [(branch * 31 + turn * 17 + i) % 500 + 3 for i in range(NEW_TOKENS)]
+
+
+@contextmanager
+def _engines(model: Path, store: Path, device: str) -> Iterator[tuple[Any, Any]]:
+    """Two engine processes sharing the store: A produces, B consumes."""
+    from vllm import SamplingParams
+
+    from branching.kv.fork import make_engine, plain_request
+
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # each engine its own process
+    extra: dict[str, Any] = {"max_model_len": 8192}
+    if device == "cpu":
+        extra.update(dtype="float32", enforce_eager=True)
+    else:
+        extra.update(gpu_memory_utilization=0.35)
+    engines = [make_engine(model, store=str(store), **extra) for _ in range(2)]
+    try:
+        warm = SamplingParams(max_tokens=1, detokenize=False)
+        for engine in engines:  # first requests pay one-time setup: not measured
+            for length in (64, 2048):
+                plain_request(engine, _prefix(length, 999), warm)
+        yield engines[0], engines[1]
+    finally:
+        engines.clear()
+        gc.collect()  # vLLM stops an engine's core process when its LLM is collected
+
+
+def _scenario(a: Any, b: Any, prefix_len: int, branches: int, evict: bool, seed: int
+              ) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from branching.kv.fork import (
+        ResumeResult,
+        fork,
+        plain_request,
+        prefill,
+        release,
+        resume,
+        snapshot,
+    )
+
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, detokenize=False)
+    out: dict[str, Any] = {}
+
+    Body = Callable[[Callable[[Any], Any], dict[str, int]], None]
+
+    def measure(method: str, engine: Any, body: Body) -> None:
+        times: list[float] = []
+        counts = {"prefill_tokens": 0, "loaded_tokens": 0}
+
+        def timed(request: Any) -> Any:
+            if evict:
+                engine.reset_prefix_cache()
+            t0 = time.perf_counter()
+            result = request()
+            times.append(time.perf_counter() - t0)
+            # vLLM's own per-request count (RequestOutput.num_cached_tokens): the
+            # engines' Prometheus counters are shared by both engines of this process.
+            if isinstance(result, ResumeResult):
+                counts["prefill_tokens"] += result.computed_tokens
+                counts["loaded_tokens"] += result.loaded_tokens
+            else:
+                counts["prefill_tokens"] += (len(result.prompt_token_ids)
+                                             - (result.num_cached_tokens or 0))
+            return result
+
+        body(timed, counts)
+        out[method] = {
+            "ttft_mean_s": statistics.fmean(times),
+            "ttft_p50_s": statistics.median(times),
+            "requests": len(times),
+            **counts,
+        }
+
+    def reprefill(timed: Callable[[Any], Any], counts: dict[str, int]) -> None:
+        for br in range(branches):
+            conv = _prefix(prefix_len, seed)
+            for turn in range(TURNS):
+                conv += _turn_tokens(br, turn)
+                prompt = list(conv)
+                r = timed(lambda p=prompt: prefill(a, p, sp))
+                conv += r.token_ids
+
+    def prefix_cache(timed: Callable[[Any], Any], counts: dict[str, int]) -> None:
+        a.reset_prefix_cache()
+        plain_request(a, _prefix(prefix_len, seed + 1), sp)
+        counts["prefill_tokens"] += prefix_len  # the shared prefix, computed once
+        for br in range(branches):
+            conv = _prefix(prefix_len, seed + 1)
+            for turn in range(TURNS):
+                conv += _turn_tokens(br, turn)
+                prompt = list(conv)
+                r = timed(lambda p=prompt: plain_request(a, p, sp))
+                conv += list(r.outputs[0].token_ids)
+
+    def forked(engine: Any, producer: Any, seed_: int) -> Body:
+        def body(timed: Callable[[Any], Any], counts: dict[str, int]) -> None:
+            root = snapshot(producer, _prefix(prefix_len, seed_))
+            counts["prefill_tokens"] += prefix_len  # the snapshot's one prefill
+            handles = fork(root, branches)
+            for br, handle in enumerate(handles):
+                h = handle
+                for turn in range(TURNS):
+                    new = _turn_tokens(br, turn)
+                    r = timed(lambda h=h, new=new: resume(engine, h, new, sp, save=evict))
+                    if r.fallback:
+                        log.warning("fallback: %s", r.fallback)
+                    if h is not handle:
+                        release(h)
+                    h = r.handle
+                release(h)
+                release(handle)
+            release(root)
+        return body
+
+    measure("re-prefill", a, reprefill)
+    measure("prefix-cache", a, prefix_cache)
+    measure("fork-same-engine", a, forked(a, a, seed + 2))
+    measure("fork-cross-engine", b, forked(b, a, seed + 3))
+    base = out["re-prefill"]
+    for method in METHODS[1:]:
+        row = out[method]
+        row["ttft_speedup"] = base["ttft_mean_s"] / row["ttft_mean_s"]
+        row["prefill_tokens_ratio"] = base["prefill_tokens"] / max(row["prefill_tokens"], 1)
+    return out
+
+
+def run(quick: bool, device: str = "cpu", model: Path | None = None) -> dict[str, Any]:
+    """Every scenario; returns {"rows": [...], "notes": [...]} for bench's report."""
+    from branching.kv.store import ChunkStore
+    from branching.kv.tiny import build_tiny_llama
+
+    work = Path(tempfile.mkdtemp(prefix="branchd-kv-bench-"))
+    store = Path("/dev/shm") / f"branchd-kv-bench-{os.getpid()}"
+    prefixes = (2048,) if quick else (2048, 4096)
+    fanouts = (1, 4) if quick else (1, 4, 16)
+    notes = [
+        "TTFT = wall time of a max_tokens=1 request; prefill_tokens from vLLM's "
+        "vllm:prompt_tokens_by_source{source=local_compute}",
+        "prefill tokens include the shared prefix's one prefill in the prefix-cache and "
+        "fork rows (for cross-engine: computed by engine A, resumed in engine B)",
+    ]
+    if device == "cpu":
+        notes.append("CPU, tiny random 2-layer model: times are overheads, not a GPU's "
+                     "prefill cost; rerun with --device cuda --model DIR on a GPU")
+    rows: list[dict[str, Any]] = []
+    try:
+        model = model or build_tiny_llama(work / "tiny")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _engines(model, store, device) as (a, b):
+                seed = 0
+                for prefix_len in prefixes:
+                    for n in fanouts:
+                        for evict in (False, True):
+                            seed += 4
+                            t0 = time.perf_counter()
+                            res = _scenario(a, b, prefix_len, n, evict, seed)
+                            rows.append({"prefix": prefix_len, "branches": n, "turns": TURNS,
+                                         "evicted": evict, "methods": res,
+                                         "seconds": time.perf_counter() - t0})
+                            _print_row(rows[-1])
+        usage = ChunkStore(store).usage()
+        notes.append(f"store after all handles released: {usage.chunks} chunks, "
+                     f"{usage.bytes} bytes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return {"device": device, "rows": rows, "notes": notes}
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    state = "evicted" if row["evicted"] else "idle"
+    print(f"prefix {row['prefix']:5d}  branches {row['branches']:2d}  {state}", file=sys.stderr)
+    for method, m in row["methods"].items():
+        ratio = ""
+        if "ttft_speedup" in m:
+            ratio = (f"  ttft x{m['ttft_speedup']:.2f}"
+                     f"  prefill tokens /{m['prefill_tokens_ratio']:.1f}")
+        print(f"  {method:<18s} ttft {m['ttft_mean_s'] * 1e3:7.1f} ms"
+              f"  prefill {m['prefill_tokens']:7d}  loaded {m['loaded_tokens']:7d}{ratio}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2k prefix, 1 and 4 branches")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a model directory (default: a tiny random Llama built on the fly)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = run(ns.quick, ns.device, ns.model)
+    text = json.dumps(results, indent=2)
+    if ns.json:
+        ns.json.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
