@@ -65,7 +65,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", envvar="BRANCHD_SOCKET", type=click.Path(dir_okay=False),
+@click.option("--socket", envvar="BRANCHD_SOCKET", metavar="PATH",
               help="The daemon's control socket [env BRANCHD_SOCKET].")
 @click.pass_context
 def cli(ctx: click.Context, socket: str | None) -> None:

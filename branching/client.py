@@ -36,11 +36,14 @@ class _Connection:
         self.next_id += 1
         data = req.encode()
         try:
-            if fds:
-                sent = socket.send_fds(self.sock, [data], fds)
-                data = data[sent:]
-            if data:
-                self.sock.sendall(data)
+            try:
+                if fds:
+                    sent = socket.send_fds(self.sock, [data], fds)
+                    data = data[sent:]
+                if data:
+                    self.sock.sendall(data)
+            except BrokenPipeError:
+                pass  # the daemon may have refused us and closed: its reason is still to read
             line = self._readline()
         except OSError as e:
             raise BranchError("unavailable", f"branchd connection lost: {e}") from None
@@ -106,6 +109,12 @@ class Client:
             self._local.conn = None
             with self._lock:
                 self._all.remove(conn)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         with self._lock:

@@ -21,15 +21,11 @@ import time
 from pathlib import Path
 
 from branching.errors import BranchError
+from cgroups import detach, mounted
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
-
-
-def _mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
 
 
 class EmbeddedDaemon:
@@ -103,7 +99,6 @@ class EmbeddedDaemon:
                 log.warning("embedded branchd %d ignored SIGTERM; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
-        if _mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
-        if self._own_root and not _mounted(self.mountpoint):
+        detach(str(self.mountpoint))
+        if self._own_root and not mounted(str(self.mountpoint)):
             shutil.rmtree(self.root, ignore_errors=True)

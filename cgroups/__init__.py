@@ -7,7 +7,7 @@ from .errors import CgroupError, SpawnError
 from .layout import Layout, detect
 from .limits import Limits, parse_size
 from .manager import Manager
-from .mounts import release_mountpoint, share_mountpoint
+from .mounts import detach, mounted, release_mountpoint, share_mountpoint
 from .run import Run, RunResult
 
 __all__ = [
@@ -18,7 +18,9 @@ __all__ = [
     "Run",
     "RunResult",
     "SpawnError",
+    "detach",
     "detect",
+    "mounted",
     "parse_size",
     "release_mountpoint",
     "share_mountpoint",

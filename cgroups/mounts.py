@@ -12,6 +12,7 @@ mount made below it later, reach running candidates too.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 
 from .errors import CgroupError
@@ -37,3 +38,21 @@ def release_mountpoint(path: str) -> None:
     proc = subprocess.run(["umount", path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise CgroupError(f"umount {path} failed: {proc.stderr.strip()}")
+
+
+def mounted(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+def detach(path: str) -> None:
+    """Lazily unmount everything stacked at `path`: a dead FUSE mount left by a killed
+    daemon and the shared bind mount beneath it. Never raises; logs what stays."""
+    for _ in range(8):  # a FUSE mount over a shared bind: a few layers at most
+        if not mounted(path):
+            return
+        tool = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+        proc = subprocess.run([*tool, path], capture_output=True, text=True)
+        if proc.returncode != 0:
+            log.warning("cannot detach %s: %s", path, proc.stderr.strip())
+            return

@@ -282,7 +282,7 @@ class Handlers:
             cwd = ws.base
         if fds and len(fds) != 3:
             raise RequestError("bad-request", "pass three descriptors: stdin, stdout, stderr")
-        record = self.runs.start(
+        record = await self.runs.start(
             self.nursery, branch_id=branch.id, argv=argv, cwd=cwd, env=env, limits=limits,
             stdio=fds or None, bind=bind, uid=peer.uid,
         )

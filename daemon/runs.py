@@ -8,6 +8,7 @@ id) so that discarding or invalidating a branch kills every process in it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ class RunTable:
         self.manager = manager
         self.runs: dict[str, RunRecord] = {}
 
-    def start(
+    async def start(
         self,
         nursery: trio.Nursery,
         *,
@@ -87,11 +88,14 @@ class RunTable:
                 os.open(record_dir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640),
             ]
             stdio = opened
+        # In a worker thread: the child's chdir into the branch is a FUSE request that this
+        # daemon's trio thread must be free to answer.
+        spawn = functools.partial(
+            self.manager.spawn, argv, cwd=cwd, env=env, limits=limits, group=branch_id,
+            stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], bind=bind,
+        )
         try:
-            run = self.manager.spawn(
-                argv, cwd=cwd, env=env, limits=limits, group=branch_id,
-                stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], bind=bind,
-            )
+            run = await trio.to_thread.run_sync(spawn)
         finally:
             for fd in opened:
                 os.close(fd)

@@ -11,7 +11,6 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -41,15 +40,17 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def clear_stale_mount(mountpoint: Path) -> None:
-    """A daemon killed with SIGKILL leaves its FUSE mount behind ("transport endpoint
-    is not connected"); detach it so that the new daemon can mount there."""
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1] == str(mountpoint) for line in f)
-    if mounted:
+def prepare_mountpoint(mountpoint: Path, stack: ExitStack) -> None:
+    """Detach what a daemon killed with SIGKILL left at the mountpoint (a dead FUSE mount:
+    "transport endpoint is not connected"), then, as root, make the mountpoint a shared
+    mount so that candidates' mount namespaces see the FUSE mount come and go."""
+    if cgroups.mounted(str(mountpoint)):
         log.warning("detaching a stale mount at %s", mountpoint)
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        cgroups.detach(str(mountpoint))
     mountpoint.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        cgroups.share_mountpoint(str(mountpoint))
+        stack.callback(cgroups.release_mountpoint, str(mountpoint))
 
 
 async def run(cfg: Config, notifier: Notifier | None = None) -> None:
@@ -61,7 +62,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         listener = bind_socket(cfg.socket, cfg.socket_mode)
         stack.callback(cfg.socket.unlink, missing_ok=True)
         stack.callback(listener.close)
-        clear_stale_mount(cfg.mountpoint)
+        prepare_mountpoint(cfg.mountpoint, stack)
         store = branchfs.Store(cfg.state_dir, mountpoint=str(cfg.mountpoint))
         stack.callback(store.close)
         for line in store.recovered:
@@ -86,7 +87,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             )
             await nursery.start(_serve_fs, store, cfg)
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids)
-            nursery.start_soon(_signals, nursery.cancel_scope)
+            await nursery.start(_signals, nursery.cancel_scope)
             log.info("branchd ready: mount %s, socket %s, cgroups %s",
                      cfg.mountpoint, cfg.socket, manager.layout.kind)
             notifier.ready(f"{len(store.workspaces())} workspaces, "
@@ -100,8 +101,10 @@ async def _serve_fs(store: branchfs.Store, cfg: Config, *,
     await branchfs.serve(store, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
 
 
-async def _signals(scope: trio.CancelScope) -> None:
+async def _signals(scope: trio.CancelScope, *,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()  # before READY=1: a SIGTERM right after it must be ours
         async for signum in signals:
             if signum == signal.SIGHUP:
                 _toggle_debug()

@@ -36,7 +36,8 @@ HELLO = b'{"id": 1, "op": "hello", "args": {"version": 1}}\n'
 
 
 def assert_alive(daemon: EmbeddedDaemon) -> None:
-    assert Client(daemon.socket).call("status")["version"] == protocol.VERSION
+    with Client(daemon.socket) as client:
+        assert client.call("status")["version"] == protocol.VERSION
 
 
 def test_socket_mode_is_0660(daemon: EmbeddedDaemon) -> None:
@@ -79,12 +80,11 @@ def test_descriptors_without_a_request_are_closed_not_leaked(daemon: EmbeddedDae
 
 def test_exec_with_wrong_descriptor_count_is_a_bad_request(daemon: EmbeddedDaemon,
                                                            tmp_path: Path) -> None:
-    client = Client(daemon.socket)
-    client.call("workspace-add", path=str(tmp_path))
-    ws = Path(tmp_path).name
-    client.call("create", workspace=ws, name="fdcount")
-    with pytest.raises(BranchError) as e:
-        client.call("exec", [0, 1], workspace=ws, name="fdcount", argv=["true"])
+    with Client(daemon.socket) as client:
+        client.call("workspace-add", path=str(tmp_path))
+        client.call("create", workspace=str(tmp_path), name="fdcount")
+        with pytest.raises(BranchError) as e:
+            client.call("exec", [0, 1], workspace=str(tmp_path), name="fdcount", argv=["true"])
     assert e.value.code == "bad-request"
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ UNIT = Path(__file__).parents[2] / "systemd" / "branchd.service"
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
     # verify resolves ExecStart: point it at an executable that exists here.
-    branchd = shutil.which("branchd")
+    venv_bin = os.path.dirname(sys.executable)
+    branchd = shutil.which("branchd") or shutil.which("branchd", path=venv_bin)
     assert branchd, "the branchd console script must be installed"
     unit = tmp_path / "branchd.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/branchd", branchd))
