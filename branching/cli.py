@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from branching.cli_patterns import COMMANDS
 from branching.client import Client
 from branching.errors import BranchError
 from cgroups import Limits, parse_size
@@ -268,6 +269,10 @@ def exec_(obj: Context, name: str, ws: str | None, argv: tuple[str, ...],
     if capture:
         text = f"run {done['run']}: exit {code}; output in {Path(done['stdout_path']).parent}"
     return done, text
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:
