@@ -71,7 +71,8 @@ class Run:
     """A candidate: its main process (a child of ours) and its cgroup.
 
     Invariants: `_result` is set once, by `_finish`, after the rest of the tree
-    is killed, the main process reaped, the stats read and the cgroup removed;
+    is killed, the main process reaped, the stats read and the cgroup removed,
+    and published (`_done`) once the Manager no longer lists the run;
     `_reason` is the first of "timeout" / "killed" that stopped the tree; the
     main pid stays reserved (a zombie at worst) until `_finish` reaps it, so
     signalling it by pid never hits a stranger.
@@ -107,12 +108,12 @@ class Run:
         return f"<Run {self.id} pid={self.pid} group={self.group!r}>"
 
     def poll(self) -> RunResult | None:
-        return self._result
+        return self._result if self._done.is_set() else None
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Block until the run has ended (None if `timeout` seconds pass first)."""
         self._done.wait(timeout)
-        return self._result
+        return self.poll()
 
     def kill(self) -> None:
         """SIGKILL the whole tree of this run; returns once its processes are gone."""
@@ -199,5 +200,6 @@ class Run:
                 cpu_time=cpu,
                 duration=ended - self._started,
             )
-            self._done.set()
+        # the Manager forgets the run before anyone sees it ended: runs() never lists an ended run
         self._on_done(self, leftover)
+        self._done.set()

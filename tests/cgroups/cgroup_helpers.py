@@ -118,6 +118,8 @@ if os.fork() == 0:
         time.sleep(1000)
     os._exit(0)
 os.wait()
+while not os.path.exists(sys.argv[1]):  # exit only once the daemon is up
+    time.sleep(0.01)
 if sys.argv[2] == "stay":
     time.sleep(1000)
 """

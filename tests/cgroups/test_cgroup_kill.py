@@ -16,8 +16,11 @@ import pytest
 from cgroup_helpers import DOUBLE_FORK, gone, py, read_pid, wait_for
 
 from cgroups import Layout, Limits, Manager
+from cgroups.cgroup import read_keyed
 
 pytestmark = pytest.mark.cgroup
+
+BOMB = "b() { b & b & wait; }; while :; do b; done"
 
 
 def test_kill_group_kills_double_forked_daemon(
@@ -88,14 +91,17 @@ def test_fork_bomb_is_killed(make_manager: Callable[..., Manager], any_layout: L
     manager = make_manager(any_layout)
     if manager.unenforced(Limits(pids=64)):
         pytest.skip("no pids controller on this path")
+    # python waits (it never forks again) while its shell child bombs
     bomb = manager.spawn(
-        ["sh", "-c", "b() { b & b & wait; }; while :; do b; done"],
+        py(f"import subprocess, time; subprocess.Popen(['sh', '-c', {BOMB!r}]); time.sleep(1000)"),
         cwd="/",
         limits=Limits(pids=64),
         stderr=subprocess.DEVNULL,
     )
     assert bomb.cgroup is not None
-    wait_for(lambda: len(bomb.cgroup.procs()) >= 32, "the bomb to grow")  # type: ignore[union-attr]
+    d = bomb.cgroup.v1.get("pids") or bomb.cgroup.v2
+    assert d is not None
+    wait_for(lambda: read_keyed(os.path.join(d, "pids.events")).get("max", 0) > 0, "pids.max hit")
     bomb.kill()
     result = bomb.wait(10)
     assert result is not None and result.killed
