@@ -58,7 +58,7 @@ def show(kind: str, r: CandidateResult) -> None:
 def main() -> int:
     workspace = copy_project()
     print(f"workspace: {workspace} (a copy of {PROJECT})")
-    passed, total = run_tests(workspace)
+    passed, total = run_tests(workspace, log=False)
     print(f"before: {passed}/{total} tests pass\n")
 
     candidates = [Call(functools.partial(fix_and_test, patch), label=patch.name)
@@ -88,7 +88,7 @@ def main() -> int:
           f"branches left: {left or 'none'}")
     print("\nthe workspace's diff against the original project:")
     print(diff_trees(PROJECT, workspace))
-    passed, total = run_tests(workspace)
+    passed, total = run_tests(workspace, log=False)
     print(f"after: {passed}/{total} tests pass")
     ok = passed == total and not left
     if ok:

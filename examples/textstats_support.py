@@ -35,11 +35,15 @@ def apply_patch(patch: Path, path: Path) -> None:
     subprocess.run(["git", "apply", "-p1", str(patch)], cwd=path, check=True)
 
 
-def run_tests(path: Path) -> tuple[int, int]:
-    """Run the project's unittest suite in ``path``: (tests passed, tests run)."""
+def run_tests(path: Path, log: bool = True) -> tuple[int, int]:
+    """Run the project's unittest suite in ``path``: (tests passed, tests run).
+
+    ``log``: copy the test report to stderr (in a candidate: its log).
+    """
     proc = subprocess.run([sys.executable, "-m", "unittest", "-q"], cwd=path,
                           capture_output=True, text=True, env={**os.environ, **ENV})
-    sys.stderr.write(proc.stderr)  # the candidate's log shows the failures
+    if log:
+        sys.stderr.write(proc.stderr)
     ran = re.search(r"^Ran (\d+) tests?", proc.stderr, re.M)
     total = int(ran.group(1)) if ran else 0
     bad = sum(int(n) for n in re.findall(r"(?:failures|errors)=(\d+)", proc.stderr))

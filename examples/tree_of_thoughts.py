@@ -50,7 +50,7 @@ def all_pass(node: CandidateResult) -> bool:
     """The goal: a level-2 node in whose branch every test passes."""
     if node.depth < 2 or node.path is None:
         return False
-    passed, total = run_tests(node.path)
+    passed, total = run_tests(node.path, log=False)
     return passed == total
 
 
@@ -76,7 +76,7 @@ def main() -> int:
         return 1
     print(f"\ncommitted {outcome.winner.label}; branches left: {left or 'none'}")
     print(diff_trees(PROJECT, workspace))
-    passed, total = run_tests(workspace)
+    passed, total = run_tests(workspace, log=False)
     print(f"after: {passed}/{total} tests pass")
     ok = passed == total and not left
     if ok:
