@@ -113,8 +113,9 @@ def summary(outcome: Outcome) -> str:
         mark = "*" if r.committed else " "
         lines.append(f"{mark} #{r.index + 1:<3} {r.describe():<40} {r.label}")
     if outcome.winner:
+        changes = (outcome.commit or {}).get("changes", "?")
         lines.append(f"committed #{outcome.winner.index + 1} ({outcome.winner.branch}): "
-                     f"{(outcome.commit or {}).get('changes', '?')} changes")
+                     f"{changes} change{'' if changes == 1 else 's'}")
     else:
         lines.append("nothing committed")
     return "\n".join(lines)

@@ -52,7 +52,13 @@ def show(kind: str, r: CandidateResult) -> None:
         if kind == "start":
             print(f"  started   {r.label:<22} in branch {r.branch}", flush=True)
         elif kind == "finish":
-            print(f"  {r.status:<9} {r.label:<22} {r.describe()}", flush=True)
+            print(f"  {r.status:<9} {r.label:<22} {_what(r)}", flush=True)
+
+
+def _what(r: CandidateResult) -> str:
+    if r.status == "cancelled":
+        return "killed and discarded: another candidate won"
+    return r.describe()
 
 
 def main() -> int:
@@ -79,7 +85,7 @@ def main() -> int:
     print("\noutcome:")
     for r in outcome.candidates:
         mark = "->" if r.committed else "  "
-        print(f"  {mark} {r.label:<22} {r.describe()}")
+        print(f"  {mark} {r.label:<22} {_what(r)}")
     if not outcome.committed:
         print("no candidate fixed the bug; the workspace is unchanged")
         return 1

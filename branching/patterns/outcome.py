@@ -83,7 +83,9 @@ class CandidateResult:
     def describe(self) -> str:
         """One line for humans: what happened to this candidate."""
         what = self.status
-        if self.status == FAILED and self.exit_code is not None:
+        if self.status == CANCELLED and self.branch is None:
+            what = "cancelled before it started"
+        elif self.status == FAILED and self.exit_code is not None:
             what = f"failed (exit {self.exit_code})"
         elif self.status == CRASHED and self.signal is not None:
             what = f"crashed (signal {self.signal})"
