@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 ENTRY_TIMEOUT = 10.0  # seconds the kernel may trust a name; commit/discard invalidate
 ATTR_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 1.0  # longest wait for the kernel after a Store change (see _on_event)
 
 
 @dataclass
@@ -87,11 +88,13 @@ class Notifier:
     def entry(self, parent: int, name: str) -> None:
         self._queue.put(("entry", parent, os.fsencode(name)))
 
-    def drain(self, timeout: float = 10) -> None:
-        """Wait until everything queued so far reached the kernel."""
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued so far reached the kernel; False if that
+        took longer than *timeout* (a request in flight holds what the kernel
+        needs; it is answered once the caller returns to the event loop)."""
         done = threading.Event()
         self._queue.put(done)
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -207,12 +210,15 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         return (*self._parts(parent), name)
 
-    def _attr(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: Node, st: os.stat_result | None = None,
+              volatile: bool = False) -> pyfuse3.EntryAttributes:
+        """Attributes for the kernel. *volatile* ones (seen through a parent
+        branch's upper dir, which writes in that branch change) are not cached."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = 0 if volatile else ENTRY_TIMEOUT
+        a.attr_timeout = 0 if volatile else ATTR_TIMEOUT
         if st is None:  # a virtual directory
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
@@ -236,15 +242,20 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    def _stat(self, node: Node) -> os.stat_result | None:
+    @staticmethod
+    def _volatile(view: View, e: Entry) -> bool:
+        return 0 < e.layer < len(view.layers) - 1
+
+    def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.kind != "view":
-            return None
+            return self._attr(node)
         view = self._view(node)
         if not node.links and node.parent is not None:  # unlinked, still open
             for fh in node.handles:
-                return os.fstat(self.handles[fh].fd)
+                return self._attr(node, os.fstat(self.handles[fh].fd))
             raise FUSEError(errno.ENOENT)
-        return view.stat(self._parts(node))
+        e = view.need(self._parts(node))
+        return self._attr(node, e.st, self._volatile(view, e))
 
     def _new_node(self, **kw: object) -> Node:
         node = Node(next(self._inos), **kw)  # type: ignore[arg-type]
@@ -322,11 +333,19 @@ class Operations(pyfuse3.Operations):
         self._descendants = out
 
     def _on_event(self, ev: Event) -> None:
+        """A Store change (made by the daemon, never inside a FUSE request):
+        invalidate what it changed and wait for the kernel to have dropped it,
+        so the change is visible through the mount when the daemon answers."""
         if ev.kind in ("branch-created", "branch-ended"):
             self._rebuild_descendants()
         n = self.notifier
         if n is None:
             return
+        self._invalidate_for(n, ev)
+        if not n.drain(DRAIN_TIMEOUT):
+            log.warning("kernel cache invalidation after %s is still pending", ev.kind)
+
+    def _invalidate_for(self, n: Notifier, ev: Event) -> None:
         if ev.kind == "workspace-added":
             n.entry(ROOT, ev.workspace)
             return
@@ -418,9 +437,9 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOENT)
             node = self._bind(parent, name, e)
             node.lookups += 1
-            return self._attr(node, e.st)
+            return self._attr(node, e.st, self._volatile(view, e))
         node.lookups += 1
-        return self._attr(node, self._stat(node))
+        return self._node_attr(node)
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -440,8 +459,7 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with self._boundary():
-            node = self._node(inode)
-            return self._attr(node, self._stat(node))
+            return self._node_attr(self._node(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -662,11 +680,12 @@ class Operations(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------
 
-    def _handle(self, node: Node, fd: int, upper: bool) -> pyfuse3.FileInfo:
+    def _handle(self, node: Node, fd: int, upper: bool,
+                keep_cache: bool = True) -> pyfuse3.FileInfo:
         fh = next(self._fhs)
         self.handles[fh] = Handle(node.ino, fd, upper)
         node.handles.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with self._boundary():
@@ -685,8 +704,10 @@ class Operations(pyfuse3.Operations):
                 if flags & os.O_TRUNC:
                     self._changed(node, parts, name_changed=False)
                 return self._handle(node, fd, upper=True)
+            e = view.need(parts)
             fd = view.open_read(parts, flags & ~os.O_TRUNC)
-            return self._handle(node, fd, upper=view.need(parts).layer == 0)
+            return self._handle(node, fd, upper=e.layer == 0,
+                                keep_cache=not self._volatile(view, e))
 
     def _fh(self, fh: int, write: bool) -> tuple[Handle, Node]:
         h = self.handles[fh]
@@ -742,12 +763,13 @@ class Operations(pyfuse3.Operations):
                 for b in self.store.branches(node.ws):
                     if b.status == ACTIVE:
                         rn = self._branch_root(node.ws, b.id)
-                        entries.append((b.name, rn.ino, self._attr(rn, self._stat(rn))))
+                        entries.append((b.name, rn.ino, self._node_attr(rn)))
             else:
                 view = self._view(node)
                 for name, e in view.listdir(self._parts(node)).items():
                     child = self._bind(node, name, e)
-                    entries.append((name, child.ino, self._attr(child, e.st)))
+                    entries.append((name, child.ino,
+                                    self._attr(child, e.st, self._volatile(view, e))))
             fh = next(self._fhs)
             self.dirs[fh] = entries
             return fh
