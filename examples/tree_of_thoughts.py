@@ -70,7 +70,7 @@ def main() -> int:
     for r in outcome.candidates:
         mark = "->" if r.committed else "  "
         indent = "    " * (r.depth - 1)
-        print(f"  {mark} {indent}{r.label:<{40 - len(indent)}} {r.describe()}")
+        print(f"  {mark} {indent}{r.label:<{50 - len(indent)}} {r.describe()}")
     if outcome.winner is None:
         print("no path through the tree passed every test; the workspace is unchanged")
         return 1

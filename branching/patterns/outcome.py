@@ -55,7 +55,7 @@ class CandidateResult:
     exception: BaseException | None = None
     error: str | None = None  # one line, or the child's traceback text
     feedback: str | None = None  # what the candidate was told about earlier failures
-    committed: bool = False
+    committed: bool = False  # the winner, or an ancestor of a nested winner
 
     @property
     def log_path(self) -> Path | None:

@@ -309,7 +309,8 @@ class Session:
                 branch = self._live.pop(name)
             info = branch.commit()
             log.info("committed branch %s", name)
-        winner.committed = True
+        for r in self.results:
+            r.committed = r.branch in chain
         self._event("commit", winner)
         return info
 

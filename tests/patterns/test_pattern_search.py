@@ -29,7 +29,7 @@ def test_tree_of_thoughts_commits_a_nested_chain(ws: Workspace, base: Path) -> N
     assert outcome.winner is not None and outcome.winner.depth == 2
     assert (base / "trail.txt").read_text() == "b\nb.y\n"  # best first at both levels
     assert outcome.winner.parent == outcome.candidates[1].branch
-    assert [r.label for r in outcome.candidates if r.committed] == ["b.y"]
+    assert [r.label for r in outcome.candidates if r.committed] == ["b", "b.y"]
 
 
 def test_tree_of_thoughts_backtracks(ws: Workspace, base: Path) -> None:
