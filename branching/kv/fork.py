@@ -267,3 +267,9 @@ def prompt_tokens_by_source(engine: LLM) -> dict[str, int]:
             source = metric.labels.get("source", "")
             counts[source] = counts.get(source, 0) + int(getattr(metric, "value", 0))
     return counts
+
+
+def plain_request(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> Any:
+    """A request as plain vLLM serves it: its prefix cache alone, the store not
+    consulted (the baseline the forks are measured against). Returns vLLM's output."""
+    return _generate(engine, prompt, _params(sampling, None, save=False, load=False))
