@@ -171,6 +171,9 @@ class Store:
         """Call *callback* after every change of the branch tree."""
         self._listeners.append(callback)
 
+    def unsubscribe(self, callback: Callable[[Event], None]) -> None:
+        self._listeners.remove(callback)
+
     def _emit(self, event: Event) -> None:
         for cb in self._listeners:
             try:

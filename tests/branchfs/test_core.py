@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from bfs_helpers import r, w
+from bfs_helpers import r, tree, w
 
 import branchfs
 from branchfs import BadName, Conflict, Exists, HasChildren, NotFound, Stale, Store
@@ -507,3 +509,31 @@ def test_commit_timing_is_reported(store: Store) -> None:
     assert 0 <= res.seconds <= time.monotonic() - t + 0.001
     assert set(res.to_dict()) == {"branch", "workspace", "into", "changes", "invalidated",
                                   "seconds"}
+
+
+def test_commit_across_filesystems(tmp_path: Path, base: Path) -> None:
+    """State dir on tmpfs, base on the disk: commit falls back to copy + rename."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(base).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    state = Path(tempfile.mkdtemp(prefix="branchfs-xfs-", dir=shm))
+    try:
+        s = Store(state)
+        try:
+            s.add_workspace(str(base), name="ws")
+            s.create_branch("ws", "b1")
+            v = s.view("ws", "b1")
+            w(v, "a", b"across")
+            v.unlink(("d", "f"))
+            v.mkdir(("n",), 0o755)
+            w(v, "n/x", b"x")
+            v.link(("n", "x"), ("n", "y"))
+            v.rename(("empty",), ("moved",))
+            s.commit("ws", "b1")
+        finally:
+            s.close()
+        assert tree(base) == {"a": ("file", 0o644, b"across"), "d": ("dir", 0o755),
+                              "n": ("dir", 0o755), "n/x": ("file", 0o644, b"x"),
+                              "n/y": ("file", 0o644, b"x"), "moved": ("dir", 0o755)}
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
