@@ -147,14 +147,12 @@ class Operations(pyfuse3.Operations):
         self._descendants: dict[str, list[str]] = {}
         self._started = time.time_ns()
         self._rebuild_descendants()
-        store.subscribe(self._on_event)  # also without a mount: the fs-API tests
+        store.subscribe(self._on_event)  # until stop()
 
     # -- plumbing -----------------------------------------------------------
 
     def start(self) -> None:
         self.notifier = Notifier()
-        if self._on_event not in self.store._listeners:
-            self.store.subscribe(self._on_event)
 
     def stop(self) -> None:
         self.store.unsubscribe(self._on_event)
