@@ -128,6 +128,20 @@ class Session:
             raise Interrupted
 
     def _run(self, candidate: Candidate, result: CandidateResult) -> CandidateResult:
+        try:
+            return self._run_in_branch(candidate, result)
+        finally:
+            self._release_connection()
+
+    def _release_connection(self) -> None:
+        """Close this thread's daemon connection: the client keeps one per thread it saw.
+
+        Worker threads end with their session; without this each pattern run
+        would leave its connections open until the workspace is closed.
+        """
+        self.ws.client._drop()  # Client has no public per-thread release yet
+
+    def _run_in_branch(self, candidate: Candidate, result: CandidateResult) -> CandidateResult:
         with self._lock:
             if self._stopping:
                 result.status = oc.CANCELLED
@@ -222,7 +236,7 @@ class Session:
             result.status = oc.PASSED
         if isinstance(candidate, Call):
             self._read_call_result(result, scratch / "result.pickle")
-        else:
+        if result.score is None:  # a callable may also score through the file
             result.score = read_score(scratch / "score")
         result.success = result.status == oc.PASSED
 
@@ -320,6 +334,7 @@ class Session:
             self._discard(name)
         # a worker that creates its branch after this point sees _stopping and discards it
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._release_connection()  # also the caller's: arun calls from a pool thread
         for r in self.results:
             if r.status in (oc.QUEUED, oc.RUNNING):
                 r.status = oc.CANCELLED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,14 @@ def test_cascaded_widens_and_passes_the_failures_forward(ws: Workspace, base: Pa
     assert "missing: token" in (outcome.winner.feedback or "")
     assert (base / "value.txt").read_text() == "fixed with token\n"
     assert outcome.candidates[0].status == oc.FAILED
+
+
+def test_repeated_patterns_do_not_leak_connections(ws: Workspace) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    Speculate([Command("exit 1"), Command("exit 2")], max_parallel=2)(ws)
+    before = open_fds()
+    for _ in range(3):
+        Speculate([Command("exit 1"), Command("exit 2")], max_parallel=2)(ws)
+    assert open_fds() == before
