@@ -34,6 +34,21 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def _number(limits: Limits, name: str, kind: type[int] | type[float]) -> Any:
+    """Field `name` as `kind` (normalised in place: "64" from a CLI becomes 64), or None."""
+    value = getattr(limits, name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and value % 1):
+        raise ValueError(f"{name} {value!r} is not a whole number")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not a number") from None
+    object.__setattr__(limits, name, number)
+    return number
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one run may use. None means unlimited.
@@ -53,14 +68,18 @@ class Limits:
             if memory < 1 << 20:
                 raise ValueError(f"memory limit {memory} bytes is below the 1M minimum")
             object.__setattr__(self, "memory", memory)
-        if self.cpus is not None and not (0.01 <= float(self.cpus) < 1 << 20):
-            raise ValueError(f"cpus {self.cpus!r} out of range: give a fraction of cores >= 0.01")
-        if self.pids is not None and (isinstance(self.pids, bool) or int(self.pids) < 1):
-            raise ValueError(f"pids {self.pids!r} out of range: give at least 1")
-        if self.io_weight is not None and not 1 <= int(self.io_weight) <= 10000:
-            raise ValueError(f"io_weight {self.io_weight!r} out of range 1..10000")
-        if self.timeout is not None and not (0 < float(self.timeout) < math.inf):
-            raise ValueError(f"timeout {self.timeout!r} out of range: give seconds > 0")
+        cpus = _number(self, "cpus", float)
+        if cpus is not None and not 0.01 <= cpus < 1 << 20:
+            raise ValueError(f"cpus {cpus!r} out of range: give a fraction of cores >= 0.01")
+        pids = _number(self, "pids", int)
+        if pids is not None and pids < 1:
+            raise ValueError(f"pids {pids!r} out of range: give at least 1")
+        io_weight = _number(self, "io_weight", int)
+        if io_weight is not None and not 1 <= io_weight <= 10000:
+            raise ValueError(f"io_weight {io_weight!r} out of range 1..10000")
+        timeout = _number(self, "timeout", float)
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise ValueError(f"timeout {timeout!r} out of range: give seconds > 0")
 
     def to_dict(self) -> dict[str, Any]:
         """The limits that are set, as JSON-ready values."""

@@ -55,11 +55,20 @@ def test_limits_normalise_and_round_trip() -> None:
         {"io_weight": 10001},
         {"timeout": 0},
         {"timeout": float("inf")},
+        {"pids": True},
+        {"pids": 1.5},
+        {"cpus": "many"},
     ],
 )
 def test_limits_reject(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Limits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_limits_normalise_number_types() -> None:
+    limits = Limits(cpus="0.5", pids="64", io_weight=200.0, timeout=3)  # type: ignore[arg-type]
+    assert limits == Limits(cpus=0.5, pids=64, io_weight=200, timeout=3.0)
+    assert isinstance(limits.pids, int) and isinstance(limits.timeout, float)
 
 
 def test_limits_from_dict_rejects_unknown_keys() -> None:
