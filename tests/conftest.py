@@ -24,7 +24,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    left = fuse_mounts() - _before
+    # only this run's mounts: they live under its temporary directory
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    left = {m for m in fuse_mounts() - _before if m.startswith(base + "/")}
     if not left:
         return
     for mnt in sorted(left):
