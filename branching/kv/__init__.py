@@ -6,7 +6,10 @@ checksummed KV blocks between engine processes through a shared-memory `ChunkSto
 Importing `branching.kv.fork` needs vLLM (the `kv` extra); handles and the store do not.
 """
 
-from branching.kv.handle import Fingerprint, PrefixHandle, block_keys
+from branching.kv.handle import Fingerprint, PrefixHandle, attach, block_keys, handle_of
 from branching.kv.store import ChunkError, ChunkStore, StoreUsage
 
-__all__ = ["ChunkError", "ChunkStore", "Fingerprint", "PrefixHandle", "StoreUsage", "block_keys"]
+__all__ = [
+    "ChunkError", "ChunkStore", "Fingerprint", "PrefixHandle", "StoreUsage", "attach",
+    "block_keys", "handle_of",
+]

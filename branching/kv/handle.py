@@ -12,7 +12,7 @@ import json
 import struct
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 HANDLE_VERSION = 1
 # The root of every key chain; a constant (not vLLM's per-process random seed) so
@@ -155,3 +155,24 @@ class PrefixHandle:
 
 def new_handle_id() -> str:
     return uuid.uuid4().hex
+
+
+META_KEY = "kv_handle"
+
+
+class _HasMeta(Protocol):
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    def set_meta(self, key: str, value: Any) -> None: ...
+
+
+def attach(branch: _HasMeta, handle: PrefixHandle) -> None:
+    """Keep `handle` with a workspace branch (in the daemon, as the branch's metadata)."""
+    branch.set_meta(META_KEY, handle.to_json())
+
+
+def handle_of(branch: _HasMeta) -> PrefixHandle | None:
+    """The handle a branch carries, or None."""
+    data = branch.meta.get(META_KEY)
+    return PrefixHandle.from_json(data) if data else None

@@ -152,3 +152,30 @@ def test_resume_in_a_fresh_engine_process_after_the_producer_is_killed(
     assert result.logprobs == produced["logprobs"]  # bit-identical to the producer's hit
     cold = prefill(engine, list(handle.token_ids) + new, greedy())
     assert_close(cold.logprobs, result.logprobs)
+
+
+@pytest.mark.mount
+def test_a_workspace_branch_carries_its_handle(engine: Any, tmp_path: Path) -> None:
+    from branching import Workspace
+    from branching.kv.handle import attach, handle_of
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "f.txt").write_text("x")
+    root = snapshot(engine, prefix_of(8))
+    store = ChunkStore(root.store or "")
+    handles = fork(root, 2)
+    with Workspace(tmp_path / "proj") as ws:
+        keep, drop = ws.create("keep"), ws.create("drop")
+        attach(keep, handles[0])
+        attach(drop, handles[1])
+        carried = handle_of(keep)
+        assert carried == handles[0]
+        release(handle_of(drop) or root)  # a discarded branch gives its handle back
+        drop.abort()
+        release(root)
+        assert store.chunk_path(root.keys[-1]).exists()  # `keep` still holds the prefix
+        result = resume(engine, carried, [3, 4], greedy(2))
+        assert result.cached_tokens == 256 and result.computed_tokens == 2
+        release(carried)
+        keep.abort()
+    assert not store.chunk_path(root.keys[-1]).exists()  # nobody holds it: freed
