@@ -6,8 +6,8 @@ import functools
 from pathlib import Path
 
 import pytest
-from conftest import files
 from pattern_candidates import attempt_score, crash, hog_memory, raises, returns_false, score
+from pattern_helpers import files
 
 from branching import Limits, Workspace
 from branching.patterns import BestOfN, CandidateResult, Command, Tournament

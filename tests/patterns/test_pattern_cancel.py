@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import SETTLE, alive, env_with_tests_path, files, wait_for
 from pattern_candidates import hang
+from pattern_helpers import SETTLE, alive, env_with_tests_path, files, wait_for
 
 from branching import EmbeddedDaemon, Workspace
 from branching.patterns import BestOfN, Command, Speculate

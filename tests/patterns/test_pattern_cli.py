@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import files
+from pattern_helpers import files
 
 from branching import EmbeddedDaemon
 

@@ -6,8 +6,8 @@ import functools
 from pathlib import Path
 
 import pytest
-from conftest import files
 from pattern_candidates import needs_feedback
+from pattern_helpers import files
 
 from branching import Workspace
 from branching.patterns import CandidateResult, Command, Reflexion

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import files
+from pattern_helpers import files
 
 from branching import Workspace
 from branching.patterns import BeamSearch, CandidateResult, Command, TreeOfThoughts

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import alive, files, wait_for
 from pattern_candidates import hang, hog_memory, needs_feedback, raises, write
+from pattern_helpers import alive, files, wait_for
 
 from branching import Limits, Workspace
 from branching.patterns import Call, Cascaded, Command, Speculate

@@ -1,0 +1,44 @@
+"""Helpers of the pattern tests: waiting, live pids, tree snapshots, a child's environment."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+SETTLE = 30.0  # seconds to wait for the daemon to reap killed runs before calling it a leak
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SETTLE
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid_dir: Path) -> list[int]:
+    """The pids recorded in ``pid_dir`` whose processes still run (zombies count as gone)."""
+    out = []
+    for f in pid_dir.iterdir():
+        pid = int(f.read_text())
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def files(path: Path) -> dict[str, str]:
+    """A tree's regular files and their text, to compare a workspace before and after."""
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def env_with_tests_path() -> dict[str, str]:
+    here = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [here, str(Path(here).parents[1]), os.environ.get("PYTHONPATH", "")])}
