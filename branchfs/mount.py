@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -22,6 +23,7 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
     is called once the mount is live; the mount is always removed on the way
     out, whatever ended the session.
     """
+    await _clear_dead_mount(os.fspath(mountpoint))
     ops = Operations(store)
     options = set(pyfuse3.default_options)
     options |= {"fsname=branchfs", "subtype=branchfs", "allow_other", "default_permissions"}
@@ -37,3 +39,32 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
         ops.stop()
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _fuse_mount_state(mountpoint: str) -> tuple[str, str]:
+    """("none" | "dead" | "live", real path) of a FUSE mount at *mountpoint*."""
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                        os.path.basename(os.path.abspath(mountpoint)))
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == real and " - fuse" in line for line in f)
+    if not mounted:
+        return "none", real
+    try:
+        os.statvfs(real)  # never answered from the kernel's cache
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        return "dead", real
+    return "live", real
+
+
+async def _clear_dead_mount(mountpoint: str) -> None:
+    """A daemon killed without unmounting leaves a dead FUSE mount ("transport
+    endpoint is not connected"): detach it, or the new mount would stack on it.
+    A live one (another daemon still serving) is refused."""
+    state, real = _fuse_mount_state(mountpoint)
+    if state == "dead":
+        log.warning("detaching the dead mount left at %s", real)
+        await trio.run_process(["fusermount3", "-u", "-z", real], check=False)
+    elif state == "live":
+        raise OSError(errno.EBUSY, f"{real} is already served by a running FUSE filesystem")

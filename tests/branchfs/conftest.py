@@ -92,8 +92,8 @@ class Mount:
         return reply["result"]
 
     def stop(self) -> None:
+        assert self.proc.stdin is not None
         if self.proc.poll() is None:
-            assert self.proc.stdin is not None
             self.proc.stdin.close()  # mountee unmounts and exits on EOF
             try:
                 self.proc.wait(15)
@@ -102,6 +102,7 @@ class Mount:
                 self.proc.wait()
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        self.proc.stdin.close()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.errlog.close()
@@ -117,7 +118,7 @@ def mount_factory(tmp_path: Path) -> Iterator[Any]:
         return m
 
     yield start
-    for m in mounts:
+    for m in reversed(mounts):
         m.stop()
 
 

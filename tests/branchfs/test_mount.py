@@ -400,3 +400,16 @@ def test_editor_save_by_rename_and_tar(mount: Any, tmp_path: Path) -> None:
         t.add(src, arcname="src")
     run(["tar", "-xf", str(archive)], b)
     assert tree(b / "src") == tree(src)
+
+
+def test_remount_after_the_server_was_killed(mount_factory: Any, base: Path) -> None:
+    m = mount_factory(base, ["k1"])
+    (m.path("k1") / "a").write_text("kept\n")
+    m.proc.kill()  # SIGKILL: no unmount, a dead mount stays behind
+    m.proc.wait()
+    with pytest.raises(OSError) as ei:
+        os.listdir(m.path("k1"))  # (a stat could still come from the kernel's cache)
+    assert ei.value.errno == errno.ENOTCONN
+    m2 = mount_factory(base, [])  # the same state dir and mountpoint
+    assert (m2.path("k1") / "a").read_text() == "kept\n"
+    assert "detaching the dead mount" in m2.log()
