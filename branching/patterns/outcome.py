@@ -32,7 +32,9 @@ class CandidateResult:
     ``success`` is true only when the run ended on its own with status 0 (and,
     for a Python callable, without raising or returning False); a timed-out,
     OOM-killed, crashed or cancelled candidate never succeeds.  ``branch`` stays
-    set after the branch is discarded: it names where the candidate ran.
+    set after the branch is discarded: it names where the candidate ran.  The
+    output files are the daemon's run records: they outlive the branch, but an
+    embedded daemon removes them when its workspace is closed.
     """
 
     index: int

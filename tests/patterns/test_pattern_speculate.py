@@ -111,3 +111,12 @@ def test_repeated_patterns_do_not_leak_connections(ws: Workspace) -> None:
     for _ in range(3):
         Speculate([Command("exit 1"), Command("exit 2")], max_parallel=2)(ws)
     assert open_fds() == before
+
+
+def test_a_candidate_that_cannot_run_in_a_child_is_refused_at_once() -> None:
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        Speculate([lambda path: None])
+    with pytest.raises(TypeError, match="ambiguous"):
+        Speculate(["echo", "hi"])  # one argv, or two shell commands?
+    with pytest.raises(ValueError, match="at least one"):
+        Speculate([])
