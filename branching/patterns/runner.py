@@ -226,7 +226,7 @@ class Session:
             result.status = oc.TIMED_OUT
         elif run.oom_killed:
             result.status = oc.OOM
-        elif run.killed or (result.branch in self._discarded and not run.ok):
+        elif run.killed or (result.branch in self._discarded and run.signal is not None):
             result.status = oc.CANCELLED
         elif run.signal:
             result.status = oc.CRASHED

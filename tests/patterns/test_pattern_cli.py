@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from pattern_helpers import files
+from pattern_helpers import SETTLE, alive, files, wait_for
 
 from branching import EmbeddedDaemon
 
@@ -49,7 +51,7 @@ def test_run_discards_on_failure(daemon: EmbeddedDaemon, base: Path) -> None:
 
 def test_speculate_json(daemon: EmbeddedDaemon, base: Path) -> None:
     p = branchctl(daemon, "speculate", "-w", str(base), "--json", "--memory", "256M",
-                  "--timeout", "60", "-c", "exit 1", "-c", "echo two > value.txt")
+                  "--timeout", "60", "-j", "1", "-c", "exit 1", "-c", "echo two > value.txt")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["committed"] and out["winner"] == 1
@@ -82,3 +84,32 @@ def test_usage_errors(daemon: EmbeddedDaemon, base: Path) -> None:
     assert p.returncode == 2
     p = branchctl(daemon, "speculate", "-w", str(base), "--memory", "lots", "-c", "true")
     assert p.returncode == 2 and "lots" in p.stderr
+
+
+def test_progress_on_stderr(daemon: EmbeddedDaemon, base: Path) -> None:
+    p = branchctl(daemon, "speculate", "-w", str(base), "--progress", "-j", "1",
+                  "-c", "exit 1", "-c", "echo ok > value.txt")
+    assert p.returncode == 0, p.stderr
+    assert "#1 exit 1: running" in p.stderr and "#1 exit 1: failed (exit 1" in p.stderr
+    assert "committed #2" in p.stderr and "committed #2" in p.stdout
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(daemon: EmbeddedDaemon, base: Path,
+                                              pids: Path) -> None:
+    before = files(base)
+    hang = f"echo $$ > {pids}/$BRANCHING_ATTEMPT; echo x > value.txt; exec sleep 3600"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MAIN, "--socket", str(daemon.socket), "speculate",
+         "-w", str(base), "-j", "2", "-c", hang, "-c", hang],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(pids.iterdir())) == 2, "candidates to start")
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=SETTLE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    wait_for(lambda: not alive(pids), "the candidates' processes to die")
+    assert files(base) == before
