@@ -551,12 +551,21 @@ class Store:
         if upper is not None:
             r = self._recs[bid]
             target = self._parent_view(r)
-            into_base = r.parent_id is None
-            for i, step in enumerate(journal["steps"], 1):
-                commit.apply_step(step, upper, target, into_base)
-                commit.crash_point("step", i)
+            gname = f"commit-{bid}"
+            gpath = self._path("trash", gname)
+            os.makedirs(gpath, exist_ok=True)
+            gfd = os.open(gpath, backing.DIR_FLAGS)
+            try:
+                same_fs = os.fstat(gfd).st_dev == os.fstat(target.layers[0]).st_dev
+                grave = commit.Graveyard(gfd if same_fs else None)
+                for i, step in enumerate(journal["steps"], 1):
+                    commit.apply_step(step, upper, target, grave)
+                    commit.crash_point("step", i)
+            finally:
+                os.close(gfd)
             commit.crash_point("steps")
             syncfs(target.layers[0])
+            self._trash.put(gname)
         self._set_state(journal["state"])
         self._save()
         commit.crash_point("state")
