@@ -64,11 +64,15 @@ def test_timeout_kills_the_tree(
 ) -> None:
     manager = make_manager(any_layout)
     pidfile = os.path.join(tmp_path, "daemon.pid")
-    run = manager.spawn(py(DOUBLE_FORK) + [pidfile, "stay"], cwd="/", limits=Limits(timeout=0.5))
+    # the shell's double fork takes a millisecond, far less than the timeout
+    # (python's would take long enough on a loaded machine to race with it)
+    double_fork = '(setsid sleep 1000 & echo $! > "$1"); exec sleep 1000'
+    run = manager.spawn(["sh", "-c", double_fork, "sh", pidfile], cwd="/", limits=Limits(timeout=1))
     daemon = read_pid(pidfile)
+    assert not gone(daemon)
     result = run.wait(30)
     assert result is not None and result.timed_out and not result.killed
-    assert result.signal == signal.SIGKILL and result.duration >= 0.5
+    assert result.signal == signal.SIGKILL and result.duration >= 1
     assert gone(daemon)
 
 
