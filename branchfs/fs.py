@@ -650,7 +650,8 @@ class Operations(pyfuse3.Operations):
             old, new = os.fsdecode(name_old), os.fsdecode(name_new)
             src = self._child_parts(sp, old)
             dst = self._child_parts(dp, new)
-            view.rename(src, dst, flags)
+            if not view.rename(src, dst, flags):
+                return
             sino = self.dentries.get((sp.ino, old))
             dino = self.dentries.get((dp.ino, new))
             if flags & pyfuse3.RENAME_EXCHANGE:

@@ -409,13 +409,19 @@ class View:
     def rmdir(self, parts: Sequence[str]) -> None:
         self._remove(parts, want_dir=True)
 
-    def rename(self, src: Sequence[str], dst: Sequence[str], flags: int = 0) -> None:
+    def rename(self, src: Sequence[str], dst: Sequence[str], flags: int = 0) -> bool:
+        """rename(2)/renameat2(2); False when POSIX makes it a no-op (same name,
+        or two hard links of one file)."""
         if not src or not dst:
             raise _err(errno.EBUSY)
         se = self.need(src)
         de = self.lookup(dst)
-        if tuple(src) == tuple(dst):
-            return
+        if de is not None and flags & backing.RENAME_NOREPLACE:
+            raise _err(errno.EEXIST, dst)
+        if tuple(src) == tuple(dst) or (
+                de is not None and (se.layer, se.st.st_dev, se.st.st_ino)
+                == (de.layer, de.st.st_dev, de.st.st_ino)):
+            return False
         if flags & backing.RENAME_EXCHANGE:
             if de is None:
                 raise _err(errno.ENOENT, dst)
@@ -433,10 +439,8 @@ class View:
                     os.close(dp)
             finally:
                 os.close(sp)
-            return
+            return True
         if de is not None:
-            if flags & backing.RENAME_NOREPLACE:
-                raise _err(errno.EEXIST, dst)
             if se.is_dir and not de.is_dir:
                 raise _err(errno.ENOTDIR, dst)
             if not se.is_dir and de.is_dir:
@@ -467,6 +471,7 @@ class View:
                 os.close(sp)
         finally:
             os.close(dp)
+        return True
 
     # -- attributes ---------------------------------------------------------
 

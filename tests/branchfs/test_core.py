@@ -202,6 +202,8 @@ def test_hard_links_in_branch(store: Store) -> None:
     v.link(("a",), ("d", "hl"))
     assert v.stat(("a",)).st_nlink == 2
     assert v.stat(("a",)).st_ino == v.stat(("d", "hl")).st_ino
+    assert v.rename(("a",), ("d", "hl")) is False  # two links of one file: a no-op
+    assert v.lookup(("a",)) is not None and v.stat(("a",)).st_nlink == 2
     w(v, "d/hl", b"both", os.O_WRONLY)
     assert r(v, "a") == b"botho\n"  # overwrote 4 of 6 bytes through the other name
 

@@ -93,6 +93,8 @@ def posix_ops(root: Path) -> list[Any]:
     add(outcome(lambda: os.symlink("/nonexistent/x", root / "dangling")))
     add(outcome(lambda: os.link(root / "a", root / "nd" / "hl")))
     add(outcome(lambda: os.stat(root / "a").st_nlink))
+    add(outcome(lambda: os.rename(root / "nd" / "hl", root / "a")))  # links of one file: no-op
+    add(outcome(lambda: sorted(os.listdir(root / "nd"))))
     add(outcome(lambda: os.link(root / "nd" / "hl", root / "hl2")))
     add(outcome(lambda: os.stat(root / "a").st_nlink))
     add(outcome(lambda: os.unlink(root / "hl2")))
