@@ -1,7 +1,9 @@
 """branchfs: the copy-on-write branching filesystem of branchd.
 
 A pure core (``Store`` over ``View``s of layered directories, commit with a
-redo journal) tested without FUSE, and a thin pyfuse3 adapter (``serve``).
+redo journal; modules ``store``, ``view``, ``commit``, ``diff``, ``backing``,
+``durable``) that never imports pyfuse3, and a thin pyfuse3 adapter (``fs``,
+``mount.serve``).
 """
 
 from .errors import (
@@ -16,6 +18,7 @@ from .errors import (
     Stale,
 )
 from .model import Branch, Change, CommitResult, Workspace
+from .mount import serve
 from .store import Event, Store
 
 __all__ = [
@@ -24,11 +27,3 @@ __all__ = [
     "Workspace", "serve",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # serve() pulls in pyfuse3; the core stays importable without it
-    if name == "serve":
-        from .mount import serve
-
-        return serve
-    raise AttributeError(name)
