@@ -233,11 +233,14 @@ class Cgroup:
 
     # -- stop ------------------------------------------------------------------
 
-    def kill(self) -> int:
+    def kill(self, wait: bool = True) -> int:
         """SIGKILL every process in the node, forks in flight included; returns how many.
 
-        Raises CgroupError when the node is not empty after the deadline (a
-        process stuck in uninterruptible sleep) or has no race-free kill.
+        With wait, returns once the node is empty, and raises CgroupError when it
+        is not after the deadline (a process stuck in uninterruptible sleep).
+        Without wait (cgroup.kill only), returns at once: the kernel delivers the
+        kills, and exiting processes may still need answers from our own FUSE
+        session (FLUSH on close) before they are gone.
         """
         seen = self.procs()
         if not seen:
@@ -246,11 +249,12 @@ class Cgroup:
         if method == "cgroup.kill":
             assert self.v2 is not None
             write(os.path.join(self.v2, "cgroup.kill"), "1")
-        elif method == "freezer":
+        elif method == "freezer" and wait:
             seen |= self._freezer_kill()
         else:
-            raise CgroupError("this cgroup has neither cgroup.kill nor a v1 freezer")
-        self.wait_empty()
+            raise CgroupError(f"cannot kill {self.dirs[0]} this way ({method}, wait={wait})")
+        if wait:
+            self.wait_empty()
         return len(seen)
 
     def _freezer_kill(self) -> set[int]:

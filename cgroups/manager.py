@@ -55,6 +55,7 @@ class _Monitor:
         self._poll.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, Run] = {}
         self._deadlines: list[tuple[float, int, Run]] = []
+        self._kills: list[Run] = []
         self._seq = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="cgroups-monitor", daemon=True)
@@ -67,6 +68,12 @@ class _Monitor:
             self._poll.register(fd, select.POLLIN)
             if timeout is not None:
                 heapq.heappush(self._deadlines, (time.monotonic() + timeout, next(self._seq), run))
+        self._wake()
+
+    def kill_later(self, run: Run) -> None:
+        """Have the monitor thread kill `run` (kills that wait for the tree to be gone)."""
+        with self._lock:
+            self._kills.append(run)
         self._wake()
 
     def _wake(self) -> None:
@@ -106,6 +113,9 @@ class _Monitor:
             with self._lock:
                 while self._deadlines and self._deadlines[0][0] <= now:
                     due.append(heapq.heappop(self._deadlines)[2])
+                kills, self._kills = self._kills, []
+            for run in kills:
+                self._guarded(functools.partial(run._stop, "killed"), run)
             for run in due:
                 if run.poll() is None:
                     log.info(
@@ -326,7 +336,9 @@ class Manager:
             if node is not None:
                 node.remove()
             raise
-        run = Run(run_id, group, limits, node, proc, started, self._run_done)
+        run = Run(
+            run_id, group, limits, node, proc, started, self._run_done, self._monitor.kill_later
+        )
         with self._lock:
             closing = self._closed
             if not closing:
@@ -352,8 +364,8 @@ class Manager:
             return [r for r in self._runs.values() if group is None or r.group == group]
 
     def kill_group(self, group: str) -> int:
-        """Kill every run of `group`; how many processes were killed."""
-        return sum(r._stop("killed") for r in self.runs(group))
+        """Kill every run of `group` (without waiting: see Run.kill); how many processes."""
+        return sum(r._request_stop("killed") for r in self.runs(group))
 
     def close(self) -> None:
         """Kill every run, wait for them to end, remove every cgroup this Manager made."""

@@ -48,15 +48,21 @@ class RunResult:
         return d
 
 
+def _session(sid: int) -> list[int]:
+    """Processes of session `sid` other than its leader."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError):
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                found.append(p.pid)
+    return found
+
+
 def _kill_session(sid: int) -> set[int]:
     """SIGKILL every process of session `sid` (the fallback without a cgroup to kill)."""
     killed: set[int] = set()
     for _ in range(20):
-        victims = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(OSError):
-                if p.pid != sid and os.getsid(p.pid) == sid:
-                    victims.append(p.pid)
+        victims = _session(sid)
         if not victims:
             break
         for pid in victims:
@@ -87,6 +93,7 @@ class Run:
         proc: subprocess.Popen[bytes],
         started: float,
         on_done: Callable[[Run, Cgroup | None], None],
+        kill_later: Callable[[Run], None],
     ) -> None:
         self.id = id
         self.group = group
@@ -95,6 +102,7 @@ class Run:
         self._proc = proc
         self._started = started
         self._on_done = on_done
+        self._kill_later = kill_later
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._reason: str | None = None
@@ -116,8 +124,13 @@ class Run:
         return self.poll()
 
     def kill(self) -> None:
-        """SIGKILL the whole tree of this run; returns once its processes are gone."""
-        self._stop("killed")
+        """SIGKILL the whole tree of this run; `wait()` tells when it has ended.
+
+        Never blocks on the processes' exit: an exiting process may need our
+        own FUSE session to answer (FLUSH on close), and the caller may be the
+        thread that serves it.
+        """
+        self._request_stop("killed")
 
     def freeze(self) -> None:
         """Stop every process of the run (cgroup freezer); `thaw` resumes them."""
@@ -133,8 +146,26 @@ class Run:
             if self._result is None:
                 self.cgroup.freeze(frozen)
 
+    def _request_stop(self, reason: str) -> int:
+        """Kill the tree without waiting for it, remembering why; how many processes it had."""
+        with self._lock:
+            if self._result is not None:
+                return 0
+            if self._reason is None:
+                self._reason = reason
+            if self.cgroup is not None and self.cgroup.kill_method == "cgroup.kill":
+                return self.cgroup.kill(wait=False)
+            # the v1 freezer and the session fallback wait while they kill: the
+            # Manager's monitor thread does it
+            if self.cgroup is not None:
+                count = len(self.cgroup.procs())
+            else:
+                count = 1 + len(_session(self.pid))
+        self._kill_later(self)
+        return count
+
     def _stop(self, reason: str) -> int:
-        """Kill the tree, remembering why; how many processes were killed."""
+        """Kill the tree and wait until it is gone, remembering why; how many were killed."""
         with self._lock:
             if self._result is not None:
                 return 0

@@ -38,9 +38,9 @@ def test_kill_group_kills_double_forked_daemon(
     assert run.cgroup.kill_method == expected
 
     assert manager.kill_group("branch-a") >= 2
-    assert gone(daemon) and gone(run.pid)
     result = run.wait(10)
     assert result is not None and result.killed and result.signal == signal.SIGKILL
+    assert gone(daemon) and gone(run.pid)
     assert manager.runs("branch-a") == []
     # the other group lives on
     assert other.poll() is None and not gone(other.pid)
