@@ -305,10 +305,20 @@ class Store:
         return ws
 
     def _resolve_base(self, base: str) -> str:
-        """realpath(base), refusing (before touching it) anything inside the
-        mountpoint or the state dir: stat'ing our own mount from the thread that
-        serves it would deadlock."""
-        path = os.path.abspath(base)
+        cur = self.resolve_path(base)
+        if not os.path.isdir(cur):
+            raise NotFound(f"workspace path {base} is not a directory")
+        for own in (self.state_dir, self.mountpoint):
+            if own is not None and _within(own, cur):
+                raise BadName(f"workspace {base} contains the branch store's directory {own}")
+        return cur
+
+    def resolve_path(self, base: str) -> str:
+        """os.path.realpath(*base*) that must exist, refusing (before touching
+        it) anything inside the mountpoint or the state dir: a stat of our own
+        mount from the thread that serves it would deadlock. Daemon code should
+        resolve user-given paths with this, never with os.path.realpath."""
+        path = os.path.join(os.getcwd(), base)  # not abspath: ".." must follow symlinks
         parts = [p for p in path.split("/") if p]
         cur = "/"
         hops = 0
@@ -321,25 +331,20 @@ class Store:
             try:
                 st = os.lstat(cur)
             except OSError:
-                raise NotFound(f"workspace directory {base} does not exist") from None
+                raise NotFound(f"{base} does not exist") from None
             if stat.S_ISLNK(st.st_mode):
                 hops += 1
                 if hops > 40:
-                    raise BadName(f"workspace path {base} has too many symlinks")
+                    raise BadName(f"{base} has too many levels of symlinks")
                 target = os.readlink(cur)
                 cur = "/" if target.startswith("/") else os.path.dirname(cur)
                 parts = [p for p in target.split("/") if p] + parts
-        if not os.path.isdir(cur):
-            raise NotFound(f"workspace path {base} is not a directory")
-        for own in (self.state_dir, self.mountpoint):
-            if own is not None and _within(own, cur):
-                raise BadName(f"workspace {base} contains the branch store's directory {own}")
         return cur
 
     def _check_outside(self, path: str, given: str) -> None:
         for own, what in ((self.state_dir, "state directory"), (self.mountpoint, "mountpoint")):
             if own is not None and _within(path, own):
-                raise BadName(f"workspace {given} is inside the branch store's {what} {own}")
+                raise BadName(f"{given} is inside the branch store's {what} {own}")
 
     def workspaces(self) -> list[Workspace]:
         return list(self._ws.values())

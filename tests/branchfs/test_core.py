@@ -539,3 +539,17 @@ def test_commit_across_filesystems(tmp_path: Path, base: Path) -> None:
                               "n/y": ("file", 0o644, b"x"), "moved": ("dir", 0o755)}
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_resolve_path_never_enters_the_mountpoint(tmp_path: Path, store: Store,
+                                                  base: Path) -> None:
+    (tmp_path / "mnt").mkdir(exist_ok=True)
+    (tmp_path / "to-mnt").symlink_to(tmp_path / "mnt" / "ws" / "b1")
+    (tmp_path / "rel").symlink_to("base/d")
+    assert store.resolve_path(str(tmp_path / "rel" / ".." / "d")) == str(base / "d")
+    with pytest.raises(BadName):
+        store.resolve_path(str(tmp_path / "to-mnt" / "x"))
+    with pytest.raises(BadName):
+        store.resolve_path(str(tmp_path / "mnt" / "ws"))
+    with pytest.raises(NotFound):
+        store.resolve_path(str(tmp_path / "nope"))
