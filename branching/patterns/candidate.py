@@ -40,6 +40,11 @@ class Command:
     argv: str | Sequence[str]
     label: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.argv or not isinstance(self.argv, str) and not all(
+                isinstance(a, str) for a in self.argv):
+            raise TypeError(f"a command is a shell string or a non-empty argv list: {self.argv!r}")
+
     def name(self) -> str:
         if self.label:
             return self.label
@@ -58,6 +63,15 @@ class Call:
 
     fn: Callable[[Path], Any]
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            pickle.dumps(self.fn)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(
+                f"candidate {self.fn!r} cannot be pickled ({e}); use a top-level function, "
+                "a functools.partial of one, or a command line"
+            ) from None
 
     def name(self) -> str:
         if self.label:
@@ -95,13 +109,6 @@ def as_candidate(obj: CandidateLike) -> Candidate:
     if isinstance(obj, str):
         return Command(obj)
     if callable(obj):
-        try:
-            pickle.dumps(obj)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            raise TypeError(
-                f"candidate {obj!r} cannot be pickled ({e}); use a top-level function, "
-                "a functools.partial of one, or a command line"
-            ) from None
         return Call(obj)
     if isinstance(obj, Sequence) and obj and all(isinstance(a, str) for a in obj):
         return Command(list(obj))

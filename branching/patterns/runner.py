@@ -91,12 +91,12 @@ class Session:
     # --- running -------------------------------------------------------------------------
 
     def submit(self, candidate: Candidate, *, parent: CandidateResult | None = None,
-               attempt: int | None = None, feedback: str | None = None,
-               label: str | None = None) -> Future[CandidateResult]:
+               attempt: int | None = None,
+               feedback: str | None = None) -> Future[CandidateResult]:
         """Queue ``candidate`` to run in a new branch of the workspace (or of ``parent``)."""
         index = len(self.results)
         result = CandidateResult(
-            index=index, label=label or candidate.name(),
+            index=index, label=candidate.name(),
             attempt=attempt if attempt is not None else index + 1,
             depth=parent.depth + 1 if parent else 1,
             parent=parent.branch if parent else None, feedback=feedback,

@@ -116,7 +116,11 @@ def test_repeated_patterns_do_not_leak_connections(ws: Workspace) -> None:
 def test_a_candidate_that_cannot_run_in_a_child_is_refused_at_once() -> None:
     with pytest.raises(TypeError, match="cannot be pickled"):
         Speculate([lambda path: None])
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        Call(lambda path: None, label="built by hand")
     with pytest.raises(TypeError, match="ambiguous"):
         Speculate(["echo", "hi"])  # one argv, or two shell commands?
+    with pytest.raises(TypeError, match="non-empty argv"):
+        Command([])
     with pytest.raises(ValueError, match="at least one"):
         Speculate([])
