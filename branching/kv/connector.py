@@ -98,6 +98,8 @@ class BranchdConnector(KVConnectorBase_V1):
         self._store = ChunkStore(extra.get("store", DEFAULT_ROOT), capacity)
         self._fingerprint = fingerprint_of(vllm_config)
         self._block_size = vllm_config.cache_config.block_size
+        self._num_blocks = kv_cache_config.num_blocks
+        self._meta = BranchdConnectorMetadata()
         # scheduler side
         self._claims: dict[str, _Claim] = {}
         self._ready: list[BlockOp] = []
@@ -202,8 +204,17 @@ class BranchdConnector(KVConnectorBase_V1):
 
     # ---- worker side ----------------------------------------------------------
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, BranchdConnectorMetadata)
+        self._meta = connector_metadata
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self._meta = BranchdConnectorMetadata()
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        num_blocks = self._kv_cache_config.num_blocks
+        num_blocks = self._num_blocks
         self._kv_caches = []
         for name in sorted(kv_caches):
             tensor = kv_caches[name]
@@ -213,9 +224,7 @@ class BranchdConnector(KVConnectorBase_V1):
             self._kv_caches.append((tensor, dim))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, BranchdConnectorMetadata)
-        for op in meta.loads:
+        for op in self._meta.loads:
             try:
                 payload = self._store.read(op.key, self._fingerprint, op.crc)
                 self._write_block(op.block_id, payload)
@@ -251,10 +260,9 @@ class BranchdConnector(KVConnectorBase_V1):
         return  # whole blocks are saved after the forward, in wait_for_save
 
     def wait_for_save(self) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, BranchdConnectorMetadata)
-        for op in meta.saves:
-            self._store.put(op.key, self._read_block(op.block_id), self._fingerprint)
+        for op in self._meta.saves:
+            if not self._store.holds(op.key, self._fingerprint):
+                self._store.put(op.key, self._read_block(op.block_id), self._fingerprint)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -113,8 +113,13 @@ def _params(sampling: SamplingParams, handle: PrefixHandle | None, save: bool,
             load: bool = True) -> SamplingParams:
     params = sampling.clone()
     extra = dict(params.extra_args or {})
-    extra["kv_transfer_params"] = {PARAMS_KEY: {
-        "handle": handle.to_json() if handle else None, "save": save, "load": load}}
+    # the connector needs what identifies and checks the blocks, not the tokens
+    # (it has them: they are the request's prompt)
+    checks = None
+    if handle is not None:
+        checks = {"fingerprint": handle.fingerprint.to_json(), "keys": list(handle.keys),
+                  "checksums": list(handle.checksums)}
+    extra["kv_transfer_params"] = {PARAMS_KEY: {"handle": checks, "save": save, "load": load}}
     params.extra_args = extra
     return params
 

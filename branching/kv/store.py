@@ -86,8 +86,8 @@ class ChunkStore:
     def put(self, key: str, payload: bytes, fingerprint: Fingerprint) -> int | None:
         """Store one block; returns its CRC32C, or None when the store is full."""
         path = self.chunk_path(key)
-        if path.exists():
-            return self.header(key)["crc32c"]
+        if self.holds(key, fingerprint):
+            return int(self.header(key)["crc32c"])
         if self.capacity is not None and self.usage().bytes + len(payload) > self.capacity:
             log.warning("KV store %s full (%d bytes): block %s not saved",
                         self.path, self.capacity, key[:12])
@@ -119,6 +119,14 @@ class ChunkStore:
         except ValueError:
             raise ChunkError(f"block {key[:12]}: unreadable header") from None
         return header, data[_PREFIX.size + hlen :]
+
+    def holds(self, key: str, fingerprint: Fingerprint) -> bool:
+        """Whether a good copy of the block is here (a bad one is to be rewritten)."""
+        try:
+            self.read(key, fingerprint)
+        except ChunkError:
+            return False
+        return True
 
     def header(self, key: str) -> dict[str, Any]:
         return self._read(key)[0]

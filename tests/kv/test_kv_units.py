@@ -55,6 +55,8 @@ def test_store_checks_every_read(tmp_path: Path) -> None:
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(ChunkError, match="truncated"):
         store.read(key, FP)
+    assert store.put(key, b"kv" * 100, FP) == crc  # a bad copy is rewritten, not kept
+    assert store.read(key, FP, crc) == b"kv" * 100
     with pytest.raises(ValueError):
         store.chunk_path("../escape")
 
