@@ -1,6 +1,7 @@
 """The child side of a Python-callable candidate.
 
-Invoked as ``python -m branching.patterns._child CALL RESULT``.
+Invoked as ``python .../branching/patterns/_child.py CALL RESULT``: stdlib only,
+so that a candidate's start costs only what its callable imports.
 
 Runs in the branch (cwd), inside the daemon's cgroup-limited child process.
 Loads the pickled callable written by ``candidate.Call``, calls it with the
@@ -76,4 +77,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    del sys.path[0]  # this file's directory: its modules must not shadow the candidate's
     sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,7 @@ A candidate is given to a pattern as
 - a Python callable taking the branch's path: it is pickled with the standard
   ``pickle`` (so a top-level function, a ``functools.partial`` of one, or an
   instance of a top-level class, also from the ``__main__`` script) and run by
-  ``python -m branching.patterns._child`` in the daemon's cgroup-limited
+  ``python .../branching/patterns/_child.py`` in the daemon's cgroup-limited
   child.  Returning None or True succeeds, False fails, a number succeeds with
   that score; raising fails and the exception comes back to the caller;
 - a ``Command`` or ``Call`` built here, to give it a label.
@@ -31,6 +31,7 @@ from typing import Any
 # only fds 0-2 to a run, so the candidate's own fd 3 cannot be handed through.
 _FD3 = 'exec 3>>"$BRANCHING_SCORE_FILE" || exit 125; '
 FEEDBACK_LIMIT = 64 * 1024  # bytes of feedback passed in the environment
+_CHILD = Path(__file__).with_name("_child.py")
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,9 @@ class Call:
         }
         call = scratch / "call.pickle"
         call.write_bytes(pickle.dumps(payload))
-        return [sys.executable, "-m", "branching.patterns._child", str(call),
-                str(scratch / "result.pickle")]
+        # by path, not -m: the child then imports nothing of branching but what the
+        # callable itself needs (the package's __init__ alone costs a few 100 ms)
+        return [sys.executable, str(_CHILD), str(call), str(scratch / "result.pickle")]
 
 
 Candidate = Command | Call
