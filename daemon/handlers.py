@@ -97,7 +97,7 @@ class Handlers:
         """A workspace by name, or by the path of its base directory."""
         if "/" not in name_or_path and name_or_path not in (".", ".."):
             return self.store.workspace(name_or_path)
-        real = os.path.realpath(name_or_path)
+        real = self.store.resolve_path(name_or_path)  # never os.path.realpath: see there
         for ws in self.store.workspaces():
             if ws.base == real:
                 return ws
