@@ -179,3 +179,23 @@ def test_a_workspace_branch_carries_its_handle(engine: Any, tmp_path: Path) -> N
         release(carried)
         keep.abort()
     assert not store.chunk_path(root.keys[-1]).exists()  # nobody holds it: freed
+
+
+def test_block_failing_in_the_worker_is_recomputed(engine: Any, store_dir: Path) -> None:
+    """A chunk whose header is self-consistent (right fingerprint, valid CRC) but whose
+    size does not fit this engine's blocks passes the scheduler's check and fails when
+    the worker copies it: vLLM must recompute it, not serve it."""
+    prefix = prefix_of(9, 128)
+    fingerprint = snapshot(engine, prefix_of(10, 32)).fingerprint
+    handle = PrefixHandle(new_handle_id(), fingerprint, tuple(prefix),
+                          tuple(block_keys(prefix, BLOCK)), store=str(store_dir))
+    store = ChunkStore(store_dir)
+    store.retain(handle.handle_id, handle.keys)
+    for key in handle.keys:
+        store.put(key, b"\x7f" * 1000, fingerprint)
+    cold = prefill(engine, prefix + [1, 2], greedy())
+    engine.reset_prefix_cache()
+    result = resume(engine, handle, [1, 2], greedy())
+    assert result.token_ids == cold.token_ids
+    assert_close(result.logprobs, cold.logprobs)
+    release(handle)
