@@ -197,6 +197,7 @@ def main(args: list[str] | None = None) -> int:
     if sizes.mode != FULL.mode:
         notes.append(f"{sizes.mode} mode: sizes scaled down from the issue's "
                      f"(python -m bench --full runs them); targets are judged on these sizes")
+    scenarios.SYNC_DIR[:] = [work]
     desc = machine.describe(work)
     print(f"branchd benchmark, {sizes.mode} mode")
     print(f"machine: {machine.summary(desc)}")

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _LINENO = re.compile(r":\d+\)$")
 TOP = 12
+# Leaf frames that mean "waiting for work": py-spy --nonblocking cannot always tell a thread
+# blocked in a syscall from a running one, so these are counted apart from the busy samples.
+IDLE = frozenset({
+    "EpollIOManager.get_events (trio/_core/_io_epoll.py)",
+    "Condition.wait (threading.py)",
+    "WorkerThread._work (trio/_core/_thread_cache.py)",
+})
+# The project's own code: the inclusive list shows only these frames (the interpreter's and
+# trio's outer frames are on every stack and say nothing).
+PROJECT = ("branchfs/", "daemon/", "branching/", "cgroups/")
 
 
 def py_spy() -> str | None:
@@ -87,21 +97,25 @@ def top_functions(path: Path, top: int = TOP) -> str:
     (inclusive), from py-spy's collapsed format: 'frame;frame;... count' per line."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    samples = 0
+    samples = idle = 0
     for line in path.read_text().splitlines():
         m = _LINE.match(line)
         if not m:
             continue
         count = int(m["count"])
         frames = [_function(f) for f in m["stack"].split(";")]
+        if frames[-1] in IDLE:
+            idle += count
+            continue
         samples += count
         own[frames[-1]] += count
         for f in set(frames):
-            total[f] += count
+            if any(f"({p}" in f for p in PROJECT) and "(daemon/main.py)" not in f:
+                total[f] += count
     if not samples:
-        return "no samples (the daemon was idle)"
-    out = [f"{samples} samples; self:"]
+        return f"no busy samples ({idle} idle)"
+    out = [f"{samples} busy samples (and {idle} idle, left out); self:"]
     out += [f"  {n / samples:6.1%}  {f}" for f, n in own.most_common(top)]
-    out.append("inclusive:")
+    out.append("inclusive, the project's functions:")
     out += [f"  {n / samples:6.1%}  {f}" for f, n in total.most_common(top)]
     return "\n".join(out)

@@ -3,6 +3,7 @@ deterministic base tree, and appends Rows to the run's Results."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import logging
@@ -28,12 +29,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+SYNC_DIR: list[Path] = []  # the bench dir, set by main: the filesystem flushed before a step
+
+
+def flush() -> None:
+    """syncfs(2) of the bench dir's filesystem: not sync(2), which would also wait for every
+    other FUSE mount on the machine (a hung one would hang the benchmark)."""
+    for path in SYNC_DIR:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"syncfs {path}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
+
+
 def timed(fn: Callable[..., T], *args: Any) -> tuple[float, T]:
     """Seconds ``fn(*args)`` took, and its value. Dirty data of earlier steps is written
     out first (untimed): left in the page cache, it would be flushed by throttled writers
     in later samples, and a row would grow with every run (seen: native create 0.3 s ->
     3.8 s over five runs of 10k files)."""
-    os.sync()
+    flush()
     t0 = time.perf_counter()
     value = fn(*args)
     return time.perf_counter() - t0, value
@@ -220,7 +238,7 @@ def _seq_read(path: Path, size: int, chunk: bytes) -> int:
 
 def drop_caches(path: Path) -> str:
     """Empty the page cache so the next read comes from the disk; how it was done."""
-    os.sync()
+    flush()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
@@ -238,6 +256,7 @@ def inside(ctx: Context, backend: Backend) -> None:
     s = ctx.sizes
     small = ctx.row("inside: create small files", files_label(s.small_files), backend)
     stat_row = ctx.row("inside: stat", files_label(s.small_files), backend)
+    again = ctx.row("inside: stat again", files_label(s.small_files), backend)
     write = ctx.row("inside: seq write+fsync", fmt_bytes(s.seq_bytes), backend)
     read = ctx.row("inside: cold seq read", fmt_bytes(s.seq_bytes), backend)
     payload = b"x" * s.small_file_size
@@ -253,6 +272,7 @@ def inside(ctx: Context, backend: Backend) -> None:
             stat_row.samples.append(seconds)
             if sizes != [len(payload)] * len(paths):
                 raise AssertionError("stat shows sizes other than those written")
+            again.samples.append(timed(_stat_all, paths)[0])
             seq = branch / "seq.bin"
             write.samples.append(timed(_seq_write, seq, s.seq_bytes, chunk)[0])
             read.extra["cache"] = drop_caches(seq)

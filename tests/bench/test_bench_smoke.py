@@ -129,14 +129,18 @@ def test_apply_upper_merges_plain_directories(tmp_path: Path) -> None:
 
 def test_top_functions_reads_collapsed_stacks(tmp_path: Path) -> None:
     path = tmp_path / "p.txt"
-    path.write_text("main (a.py:1);lookup (fs.py:10) 30\n"
-                    "main (a.py:1);lookup (fs.py:12);stat (os.py:3) 10\n"
-                    "main (a.py:2);read (fs.py:40) 60\n")
+    path.write_text("main (a.py:1);lookup (branchfs/view.py:10) 30\n"
+                    "main (a.py:1);lookup (branchfs/view.py:12);stat (os.py:3) 10\n"
+                    "main (a.py:2);read (branchfs/fs.py:40) 60\n"
+                    "main (a.py:2);EpollIOManager.get_events (trio/_core/_io_epoll.py:9) 50\n")
     text = top_functions(path)
-    assert text.startswith("100 samples")
-    own = text.split("inclusive:")[0]
-    assert own.index("read (fs.py)") < own.index("lookup (fs.py)") < own.index("stat (os.py)")
-    assert "  60.0%  read (fs.py)" in own and "  40.0%  lookup (fs.py)" in text
+    assert text.startswith("100 busy samples (and 50 idle")
+    own, inclusive = text.split("inclusive")
+    assert own.index("read (branchfs/fs.py)") < own.index("lookup (branchfs/view.py)")
+    assert own.index("lookup (branchfs/view.py)") < own.index("stat (os.py)")
+    assert "  60.0%  read (branchfs/fs.py)" in own
+    assert "  40.0%  lookup (branchfs/view.py)" in inclusive
+    assert "main (a.py)" not in inclusive and "get_events" not in text
 
 
 def test_fmt_bytes_and_labels() -> None:
