@@ -64,6 +64,9 @@ class Node:
     lookups: int = 0
     links: set[tuple[int, str]] = field(default_factory=set)
     handles: set[int] = field(default_factory=set)
+    # xattr names of the entry and when they were read: the kernel asks for
+    # security.capability before every write(2), and mostly the answer is "none"
+    xattrs: tuple[frozenset[str], float] | None = None
 
 
 @dataclass
@@ -383,6 +386,7 @@ class Operations(pyfuse3.Operations):
                 continue
             parts = list(self._parts(node))
             if any(parts[: len(c)] == c for c in changed):
+                node.xattrs = None
                 n.inode(node.ino)
 
     def _walk(self, ino: int, parts: Sequence[str]) -> int | None:
@@ -397,20 +401,20 @@ class Operations(pyfuse3.Operations):
         """A write through *node*'s branch changed *parts*: branches below it that
         still see that entry through it must not keep a cached copy."""
         assert node.bid is not None
-        kids = self._descendants.get(node.bid)
-        if not kids or self.notifier is None:
-            return
-        for kid in kids:
+        n = self.notifier
+        for kid in self._descendants.get(node.bid, ()):
             root = self.roots.get(kid)
             if root is None:
                 continue
-            if name_changed and parts:
+            if name_changed and parts and n is not None:
                 parent = self._walk(root, parts[:-1])
                 if parent is not None:
-                    self.notifier.entry(parent, parts[-1])
+                    n.entry(parent, parts[-1])
             target = self._walk(root, parts)
             if target is not None:
-                self.notifier.inode(target)
+                self.nodes[target].xattrs = None
+                if n is not None:
+                    n.inode(target)
 
     # -- lookups and attributes ----------------------------------------------
 
@@ -801,6 +805,7 @@ class Operations(pyfuse3.Operations):
             node = self._node(inode)
             view = self._view(node, write=True)
             parts = self._parts(node)
+            node.xattrs = None
             view.setxattr(parts, os.fsdecode(name), value)
             self._refresh_handles(node, view)
             self._changed(node, parts, name_changed=False)
@@ -810,7 +815,23 @@ class Operations(pyfuse3.Operations):
             node = self._node(inode)
             if node.kind != "view":
                 raise FUSEError(pyfuse3.ENOATTR)
-            return self._view(node).getxattr(self._parts(node), os.fsdecode(name))
+            view = self._view(node)
+            xname = os.fsdecode(name)
+            if node.links and xname not in self._xattr_names(node, view):
+                raise FUSEError(pyfuse3.ENOATTR)
+            return view.getxattr(self._parts(node), xname)
+
+    def _xattr_names(self, node: Node, view: View) -> frozenset[str]:
+        """The entry's xattr names, cached for ATTR_TIMEOUT unless it is seen
+        through a parent branch (volatile); dropped whenever they may change."""
+        now = time.monotonic()
+        if node.xattrs is not None and now - node.xattrs[1] < ATTR_TIMEOUT:
+            return node.xattrs[0]
+        parts = self._parts(node)
+        names = frozenset(view.listxattr(parts))
+        if not self._volatile(view, view.need(parts)):
+            node.xattrs = (names, now)
+        return names
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         with self._boundary():
@@ -824,6 +845,7 @@ class Operations(pyfuse3.Operations):
             node = self._node(inode)
             view = self._view(node, write=True)
             parts = self._parts(node)
+            node.xattrs = None
             view.removexattr(parts, os.fsdecode(name))
             self._refresh_handles(node, view)
             self._changed(node, parts, name_changed=False)

@@ -67,7 +67,8 @@ def ops(store: Store) -> Iterator[Operations]:
     check_consistency(o)
     for fh in list(o.handles):
         os.close(o.handles.pop(fh).fd)
-    assert open_fds() <= before | {str(fd) for fd in store._base_fds.values()}
+    held = {*store._base_fds.values(), *(fd for fds in store._dir_fds.values() for fd in fds)}
+    assert open_fds() <= before | {str(fd) for fd in held}  # no fd leaked
 
 
 async def path(ops: Operations, *names: str) -> int:
@@ -210,3 +211,17 @@ async def test_unexpected_error_makes_only_that_branch_failsafe(
     assert (await ops.getattr(a2, CTX)).st_size == 6  # the sibling is fine
     fi = await ops.open(a2, os.O_RDWR, CTX)
     await ops.release(fi.fh)
+
+
+@pytest.mark.trio
+async def test_xattr_answers_follow_changes(ops: Operations, store: Store) -> None:
+    store.create_branch("ws", "c", parent="b1")
+    a = await path(ops, "ws", "b1", "a")
+    ca = await path(ops, "ws", "c", "a")
+    for ino in (a, ca):
+        assert await errno_of(ops.getxattr(ino, b"user.k", CTX)) == errno.ENODATA
+    await ops.setxattr(a, b"user.k", b"v", CTX)
+    assert await ops.getxattr(a, b"user.k", CTX) == b"v"
+    assert await ops.getxattr(ca, b"user.k", CTX) == b"v"  # seen through the parent
+    await ops.removexattr(a, b"user.k", CTX)
+    assert await errno_of(ops.getxattr(ca, b"user.k", CTX)) == errno.ENODATA
