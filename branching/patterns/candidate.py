@@ -126,6 +126,11 @@ def as_candidates(objs: CandidateLike | Sequence[CandidateLike]) -> list[Candida
     return [as_candidate(o) for o in objs]  # type: ignore[union-attr]
 
 
+def env_text(text: str) -> str:
+    """``text`` fit for an environment variable: no NUL, at most FEEDBACK_LIMIT (its tail)."""
+    return text.replace("\0", "")[-FEEDBACK_LIMIT:]
+
+
 def read_score(path: Path) -> float | None:
     """The last number a candidate wrote to its score file, or None."""
     try:

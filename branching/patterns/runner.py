@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from branching.errors import BranchError
 from branching.patterns import outcome as oc
-from branching.patterns.candidate import FEEDBACK_LIMIT, Call, Candidate, Command, read_score
+from branching.patterns.candidate import Call, Candidate, Command, env_text, read_score
 from branching.patterns.outcome import CandidateResult
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class Session:
                "BRANCHING_ATTEMPT": str(result.attempt),
                "BRANCHING_SCORE_FILE": str(scratch / "score")}
         if result.feedback:
-            env["BRANCHING_FEEDBACK"] = result.feedback[-FEEDBACK_LIMIT:]
+            env["BRANCHING_FEEDBACK"] = env_text(result.feedback)
         started = time.monotonic()
         try:
             run = branch.run(candidate.command(scratch), limits=self.options.limits,
@@ -198,7 +198,8 @@ class Session:
         try:
             run = branch.run(command.command(scratch), limits=self.options.limits,
                              timeout=self.options.timeout,
-                             env={**os.environ, **self.options.env, **env,
+                             env={**os.environ, **self.options.env,
+                                  **{k: env_text(v) for k, v in env.items()},
                                   "BRANCHING_SCORE_FILE": str(scratch / "score")})
         except BranchError as e:
             log.warning("%s could not run in %s: %s", command.name(), branch.name, e)

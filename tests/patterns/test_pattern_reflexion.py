@@ -54,3 +54,12 @@ def test_gives_up_after_max_retries(ws: Workspace, base: Path) -> None:
                         max_retries=2)(ws)
     assert not outcome.committed and [r.attempt for r in outcome.candidates] == [1, 2, 3]
     assert files(base) == before
+
+
+def test_binary_output_still_becomes_feedback(ws: Workspace, base: Path) -> None:
+    # a NUL cannot go into an environment variable: it is dropped, the rest passes
+    task = Command("""printf 'bin\\000ary\\n'; test -n "$BRANCHING_FEEDBACK" || exit 1; """
+                   """echo "$BRANCHING_FEEDBACK" | grep -c binary > value.txt""")
+    outcome = Reflexion(task, max_retries=1)(ws)
+    assert [r.status for r in outcome.candidates] == [oc.FAILED, oc.PASSED]
+    assert (base / "value.txt").read_text() == "1\n"
