@@ -734,8 +734,8 @@ class Operations(pyfuse3.Operations):
                 self._changed(node, self._parts(node), name_changed=False)
             return n
 
-    async def flush(self, fh: int) -> None:
-        pass
+    # flush is not implemented: every write already reached the upper file, and
+    # the ENOSYS (pyfuse3's default) makes the kernel stop sending one per close.
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         with self._boundary():
