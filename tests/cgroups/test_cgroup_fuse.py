@@ -19,7 +19,6 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from cgroup_helpers import wait_for
 
 from cgroups import Manager
 
@@ -29,10 +28,11 @@ FILE_INODE = pyfuse3.ROOT_INODE + 1
 
 
 class OneFile(pyfuse3.Operations):
-    """A root directory holding one empty file, "f"; counts FLUSH requests."""
+    """A root directory holding one empty file, "f"; tells when it is opened, counts FLUSHes."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.opened = trio.Event()
         self.flushes = 0
 
     async def getattr(
@@ -59,6 +59,7 @@ class OneFile(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode != FILE_INODE:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self.opened.set()
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -91,20 +92,17 @@ async def test_kill_group_on_the_fuse_thread(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
-            ready = tmp_path / "ready"
-            # spawn in a worker thread too: opening the file is a FUSE request
+            # spawn in a worker thread too: the candidate's chdir is a FUSE request
             spawn = functools.partial(
-                manager.spawn,
-                ["sh", "-c", f"exec 3< {fuse_dir}/f && touch {ready} && exec sleep 60"],
-                cwd="/", group="branch",
+                manager.spawn, ["sh", "-c", "exec 3< f && exec sleep 60"],
+                cwd=str(fuse_dir), group="branch",
             )  # fmt: skip
             run = await trio.to_thread.run_sync(spawn)
-            await trio.to_thread.run_sync(wait_for, ready.exists, "the file open")
-            flushes = ops.flushes  # touch inherited fd 3 and flushed it on exit
+            await ops.opened.wait()
             assert manager.kill_group("branch") == 1  # on the thread serving FUSE
             result = await trio.to_thread.run_sync(run.wait, 30)
             assert result is not None and result.killed
-            assert ops.flushes == flushes + 1  # the dying sleep's FLUSH was answered
+            assert ops.flushes == 1  # the dying process's FLUSH was answered
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
