@@ -26,7 +26,12 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
     await _clear_dead_mount(os.fspath(mountpoint))
     ops = Operations(store)
     options = set(pyfuse3.default_options)
-    options |= {"fsname=branchfs", "subtype=branchfs", "allow_other", "default_permissions"}
+    options |= {"fsname=branchfs", "subtype=branchfs", "default_permissions"}
+    if _may_allow_other():
+        options.add("allow_other")
+    else:
+        log.warning("mounting without allow_other: only uid %d can use the branches "
+                    "(add user_allow_other to /etc/fuse.conf)", os.geteuid())
     if debug:
         options.add("debug")
     pyfuse3.init(ops, os.fspath(mountpoint), options)
@@ -39,6 +44,17 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
         ops.stop()
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _may_allow_other() -> bool:
+    """allow_other needs root, or user_allow_other in /etc/fuse.conf."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def _fuse_mount_state(mountpoint: str) -> tuple[str, str]:
