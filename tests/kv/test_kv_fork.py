@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm import SamplingParams
 
-from branching.kv.fork import (
+pytest.importorskip("vllm", reason="vLLM is not installed (requirements/kv.txt)")
+
+from vllm import SamplingParams  # noqa: E402
+
+from branching.kv.fork import (  # noqa: E402
     candidates,
     fork,
     prefill,
@@ -20,8 +23,8 @@ from branching.kv.fork import (
     resume,
     snapshot,
 )
-from branching.kv.handle import PrefixHandle, block_keys, new_handle_id
-from branching.kv.store import ChunkStore
+from branching.kv.handle import PrefixHandle, block_keys, new_handle_id  # noqa: E402
+from branching.kv.store import ChunkStore  # noqa: E402
 
 pytestmark = [pytest.mark.kv, pytest.mark.slow, pytest.mark.timeout(300)]
 
