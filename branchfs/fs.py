@@ -730,7 +730,7 @@ class Operations(pyfuse3.Operations):
         with self._boundary():
             h, node = self._fh(fh, write=True)
             n = os.pwrite(h.fd, buf, off)
-            if node.links:
+            if node.links and node.bid in self._descendants:
                 self._changed(node, self._parts(node), name_changed=False)
             return n
 
