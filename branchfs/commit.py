@@ -89,6 +89,38 @@ def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
         os.close(fd)
 
 
+def bytes_to_copy(src_root: int, steps: Sequence[Step]) -> int:
+    """What the moves of *steps* would write if they had to copy (another
+    filesystem): the sizes of the regular files they move."""
+    total = 0
+    for step in steps:
+        if step[0] != "move":
+            continue
+        rel = tuple(step[1].split("/"))
+        try:
+            pfd = backing.open_dir(src_root, rel[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            total += _tree_size(pfd, rel[-1])
+        finally:
+            os.close(pfd)
+    return total
+
+
+def _tree_size(dirfd: int, name: str) -> int:
+    st = lstat_at(dirfd, name)
+    if st is None:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    try:
+        return sum(_tree_size(fd, child) for child in os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
 def _target_lower_has(target: View, rel: Parts) -> bool:
     """Whether a layer below the parent's upper dir has *rel* (ignoring the
     parent's own whiteouts, which the commit replaces)."""

@@ -512,6 +512,7 @@ class Store:
         try:
             syncfs(upper)
             steps = commit.plan(upper, target, r.parent_id is None)
+            self._check_space(upper, target.layers[0], steps, name)
         except OSError as exc:
             _raise_os(exc, f"planning the commit of {name}")
         invalidated: list[_Rec] = []
@@ -549,6 +550,19 @@ class Store:
         for bid in [r.id, *(s.id for s in invalidated)]:
             self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
         return result
+
+    @staticmethod
+    def _check_space(upper: int, target: int, steps: list[list[Any]], name: str) -> None:
+        """Across filesystems a commit copies: refuse it before the journal
+        (all-old) rather than run out of space half way through."""
+        if os.fstat(upper).st_dev == os.fstat(target).st_dev:
+            return
+        need = commit.bytes_to_copy(upper, steps)
+        sv = os.fstatvfs(target)
+        free = sv.f_bavail * sv.f_frsize
+        if need > free:
+            raise NoSpace(f"committing {name} copies {need} bytes to another filesystem "
+                          f"that has {free} bytes free")
 
     def _apply_journal(self, journal: dict[str, Any], jpath: str) -> None:
         bid = journal["branch"]

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -553,3 +554,35 @@ def test_resolve_path_never_enters_the_mountpoint(tmp_path: Path, store: Store,
         store.resolve_path(str(tmp_path / "mnt" / "ws"))
     with pytest.raises(NotFound):
         store.resolve_path(str(tmp_path / "nope"))
+
+
+def test_commit_refused_when_the_target_is_too_small(tmp_path: Path) -> None:
+    """A real small filesystem (tmpfs of 1 MiB) as the base, the state on the
+    disk: a commit that cannot fit is refused before anything changes."""
+    base = tmp_path / "small"
+    base.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(base)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (base / "keep").write_text("old")
+        s = Store(tmp_path / "state")
+        try:
+            s.add_workspace(str(base), name="ws")
+            s.create_branch("ws", "big")
+            v = s.view("ws", "big")
+            w(v, "keep", b"new")
+            w(v, "huge", b"x" * (2 << 20))
+            with pytest.raises(branchfs.NoSpace) as ei:
+                s.commit("ws", "big")
+            assert ei.value.code == "no-space" and "\n" not in str(ei.value)
+            assert sorted(os.listdir(base)) == ["keep"] and (base / "keep").read_text() == "old"
+            assert s.branch("ws", "big").status == "active"
+            assert os.listdir(tmp_path / "state" / "journal") == []
+            v.unlink(("huge",))
+            s.commit("ws", "big")
+            assert (base / "keep").read_text() == "new"
+        finally:
+            s.close()
+    finally:
+        subprocess.run(["umount", "-l", str(base)], check=False)
