@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 
 from .errors import CgroupError
 
 log = logging.getLogger(__name__)
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 def _mount(*args: str) -> None:
@@ -41,8 +43,9 @@ def release_mountpoint(path: str) -> None:
 
 
 def mounted(path: str) -> bool:
+    # /proc/self/mounts writes space, tab, newline and backslash as octal escapes
     with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
+        return any(_OCTAL.sub(lambda m: chr(int(m[1], 8)), line.split()[1]) == path for line in f)
 
 
 def detach(path: str) -> None:

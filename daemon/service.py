@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -67,7 +68,10 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         stack.callback(store.close)
         for line in store.recovered:
             log.warning("recovery: %s", line)
-        manager = cgroups.Manager(name=f"branchd-{os.getpid()}")
+        # One name per state directory: a daemon restarted after a crash finds its
+        # predecessor's cgroup tree, kills what is left in it and removes it.
+        tag = hashlib.sha256(str(cfg.state_dir).encode()).hexdigest()[:12]
+        manager = cgroups.Manager(name=f"branchd-{tag}")
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)
