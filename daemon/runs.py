@@ -51,8 +51,9 @@ class RunRecord:
 class RunTable:
     """The daemon's runs, keyed by id; spawns through one cgroups.Manager."""
 
-    def __init__(self, state_dir: Path, manager: cgroups.Manager) -> None:
+    def __init__(self, state_dir: Path, mountpoint: Path, manager: cgroups.Manager) -> None:
         self.root = state_dir / "runs"
+        self.mountpoint = mountpoint
         self.root.mkdir(parents=True, exist_ok=True)
         self.manager = manager
         self.runs: dict[str, RunRecord] = {}
@@ -93,6 +94,7 @@ class RunTable:
         spawn = functools.partial(
             self.manager.spawn, argv, cwd=cwd, env=env, limits=limits, group=branch_id,
             stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], bind=bind,
+            hide=[str(self.mountpoint)] if bind else None,  # no way to sibling branches
         )
         try:
             run = await trio.to_thread.run_sync(spawn)

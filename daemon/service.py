@@ -75,7 +75,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)
-        runs = RunTable(cfg.state_dir, manager)
+        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
 
         async with trio.open_nursery() as nursery:

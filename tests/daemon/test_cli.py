@@ -155,3 +155,16 @@ def test_json_everywhere(cli: CLI, ws: Path) -> None:
 def test_no_daemon_is_exit_5(tmp_path: Path) -> None:
     proc = CLI(tmp_path / "none.sock")("list", check=ExitCode.UNAVAILABLE)
     assert "cannot reach branchd" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_exec_at_workspace_path_writes_absolute_paths_into_the_branch(cli: CLI, ws: Path,
+                                                                      daemon) -> None:
+    cli("create", "abs1", "-w", str(ws))
+    other = Path(cli("create", "abs2", "-w", str(ws)).stdout.strip())
+    (other / "secret").write_text("sibling's\n")
+    script = (f"pwd; echo written > {ws}/abs.txt; cat {ws}/README; "
+              f"ls -A {daemon.mountpoint} | wc -l")
+    proc = cli("exec", "abs1", "--at-workspace-path", "--", "sh", "-c", script)
+    assert proc.stdout.splitlines() == [str(ws), "hello", "0"]  # sibling views hidden
+    assert not (ws / "abs.txt").exists()
+    assert [c["path"] for c in cli.json("diff", "abs1")["changes"]] == ["abs.txt"]
