@@ -96,13 +96,14 @@ class Client:
             return self._conn().call(op, args, fds)
         except BranchError as e:
             if e.code in ("unavailable", "protocol"):
-                self._drop()  # a broken connection is not reused
+                self.release()  # a broken connection is not reused
             raise
         except protocol.ProtocolError as e:
-            self._drop()
+            self.release()
             raise BranchError("protocol", str(e)) from None
 
-    def _drop(self) -> None:
+    def release(self) -> None:
+        """Close the calling thread's connection (a worker thread calls this when done)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

@@ -225,7 +225,7 @@ class Handlers:
         old = self.store.read_file(branch.workspace, branch.parent,
                                    change.old_path or change.path, PATCH_LIMIT)
         new = self.store.read_file(branch.workspace, branch.name, change.path, PATCH_LIMIT)
-        sides = []
+        sides: list[list[str]] = []
         for data in (old, new):
             if data is None:
                 sides.append([])
@@ -268,7 +268,9 @@ class Handlers:
         env = arg(args, "env", dict, None)
         if env is None:
             env = {"PATH": os.defpath}
-        env = {str(k): str(v) for k, v in env.items()}
+        if not all(isinstance(v, str) and "\0" not in k + v and "=" not in k and k
+                   for k, v in env.items()):
+            raise RequestError("bad-request", "env must map names to strings without NUL or '='")
         path = self.path_of(branch)
         env.update(BRANCHD_BRANCH=branch.name, BRANCHD_WORKSPACE=ws.name, BRANCHD_PATH=path)
         try:

@@ -139,7 +139,7 @@ class Session:
         Worker threads end with their session; without this each pattern run
         would leave its connections open until the workspace is closed.
         """
-        self.ws.client._drop()  # Client has no public per-thread release yet
+        self.ws.client.release()
 
     def _run_in_branch(self, candidate: Candidate, result: CandidateResult) -> CandidateResult:
         with self._lock:

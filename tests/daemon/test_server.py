@@ -99,3 +99,15 @@ def test_fuzzed_lines_never_take_the_daemon_down(daemon: EmbeddedDaemon,
     for r in resps[1:]:
         assert r["ok"] or r["error"]["code"] in protocol.ERROR_EXIT
     assert_alive(daemon)
+
+
+def test_exec_with_nul_in_the_environment_is_a_bad_request(daemon: EmbeddedDaemon,
+                                                           tmp_path: Path) -> None:
+    with Client(daemon.socket) as client:
+        client.call("workspace-add", path=str(tmp_path))
+        client.call("create", workspace=str(tmp_path), name="envnul")
+        with pytest.raises(BranchError) as e:
+            client.call("exec", workspace=str(tmp_path), name="envnul", argv=["true"],
+                        env={"A": "x\0y"})
+    assert e.value.code == "bad-request"
+    assert_alive(daemon)
