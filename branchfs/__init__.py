@@ -14,6 +14,7 @@ from .errors import (
     HasChildren,
     NoSpace,
     NotFound,
+    OutsideChange,
     PermissionDenied,
     Stale,
 )
@@ -23,7 +24,6 @@ from .store import Event, Store
 
 __all__ = [
     "BadName", "Branch", "BranchFSError", "Change", "CommitResult", "Conflict", "Event",
-    "Exists", "HasChildren", "NoSpace", "NotFound", "PermissionDenied", "Stale", "Store",
-    "Workspace", "serve",
+    "Exists", "HasChildren", "NoSpace", "NotFound", "OutsideChange", "PermissionDenied",
+    "Stale", "Store", "Workspace", "serve",
 ]
-

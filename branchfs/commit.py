@@ -29,11 +29,14 @@ import os
 import signal
 import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import backing
 from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
 from .view import Parts, View
+
+if TYPE_CHECKING:
+    from .origins import Check
 
 CRASH_ENV = "BRANCHFS_CRASH_AT"
 
@@ -48,14 +51,17 @@ def crash_point(name: str, n: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def plan(src_root: int, target: View, into_base: bool) -> list[Step]:
+def plan(src_root: int, target: View, into_base: bool,
+         check: Check | None = None) -> list[Step]:
+    """The steps that apply the delta under *src_root* to *target*. *check*
+    (if given) is shown every target entry a step replaces or deletes."""
     steps: list[Step] = []
-    _plan_dir(src_root, (), target, into_base, steps)
+    _plan_dir(src_root, (), target, into_base, steps, check)
     return steps
 
 
 def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
-              steps: list[Step]) -> None:
+              steps: list[Step], check: Check | None) -> None:
     fd = backing.open_dir(src_root, parts)
     try:
         names = sorted(os.listdir(fd))
@@ -67,6 +73,8 @@ def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
             path = "/".join(rel)
             te = target.lookup(rel)
             if is_whiteout(st):
+                if check is not None:
+                    check.removed(rel, te)
                 if into_base:
                     if te is not None:
                         steps.append(["delete", path])
@@ -76,13 +84,18 @@ def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
                     steps.append(["delete", path])
                 continue
             if not stat.S_ISDIR(st.st_mode):
+                if check is not None:
+                    check.replaced(rel, te)
                 steps.append(["move", path, False, False])
                 continue
             opaque_here = backing.is_opaque_at(fd, name)
             if te is not None and te.is_dir and not opaque_here:
-                _plan_dir(src_root, rel, target, into_base, steps)
+                # merged: only the entries below are replaced, the directory stays
+                _plan_dir(src_root, rel, target, into_base, steps, check)
                 steps.append(["dir", path, _dir_meta(fd, name, st)])
                 continue
+            if check is not None:
+                check.replaced(rel, te)
             steps.append(["move", path, into_base,
                           (not into_base) and _target_lower_has(target, rel)])
     finally:

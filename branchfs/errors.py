@@ -46,6 +46,15 @@ class HasChildren(Conflict):
     """Commit refused: the branch has active child branches."""
 
 
+class OutsideChange(Conflict):
+    """Commit refused: the parent changed, outside the branch, paths the commit
+    would overwrite or delete. ``paths`` lists them all, in plan order."""
+
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
 class Stale(BranchFSError):
     """The branch was invalidated by a sibling's commit (first commit wins)."""
 

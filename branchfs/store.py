@@ -5,6 +5,7 @@ Layout of a state directory (docs/format.md has the details)::
     state.json              workspaces and branches, written with atomic_write
     branches/<id>/upper/    the branch's delta (overlayfs upper-dir conventions)
     branches/<id>/work/     empty; temp copies; overlayfs's workdir
+    branches/<id>/origins   what the delta hides of its parent (``origins``)
     journal/commit-<id>.json  a commit's plan while it is being applied
     trash/                  deltas of ended branches, deleted in the background
 
@@ -30,9 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import backing, commit, diff
+from . import backing, commit, diff, origins
 from .durable import TMP_SUFFIX, atomic_write, fsync_dir, syncfs
-from .errors import BadName, Conflict, Exists, HasChildren, NoSpace, NotFound, Stale
+from .errors import (
+    BadName,
+    Conflict,
+    Exists,
+    HasChildren,
+    NoSpace,
+    NotFound,
+    OutsideChange,
+    Stale,
+)
 from .model import (
     ACTIVE,
     COMMITTED,
@@ -126,6 +136,7 @@ class Store:
         self._base_fds: dict[str, int] = {}
         self._dir_fds: dict[str, tuple[int, int]] = {}  # id -> (upper fd, work fd)
         self._views: dict[str, View] = {}
+        self._origins: dict[str, origins.Origins] = {}
         for sub in ("branches", "journal", "trash"):
             os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
         self._trash = _Trash(os.path.join(self.state_dir, "trash"))
@@ -198,6 +209,9 @@ class Store:
 
     def _close_branch_fds(self, bid: str) -> None:
         self._views.pop(bid, None)
+        o = self._origins.pop(bid, None)
+        if o is not None:
+            o.close()
         fds = self._dir_fds.pop(bid, None)
         if fds is not None:
             for fd in fds:
@@ -220,8 +234,15 @@ class Store:
                 layers.append(self._dir_fds[r.id][0])
                 r = self._recs[r.parent_id] if r.parent_id else None
             layers.append(self._base_fd(rec.workspace))
-            v = self._views[bid] = View(layers, work=self._dir_fds[bid][1])
+            v = self._views[bid] = View(layers, work=self._dir_fds[bid][1],
+                                        origins=self._origins_of(bid))
         return v
+
+    def _origins_of(self, bid: str) -> origins.Origins:
+        o = self._origins.get(bid)
+        if o is None:
+            o = self._origins[bid] = origins.Origins(self._path("branches", bid, origins.FILE))
+        return o
 
     def _base_view(self, ws: str) -> View:
         return View([self._base_fd(ws)])
@@ -411,6 +432,7 @@ class Store:
         os.mkdir(root, 0o700)
         os.mkdir(os.path.join(root, "work"), 0o700)
         os.mkdir(os.path.join(root, "upper"), 0o700)
+        origins.Origins.create(os.path.join(root, origins.FILE))
         below = (self.view_by_id(parent_rec.id) if parent_rec is not None
                  else self._base_view(workspace))
         root_st = below.lookup(())
@@ -498,7 +520,10 @@ class Store:
 
     # -- commit and discard -------------------------------------------------
 
-    def commit(self, workspace: str, name: str) -> CommitResult:
+    def commit(self, workspace: str, name: str, *, force: bool = False) -> CommitResult:
+        """Apply the branch's changes to its parent atomically. Refused with
+        ``OutsideChange`` (nothing changed) when a path it would replace or
+        delete changed in the parent since the branch hid it, unless *force*."""
         t0 = time.monotonic()
         r = self._get(workspace, name)
         if r.status == INVALIDATED:
@@ -509,9 +534,18 @@ class Store:
                               "commit or discard them first")
         upper = self._dir_fds[r.id][0]
         target = self._parent_view(r)
+        mine = self._origins_of(r.id)
+        check = None
+        if not force and mine.tracked:
+            check = origins.Check(mine, target)
+        elif not force:
+            log.warning("branch %s predates origin records: its commit is not checked "
+                        "for outside changes", name)
         try:
             syncfs(upper)
-            steps = commit.plan(upper, target, r.parent_id is None)
+            steps = commit.plan(upper, target, r.parent_id is None, check)
+            if check is not None and check.conflicts:
+                self._refuse(r, check.conflicts)
             self._check_space(upper, target.layers[0], steps, name)
         except OSError as exc:
             _raise_os(exc, f"planning the commit of {name}")
@@ -529,7 +563,8 @@ class Store:
         new_state = self._state()
         self._set_state(old_state)  # records change once the journal is durable
         journal = {"version": 1, "branch": r.id, "name": name, "workspace": workspace,
-                   "target": r.parent_id, "steps": steps, "state": new_state}
+                   "target": r.parent_id, "steps": steps, "state": new_state,
+                   "origins": mine.for_parent() if r.parent_id is not None else []}
         jpath = self._path("journal", f"commit-{r.id}.json")
         atomic_write(jpath, json.dumps(journal).encode(),
                      before_replace=lambda: commit.crash_point("journal-tmp"))
@@ -550,6 +585,15 @@ class Store:
         for bid in [r.id, *(s.id for s in invalidated)]:
             self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
         return result
+
+    def _refuse(self, r: _Rec, paths: list[str]) -> NoReturn:
+        where = ("base" if r.parent_id is None
+                 else f"parent branch {self._recs[r.parent_id].name}")
+        more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+        log.info("commit of %s refused: %d paths changed outside it: %s", r.name, len(paths),
+                 " ".join(paths[:20]))
+        raise OutsideChange(f"{where} changed outside the branch: {paths[0]}{more}; "
+                            "commit with force to overwrite", paths=paths)
 
     @staticmethod
     def _check_space(upper: int, target: int, steps: list[list[Any]], name: str) -> None:
@@ -583,6 +627,8 @@ class Store:
             finally:
                 os.close(gfd)
             commit.crash_point("steps")
+            if journal.get("origins"):
+                self._origins_of(journal["target"]).adopt(journal["origins"])
             syncfs(target.layers[0])
             self._trash.put(gname)
         self._set_state(journal["state"])

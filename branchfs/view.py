@@ -18,9 +18,13 @@ import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import backing
 from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
+
+if TYPE_CHECKING:
+    from .origins import Origins
 
 Parts = tuple[str, ...]
 
@@ -86,12 +90,26 @@ class View:
     Invariants: only ``layers[0]`` (the upper dir) is written, and only when
     the view is writable; the fds belong to the caller (the Store) and stay
     open while the view is used; nothing here follows a symlink found in a
-    layer.
+    layer; before the upper dir starts hiding a path, ``origins`` (if any)
+    is told what the layers below show there (``_hide``).
     """
 
-    def __init__(self, layers: Sequence[int], work: int | None = None) -> None:
+    def __init__(self, layers: Sequence[int], work: int | None = None,
+                 origins: Origins | None = None) -> None:
         self.layers = list(layers)
         self.work = work  # fd of the branch's work dir: temp copies, same fs as upper
+        self.origins = origins
+
+    def _hide(self, parts: Sequence[str], e: Entry | None) -> None:
+        """*parts* showed the layers below (*e*, or nothing) and the upper dir
+        is about to hide it: commit checks later that it is still so."""
+        if self.origins is not None:
+            self.origins.note(parts, e)
+
+    def _unhide(self, parts: Sequence[str]) -> None:
+        """The upper dir stops hiding *parts* and nothing is below it."""
+        if self.origins is not None:
+            self.origins.forget(parts)
 
     # -- resolution -------------------------------------------------------
 
@@ -227,6 +245,7 @@ class View:
                 raise _err(errno.ENOENT, parts)
             if not e.is_dir:
                 raise _err(errno.ENOTDIR, parts)
+            self._hide(parts, e)
             os.mkdir(name, 0o700, dir_fd=upparent)
             backing.copy_meta(e.st, upparent, name, at(d.fd(e.layer), name))
 
@@ -243,8 +262,9 @@ class View:
             up = self.upper_dir(parts[:-1])
             try:
                 if e.is_dir:
-                    self._copy_up_dir(parts, up)
+                    self._copy_up_dir(parts, up)  # records the origin itself
                 else:
+                    self._hide(parts, e)
                     backing.copy_entry(d.fd(e.layer), parts[-1], e.st, up, parts[-1],
                                        tmpdir=self.work)
                 return Entry(0, os.stat(parts[-1], dir_fd=up, follow_symlinks=False))
@@ -266,6 +286,8 @@ class View:
         tmp = f".branchfs-tree.{os.getpid()}.{name}"[:250]
         backing.remove_at(self.work, tmp)
         e = self.need(parts)
+        if e.layer != 0:
+            self._hide(parts, e)
         os.mkdir(tmp, 0o700, dir_fd=self.work)
         tfd = os.open(tmp, DIR_FLAGS, dir_fd=self.work)
         try:
@@ -287,6 +309,8 @@ class View:
         with self.dirs(parts) as d:
             for name, e in entries.items():
                 src = d.fd(e.layer)
+                if e.layer != 0:
+                    self._hide((*parts, name), e)
                 if not e.is_dir:
                     if e.layer == 0:
                         os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
@@ -306,12 +330,16 @@ class View:
     def _new_name(self, parts: Sequence[str]) -> tuple[int, bool]:
         """Open the upper parent of a name about to be created; clear a whiteout
         there. Returns (parent fd, whether a whiteout was cleared)."""
-        if self.lookup(parts) is not None:
-            raise _err(errno.EEXIST, parts)
+        with self.dirs(parts[:-1]) as d:
+            if d.find(parts[-1]) is not None:
+                raise _err(errno.EEXIST, parts)
+            below = any(i != 0 for i, _ in d.fds)
         up = self.upper_dir(parts[:-1])
         st = lstat_at(up, parts[-1])
         if st is not None:
             os.unlink(parts[-1], dir_fd=up)  # only a whiteout can be here
+        elif below:
+            self._hide(parts, None)  # else an ancestor hides it already
         return up, st is not None
 
     def _own(self, dirfd: int, name: str, uid: int | None, gid: int | None) -> None:
@@ -391,6 +419,10 @@ class View:
             lower = d.lower_has(parts[-1])
         if want_dir and not self.is_empty_dir(parts):
             raise _err(errno.ENOTEMPTY, parts)
+        if e.layer != 0:
+            self._hide(parts, e)
+        elif not lower:
+            self._unhide(parts)
         up = self.upper_dir(parts[:-1])
         try:
             if e.layer == 0:
@@ -457,7 +489,10 @@ class View:
         try:
             with self.dirs(dst[:-1]) as d:
                 dst_lower = d.lower_has(dst[-1])
+                below = any(i != 0 for i, _ in d.fds)
             st = lstat_at(dp, dst[-1])
+            if st is None and below:
+                self._hide(dst, de)
             if st is not None and (is_whiteout(st) or stat.S_ISDIR(st.st_mode)):
                 backing.remove_at(dp, dst[-1])  # a whiteout, or an empty-looking dir
             sp = self.upper_dir(src[:-1])
@@ -467,6 +502,8 @@ class View:
                     backing.set_opaque_at(dp, dst[-1])
                 if src_lower:
                     backing.make_whiteout(sp, src[-1])
+                else:
+                    self._unhide(src)
             finally:
                 os.close(sp)
         finally:

@@ -67,7 +67,8 @@ def ops(store: Store) -> Iterator[Operations]:
     check_consistency(o)
     for fh in list(o.handles):
         os.close(o.handles.pop(fh).fd)
-    held = {*store._base_fds.values(), *(fd for fds in store._dir_fds.values() for fd in fds)}
+    held = {*store._base_fds.values(), *(fd for fds in store._dir_fds.values() for fd in fds),
+            *(o._fd for o in store._origins.values() if o._fd is not None)}
     assert open_fds() <= before | {str(fd) for fd in held}  # no fd leaked
 
 

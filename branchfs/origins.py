@@ -1,0 +1,212 @@
+"""What a branch's changes hide, and commit's check that it is still there.
+
+When a branch first hides a path of its parent (copy-up, whiteout, a rename
+onto it), the identity of the entry the layers below showed there is recorded:
+``(layer, type, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``. A path
+with no record hid nothing ("absent"). At commit, every path the plan
+replaces or deletes is compared with its record; a difference means the
+parent changed there since the branch looked (a change made to the base
+directly, or by the parent branch itself), and the commit would overwrite it.
+
+The records live in ``branches/<id>/origins``, an append-only log of JSON
+arrays, one a line: ``[path, layer, type, dev, ino, size, mtime_ns,
+ctime_ns]`` sets a record, ``[path]`` drops the records of *path* and of
+everything below it. A torn last line (a crash in the middle of an append) is
+ignored. The log is not fsynced per line, like the upper dir next to it;
+commit's ``syncfs`` of the branch's filesystem makes both durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from .view import Entry, View
+
+log = logging.getLogger(__name__)
+
+FILE = "origins"
+
+Record = tuple[int, int, int, int, int, int, int]  # layer, type, dev, ino, size, mtime, ctime
+
+
+def record(layer: int, st: os.stat_result) -> Record:
+    return (layer, stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns)
+
+
+def same(rec: Record | None, st: os.stat_result | None) -> bool:
+    """Whether *st* is still the entry *rec* recorded (None: nothing there).
+    A directory is compared by inode only: its times change with every entry
+    made in it, and its entries are compared one by one."""
+    if rec is None or st is None:
+        return rec is None and st is None
+    if rec[1] != stat.S_IFMT(st.st_mode) or rec[2:4] != (st.st_dev, st.st_ino):
+        return False
+    return stat.S_ISDIR(st.st_mode) or rec[4:] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Node:
+    __slots__ = ("kids", "rec")
+
+    def __init__(self) -> None:
+        self.rec: Record | None = None
+        self.kids: dict[str, _Node] = {}
+
+
+class Origins:
+    """The records of one branch, in memory (a tree of path components) and in
+    its log.
+
+    Invariant: a path has a record exactly when the branch's upper dir hides
+    it (holds an entry or a whiteout there or at an ancestor, or an opaque
+    ancestor) and a lower layer showed an entry there when the hiding began;
+    the record is that entry. ``tracked`` is False for a branch made before
+    records were kept (no log file): nothing is recorded or checked for it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._root = _Node()
+        self._fd: int | None = None
+        self.tracked = os.path.exists(path)
+        if not self.tracked:
+            return
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        for line in lines[:-1]:  # the part after the last newline is torn or empty
+            item = json.loads(line)
+            if len(item) == 1:
+                self._drop(item[0])
+            else:
+                self._set(item[0], tuple(item[1:]))  # type: ignore[arg-type]
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if lines[-1]:
+            log.warning("%s: ignored a torn last record", path)
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - len(lines[-1]))
+
+    @staticmethod
+    def create(path: str) -> None:
+        """Start the (empty) log of a new branch."""
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- the tree -------------------------------------------------------------
+
+    def _find(self, path: str) -> _Node | None:
+        node: _Node | None = self._root
+        for name in path.split("/"):
+            assert node is not None
+            node = node.kids.get(name)
+            if node is None:
+                return None
+        return node
+
+    def _set(self, path: str, rec: Record) -> None:
+        node = self._root
+        for name in path.split("/"):
+            node = node.kids.setdefault(name, _Node())
+        node.rec = rec
+
+    def _drop(self, path: str) -> bool:
+        parent, _, name = path.rpartition("/")
+        pnode = self._find(parent) if parent else self._root
+        return pnode is not None and pnode.kids.pop(name, None) is not None
+
+    def _append(self, item: list[Any]) -> None:
+        assert self._fd is not None
+        os.write(self._fd, json.dumps(item, separators=(",", ":")).encode() + b"\n")
+
+    # -- what views and commit call ----------------------------------------
+
+    def get(self, parts: Sequence[str]) -> Record | None:
+        node = self._find("/".join(parts))
+        return node.rec if node is not None else None
+
+    def note(self, parts: Sequence[str], e: Entry | None) -> None:
+        """*parts* was not hidden and is about to be; the layers below show *e*
+        there (None: nothing, which also drops stale records below it)."""
+        if not self.tracked:
+            return
+        path = "/".join(parts)
+        if e is None:
+            self.forget(parts)
+            return
+        rec = record(e.layer, e.st)
+        node = self._find(path)
+        if node is None or node.rec != rec:
+            self._set(path, rec)
+            self._append([path, *rec])
+
+    def forget(self, parts: Sequence[str]) -> None:
+        """*parts* is no longer hidden (nothing below it either): drop its records."""
+        if self.tracked:
+            path = "/".join(parts)
+            if self._drop(path):
+                self._append([path])
+
+    def for_parent(self) -> list[list[Any]]:
+        """The records to give the parent branch when this one commits into it:
+        those of entries below the parent's upper dir (the parent's own entries,
+        layer 1, it has recorded itself), with layers counted from the parent."""
+        out: list[list[Any]] = []
+        for path, rec in self._walk(self._root, ""):
+            if rec[0] >= 2:
+                out.append([path, rec[0] - 1, *rec[1:]])
+        return out
+
+    def adopt(self, items: Iterable[Sequence[Any]]) -> None:
+        """Take a committed child's records for paths this branch has none for
+        (where it has one, it hid the path first). Idempotent: a journal replay
+        adopts again."""
+        if not self.tracked:
+            return
+        for path, *rec in items:
+            node = self._find(path)
+            if node is None or node.rec is None:
+                self._set(path, tuple(rec))  # type: ignore[arg-type]
+                self._append([path, *rec])
+
+    def _walk(self, node: _Node, prefix: str) -> Iterator[tuple[str, Record]]:
+        for name, kid in node.kids.items():
+            path = f"{prefix}/{name}" if prefix else name
+            if kid.rec is not None:
+                yield path, kid.rec
+            yield from self._walk(kid, path)
+
+
+class Check:
+    """Commit's comparison of the target (the parent's view) with the records,
+    fed by the planner with the target entry it already looked up for each
+    path: no extra lookup per changed file. ``conflicts`` lists the paths
+    changed outside the branch, in plan order."""
+
+    def __init__(self, origins: Origins, target: View) -> None:
+        self.origins = origins
+        self.target = target
+        self.conflicts: list[str] = []
+
+    def replaced(self, parts: Sequence[str], te: Entry | None) -> None:
+        """The plan puts the branch's entry at *parts* over *te*."""
+        self._compare(tuple(parts), te.st if te is not None else None)
+
+    def removed(self, parts: Sequence[str], te: Entry | None) -> None:
+        """The plan deletes *parts*; gone from the target as well is no conflict."""
+        if te is not None:
+            self._compare(tuple(parts), te.st)
+
+    def _compare(self, parts: tuple[str, ...], st: os.stat_result | None) -> None:
+        if not same(self.origins.get(parts), st):
+            self.conflicts.append("/".join(parts))
+        elif st is not None and stat.S_ISDIR(st.st_mode):
+            # the whole directory goes: everything in it must be as recorded
+            for name, e in sorted(self.target.listdir(parts).items()):
+                self._compare((*parts, name), e.st)
