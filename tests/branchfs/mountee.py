@@ -5,7 +5,8 @@
 Opens a Store, adds the workspace, creates the branches (``name`` or
 ``name:parent``), serves the mount and prints ``ready``; then reads one JSON
 command per line on stdin and answers one JSON line on stdout:
-``{"op": "create"|"commit"|"discard"|"diff", "name": ..., "parent": ...}``.
+``{"op": "create"|"commit"|"discard"|"diff", "name": ..., "parent": ...,
+"force": ...}``.
 Commands run on the trio thread that serves FUSE, as in the daemon.
 """
 
@@ -26,7 +27,7 @@ def run(store: branchfs.Store, ws: str, cmd: dict[str, Any]) -> Any:
     if op == "create":
         return store.create_branch(ws, cmd["name"], cmd.get("parent")).to_dict()
     if op == "commit":
-        return store.commit(ws, cmd["name"]).to_dict()
+        return store.commit(ws, cmd["name"], force=cmd.get("force", False)).to_dict()
     if op == "discard":
         return [b.to_dict() for b in store.discard(ws, cmd["name"])]
     if op == "diff":
