@@ -121,9 +121,11 @@ class Origins:
         pnode = self._find(parent) if parent else self._root
         return pnode is not None and pnode.kids.pop(name, None) is not None
 
-    def _append(self, item: list[Any]) -> None:
+    def _append(self, path: str, rec: Sequence[int] = ()) -> None:
         assert self._fd is not None
-        os.write(self._fd, json.dumps(item, separators=(",", ":")).encode() + b"\n")
+        # by hand: json.dumps of the whole list costs 4 times as much, per copy-up
+        line = "[" + ",".join([json.dumps(path), *map(str, rec)]) + "]\n"
+        os.write(self._fd, line.encode())
 
     # -- what views and commit call ----------------------------------------
 
@@ -144,14 +146,14 @@ class Origins:
         node = self._find(path)
         if node is None or node.rec != rec:
             self._set(path, rec)
-            self._append([path, *rec])
+            self._append(path, rec)
 
     def forget(self, parts: Sequence[str]) -> None:
         """*parts* is no longer hidden (nothing below it either): drop its records."""
         if self.tracked:
             path = "/".join(parts)
             if self._drop(path):
-                self._append([path])
+                self._append(path)
 
     def for_parent(self) -> list[list[Any]]:
         """The records to give the parent branch when this one commits into it:
@@ -173,7 +175,7 @@ class Origins:
             node = self._find(path)
             if node is None or node.rec is None:
                 self._set(path, tuple(rec))  # type: ignore[arg-type]
-                self._append([path, *rec])
+                self._append(path, rec)
 
     def _walk(self, node: _Node, prefix: str) -> Iterator[tuple[str, Record]]:
         for name, kid in node.kids.items():
