@@ -15,11 +15,18 @@ reviewer's grades): ``BestOfN(candidates, scores=[...])``.
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 from pathlib import Path
 
-from textstats_support import ENV, FIXES, PROJECT, apply_patch, copy_project, diff_trees, run_tests
+from textstats_support import (
+    ENV,
+    FIXES,
+    PROJECT,
+    apply_patch,
+    conclude,
+    copy_project,
+    run_tests,
+)
 
 from branching import Limits, Workspace
 from branching.patterns import BestOfN, Call
@@ -53,13 +60,7 @@ def main() -> int:
         return 1
     print(f"\ncommitted {outcome.winner.label} (score {outcome.winner.score:g}); "
           f"branches left: {left or 'none'}")
-    print(diff_trees(PROJECT, workspace))
-    passed, total = run_tests(workspace, log=False)
-    print(f"after: {passed}/{total} tests pass")
-    ok = passed == total and not left
-    if ok:
-        shutil.rmtree(workspace.parent)
-    return 0 if ok else 1
+    return conclude(workspace, left)
 
 
 if __name__ == "__main__":

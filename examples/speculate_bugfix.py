@@ -17,7 +17,6 @@ modified. Exits 0 when a fix was committed and the tests pass in the workspace.
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -27,8 +26,8 @@ from textstats_support import (
     FIXES,
     PROJECT,
     apply_patch,
+    conclude,
     copy_project,
-    diff_trees,
     run_tests,
 )
 
@@ -92,14 +91,7 @@ def main() -> int:
     assert outcome.winner is not None
     print(f"\ncommitted {outcome.winner.label} from branch {outcome.winner.branch}; "
           f"branches left: {left or 'none'}")
-    print("\nthe workspace's diff against the original project:")
-    print(diff_trees(PROJECT, workspace))
-    passed, total = run_tests(workspace, log=False)
-    print(f"after: {passed}/{total} tests pass")
-    ok = passed == total and not left
-    if ok:
-        shutil.rmtree(workspace.parent)
-    return 0 if ok else 1
+    return conclude(workspace, left, show_diff_header=True)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,17 @@ def diff_trees(old: Path, new: Path) -> str:
                                         f"a/{name}" if a.exists() else "/dev/null",
                                         f"b/{name}" if b.exists() else "/dev/null")
     return "".join(out)
+
+
+def conclude(workspace: Path, left: list[str], *, show_diff_header: bool = False) -> int:
+    """Print what the winner changed and whether the tests now pass; 0 only if they all
+    do and no branch is left. A successful run removes its temporary workspace."""
+    if show_diff_header:
+        print("\nthe workspace's diff against the original project:")
+    print(diff_trees(PROJECT, workspace))
+    passed, total = run_tests(workspace, log=False)
+    print(f"after: {passed}/{total} tests pass")
+    ok = passed == total and not left
+    if ok:
+        shutil.rmtree(workspace.parent)
+    return 0 if ok else 1

@@ -13,7 +13,6 @@ the workspace; every other branch, at either level, is discarded.
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from textstats_support import (
     FIXES,
     PROJECT,
     apply_patch,
+    conclude,
     copy_project,
-    diff_trees,
     run_tests,
 )
 
@@ -75,13 +74,7 @@ def main() -> int:
         print("no path through the tree passed every test; the workspace is unchanged")
         return 1
     print(f"\ncommitted {outcome.winner.label}; branches left: {left or 'none'}")
-    print(diff_trees(PROJECT, workspace))
-    passed, total = run_tests(workspace, log=False)
-    print(f"after: {passed}/{total} tests pass")
-    ok = passed == total and not left
-    if ok:
-        shutil.rmtree(workspace.parent)
-    return 0 if ok else 1
+    return conclude(workspace, left)
 
 
 if __name__ == "__main__":

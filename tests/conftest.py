@@ -1,14 +1,29 @@
-"""Suite-wide guard: a test run must leave no FUSE mount behind.
+"""Suite-wide fixtures, and a guard: a test run must leave no FUSE mount behind.
 
-Every fixture unmounts what it mounted; this checks it once at the end of the
-session, detaches any leftover (so the machine stays usable) and fails the run.
+Every fixture unmounts what it mounted; the guard checks it once at the end of
+the session, detaches any leftover (so the machine stays usable) and fails the run.
 """
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 
 import pytest
+
+from branching import EmbeddedDaemon
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDaemon]:
+    """One real daemon (real FUSE mount) shared by the tests that need no daemon of their
+    own; each test uses its own workspace directory. Stopped even when tests fail."""
+    d = EmbeddedDaemon(tmp_path_factory.mktemp("branchd"))
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
 
 
 def fuse_mounts() -> set[str]:

@@ -1,4 +1,4 @@
-"""Fixtures for daemon and CLI tests: a real branchd (real FUSE mount) in a temp dir."""
+"""Fixtures for daemon and CLI tests (the shared real daemon is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from branching import EmbeddedDaemon
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDaemon]:
-    """One daemon per test module; stopped (and unmounted) even when tests fail."""
-    d = EmbeddedDaemon(tmp_path_factory.mktemp("branchd"))
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 @pytest.fixture

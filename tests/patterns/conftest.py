@@ -15,16 +15,6 @@ from pattern_helpers import wait_for
 from branching import EmbeddedDaemon, Workspace
 
 
-@pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDaemon]:
-    d = EmbeddedDaemon(tmp_path_factory.mktemp("branchd"))
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
     """The workspace directory: two files the candidates may change."""
