@@ -62,10 +62,11 @@ class Origins:
     """The records of one branch, in memory (a tree of path components) and in
     its log.
 
-    Invariant: a path has a record exactly when the branch's upper dir hides
-    it (holds an entry or a whiteout there or at an ancestor, or an opaque
-    ancestor) and a lower layer showed an entry there when the hiding began;
-    the record is that entry. ``tracked`` is False for a branch made before
+    Invariant: every path the branch's upper dir hides (an entry or a
+    whiteout there or at an ancestor, or an opaque ancestor) where a lower
+    layer showed an entry when the hiding began has a record of that entry;
+    a path hidden again is recorded again, so a record left behind for a path
+    no longer hidden does not stand for it. ``tracked`` is False for a branch made before
     records were kept (no log file): nothing is recorded or checked for it.
     """
 
@@ -80,10 +81,11 @@ class Origins:
             lines = f.read().split(b"\n")
         for line in lines[:-1]:  # the part after the last newline is torn or empty
             item = json.loads(line)
+            parts = item[0].split("/")
             if len(item) == 1:
-                self._drop(item[0])
+                self._drop(parts)
             else:
-                self._set(item[0], tuple(item[1:]))  # type: ignore[arg-type]
+                self._set(parts, tuple(item[1:]))
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if lines[-1]:
             log.warning("%s: ignored a torn last record", path)
@@ -99,38 +101,44 @@ class Origins:
             os.close(self._fd)
             self._fd = None
 
-    # -- the tree -------------------------------------------------------------
+    # -- the tree (paths as tuples of names, as views hold them) ---------------
 
-    def _find(self, path: str) -> _Node | None:
+    def _find(self, parts: Sequence[str]) -> _Node | None:
         node: _Node | None = self._root
-        for name in path.split("/"):
+        for name in parts:
             assert node is not None
             node = node.kids.get(name)
             if node is None:
                 return None
         return node
 
-    def _set(self, path: str, rec: Record) -> None:
+    def _set(self, parts: Sequence[str], rec: Record) -> bool:
+        """Set the record of *parts*; False if it was that already."""
         node = self._root
-        for name in path.split("/"):
-            node = node.kids.setdefault(name, _Node())
+        for name in parts:
+            kid = node.kids.get(name)
+            if kid is None:
+                kid = node.kids[name] = _Node()
+            node = kid
+        if node.rec == rec:
+            return False
         node.rec = rec
+        return True
 
-    def _drop(self, path: str) -> bool:
-        parent, _, name = path.rpartition("/")
-        pnode = self._find(parent) if parent else self._root
-        return pnode is not None and pnode.kids.pop(name, None) is not None
+    def _drop(self, parts: Sequence[str]) -> bool:
+        pnode = self._find(parts[:-1])
+        return pnode is not None and pnode.kids.pop(parts[-1], None) is not None
 
-    def _append(self, path: str, rec: Sequence[int] = ()) -> None:
+    def _append(self, parts: Sequence[str], rec: Sequence[int] = ()) -> None:
         assert self._fd is not None
         # by hand: json.dumps of the whole list costs 4 times as much, per copy-up
-        line = "[" + ",".join([json.dumps(path), *map(str, rec)]) + "]\n"
+        line = "[" + ",".join([json.dumps("/".join(parts)), *map(str, rec)]) + "]\n"
         os.write(self._fd, line.encode())
 
     # -- what views and commit call ----------------------------------------
 
     def get(self, parts: Sequence[str]) -> Record | None:
-        node = self._find("/".join(parts))
+        node = self._find(parts)
         return node.rec if node is not None else None
 
     def note(self, parts: Sequence[str], e: Entry | None) -> None:
@@ -138,22 +146,17 @@ class Origins:
         there (None: nothing, which also drops stale records below it)."""
         if not self.tracked:
             return
-        path = "/".join(parts)
         if e is None:
             self.forget(parts)
             return
         rec = record(e.layer, e.st)
-        node = self._find(path)
-        if node is None or node.rec != rec:
-            self._set(path, rec)
-            self._append(path, rec)
+        if self._set(parts, rec):
+            self._append(parts, rec)
 
     def forget(self, parts: Sequence[str]) -> None:
         """*parts* is no longer hidden (nothing below it either): drop its records."""
-        if self.tracked:
-            path = "/".join(parts)
-            if self._drop(path):
-                self._append(path)
+        if self.tracked and self._drop(parts):
+            self._append(parts)
 
     def for_parent(self) -> list[list[Any]]:
         """The records to give the parent branch when this one commits into it:
@@ -172,10 +175,11 @@ class Origins:
         if not self.tracked:
             return
         for path, *rec in items:
-            node = self._find(path)
+            parts = path.split("/")
+            node = self._find(parts)
             if node is None or node.rec is None:
-                self._set(path, tuple(rec))  # type: ignore[arg-type]
-                self._append(path, rec)
+                self._set(parts, tuple(rec))  # type: ignore[arg-type]
+                self._append(parts, rec)
 
     def _walk(self, node: _Node, prefix: str) -> Iterator[tuple[str, Record]]:
         for name, kid in node.kids.items():
