@@ -346,6 +346,12 @@ class Operations(pyfuse3.Operations):
         if n is None:
             return
         self._invalidate_for(n, ev)
+        if ev.kind == "branch-created":
+            # No wait: failed lookups are not cached (no negative entries), so the new
+            # name is visible at once. Waiting here, on the thread that serves FUSE,
+            # stalls behind other branches' lookups in the same directory (the kernel
+            # holds that directory's lock) for the whole timeout.
+            return
         if not n.drain(DRAIN_TIMEOUT):
             log.warning("kernel cache invalidation after %s is still pending", ev.kind)
 
