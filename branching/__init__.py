@@ -3,26 +3,29 @@
     from branching import Workspace, Limits
     with Workspace("~/proj") as ws, ws.branch("attempt") as b:
         b.run(["pytest", "-x"], limits=Limits(memory="2G", cpus=1, pids=256))
+
+Names are imported on first use, so that ``branchctl`` (which imports
+``branching.cli``) starts without loading the patterns, psutil or asyncio.
 """
 
-from branching.client import Client
-from branching.embedded import EmbeddedDaemon
-from branching.errors import BranchError
-from branching.patterns import (
-    BeamSearch,
-    BestOfN,
-    Call,
-    CandidateResult,
-    Cascaded,
-    Command,
-    Outcome,
-    Reflexion,
-    Speculate,
-    Tournament,
-    TreeOfThoughts,
-)
-from branching.workspace import Branch, RunResult, Workspace
-from cgroups import Limits
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "Client": "branching.client",
+    "EmbeddedDaemon": "branching.embedded",
+    "BranchError": "branching.errors",
+    "Branch": "branching.workspace",
+    "RunResult": "branching.workspace",
+    "Workspace": "branching.workspace",
+    "Limits": "cgroups",
+    **{name: "branching.patterns" for name in (
+        "BeamSearch", "BestOfN", "Call", "CandidateError", "CandidateResult", "Cascaded",
+        "Command", "Outcome", "Pattern", "Reflexion", "Speculate", "Tournament",
+        "TreeOfThoughts")},
+}
 
 __all__ = [
     "BeamSearch",
@@ -30,6 +33,7 @@ __all__ = [
     "Branch",
     "BranchError",
     "Call",
+    "CandidateError",
     "CandidateResult",
     "Cascaded",
     "Client",
@@ -37,6 +41,7 @@ __all__ = [
     "EmbeddedDaemon",
     "Limits",
     "Outcome",
+    "Pattern",
     "Reflexion",
     "RunResult",
     "Speculate",
@@ -44,3 +49,35 @@ __all__ = [
     "TreeOfThoughts",
     "Workspace",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'branching' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from branching.client import Client
+    from branching.embedded import EmbeddedDaemon
+    from branching.errors import BranchError
+    from branching.patterns import (
+        BeamSearch,
+        BestOfN,
+        Call,
+        CandidateError,
+        CandidateResult,
+        Cascaded,
+        Command,
+        Outcome,
+        Pattern,
+        Reflexion,
+        Speculate,
+        Tournament,
+        TreeOfThoughts,
+    )
+    from branching.workspace import Branch, RunResult, Workspace
+    from cgroups import Limits

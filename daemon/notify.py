@@ -29,8 +29,11 @@ class Notifier:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             try:
                 sock.sendto(message, self.address)
-            except OSError as e:  # a vanished listener must not take the daemon down
-                log.warning("sd_notify to %r failed: %s", self.address, e)
+            except OSError as e:
+                # A vanished listener (the embedded launcher stops listening after READY)
+                # must not take the daemon down, nor fill its log: say it once, then stop.
+                log.warning("sd_notify to %r failed: %s; no more notifications", self.address, e)
+                self.address = None
 
     def ready(self, status: str) -> None:
         self.send(ready=1, status=status, mainpid=os.getpid())
