@@ -41,13 +41,15 @@ def record(layer: int, st: os.stat_result) -> Record:
 
 def same(rec: Record | None, st: os.stat_result | None) -> bool:
     """Whether *st* is still the entry *rec* recorded (None: nothing there).
-    A directory is compared by inode only: its times change with every entry
-    made in it, and its entries are compared one by one."""
+    A directory only has to be a directory still: its times change with every
+    entry made in it and a parent branch's copy-up gives it another inode;
+    what matters is its entries, which are compared one by one."""
     if rec is None or st is None:
         return rec is None and st is None
-    if rec[1] != stat.S_IFMT(st.st_mode) or rec[2:4] != (st.st_dev, st.st_ino):
+    if rec[1] != stat.S_IFMT(st.st_mode):
         return False
-    return stat.S_ISDIR(st.st_mode) or rec[4:] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return stat.S_ISDIR(st.st_mode) or rec[2:] == (st.st_dev, st.st_ino, st.st_size,
+                                                    st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _Node:

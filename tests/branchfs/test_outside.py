@@ -9,14 +9,19 @@ mtime, ctime) and cannot be seen (docs/format.md, caveats)."""
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bfs_helpers import r, tree, w
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from branchfs import Conflict, OutsideChange, Store
+from branchfs import Conflict, OutsideChange, Store, backing
 from branchfs.origins import FILE
+from branchfs.view import View
 
 
 def refused(store: Store, name: str) -> OutsideChange:
@@ -360,3 +365,114 @@ def test_outside_changes_through_a_mount(mount: Any, base: Path) -> None:
     mount.cmd("commit", name="b1", force=True)
     assert (base / "a").read_text() == "branch a"
     assert (base / "d" / "f").read_text() == "outside f, not read in the branch before"
+
+
+# -- random: a commit is refused exactly when it would lose the outside change --
+
+PATHS = st.sampled_from(["a", "b", "d/f", "d/g", "d/e", "d/e/h", "empty/i", "d", "empty"])
+OP = st.sampled_from(["write", "append", "unlink", "rmdir", "mkdir", "rename", "link", "chmod",
+                      "symlink", "exchange", "rename-onto"])
+OPS = st.lists(st.tuples(OP, PATHS, PATHS), max_size=12)
+CHANGES = st.sampled_from([("modify", "a"), ("modify", "d/f"), ("modify", "d/g"),
+                           ("delete", "a"), ("delete", "d/f"), ("delete", "d/g"),
+                           ("create", "b"), ("create", "d/g"), ("create", "empty/i")])
+OUTSIDE = b"changed outside the branch, 40 bytes...."  # no branch op writes this
+
+
+def _apply(v: View, op: str, p: str, q: str) -> None:
+    pp, qq = tuple(p.split("/")), tuple(q.split("/"))
+    if op in ("rename", "exchange", "rename-onto") and (p.startswith(q + "/")
+                                                     or q.startswith(p + "/")):
+        return  # the kernel refuses a rename into its own subtree before FUSE sees it
+    try:
+        if op in ("write", "append"):
+            w(v, p, p.encode() * 2, os.O_WRONLY | (os.O_APPEND if op == "append" else os.O_TRUNC))
+        elif op == "unlink":
+            v.unlink(pp)
+        elif op == "rmdir":
+            v.rmdir(pp)
+        elif op == "mkdir":
+            v.mkdir(pp, 0o755)
+        elif op in ("rename", "exchange"):
+            v.rename(pp, qq, backing.RENAME_EXCHANGE if op == "exchange" else 0)
+        elif op == "rename-onto":
+            v.rename(qq, pp)
+        elif op == "link":
+            v.link(pp, qq)
+        elif op == "chmod":
+            v.chmod(pp, 0o600)
+        else:
+            v.symlink(pp, q)
+    except OSError:
+        pass  # what POSIX refuses, the branch refuses too: nothing to check here
+
+
+def _shown(v: View, p: str) -> bytes | None:
+    e = v.lookup(tuple(p.split("/")))
+    if e is None or not stat.S_ISREG(e.st.st_mode):
+        return None if e is None else b"<not a file>"
+    return r(v, p)
+
+
+def _outside(v: View, kind: str, p: str) -> bool:
+    """Change *p* in the parent's view *v* (the base, or a parent branch); False
+    if this kind of change does not apply there."""
+    parts = tuple(p.split("/"))
+    e = v.lookup(parts)
+    if kind == "delete":
+        if e is None or e.is_dir:
+            return False
+        v.unlink(parts)
+    elif kind == "modify":
+        if e is None or not stat.S_ISREG(e.st.st_mode):
+            return False
+        w(v, p, OUTSIDE)
+    else:
+        pe = v.lookup(parts[:-1]) if len(parts) > 1 else v.lookup(())
+        if e is not None or pe is None or not pe.is_dir:
+            return False
+        w(v, p, OUTSIDE)
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["base", "parent"])
+@settings(max_examples=150, deadline=None, database=None)
+@given(change=CHANGES, first=st.tuples(OP, PATHS), ops=OPS)
+def test_refused_exactly_when_the_outside_change_would_be_lost(
+        where: str, change: tuple[str, str], first: tuple[str, str],
+        ops: list[tuple[str, str, str]]) -> None:
+    """Random branch operations, the first one on the path changed outside."""
+    kind, target = change
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        base = Path(tmp) / "base"
+        (base / "d").mkdir(parents=True)
+        (base / "empty").mkdir()
+        (base / "a").write_text("hello\n")
+        (base / "d" / "f").write_text("in d\n")
+        s = Store(Path(tmp) / "state")
+        try:
+            s.add_workspace(str(base), name="ws")
+            parent = None
+            if where == "parent":
+                parent = "p"
+                s.create_branch("ws", "p")
+                w(s.view("ws", "p"), "d/g", b"written in p before the fork")
+            s.create_branch("ws", "c", parent=parent)
+            v = s.view("ws", "c")
+            for op in [(first[0], target, first[1]), *ops]:
+                _apply(v, *op)
+            if not _outside(s.view("ws", parent), kind, target):
+                return
+            shown = _shown(v, target)
+            lost = shown != (None if kind == "delete" else OUTSIDE)
+            if lost:
+                assert refused(s, "c").paths == [target]
+                s.commit("ws", "c", force=True)
+            else:  # the commit keeps the outside change: the parent shows what c showed
+                shown_in_c = {p: _shown(v, p) for p in ("a", "b", "d/f", "d/g", "d/e/h", "empty/i")}
+                s.commit("ws", "c")
+                after = s.view("ws", parent)
+                assert {p: _shown(after, p) for p in shown_in_c} == shown_in_c
+        finally:
+            s.close()
