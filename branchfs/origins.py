@@ -25,6 +25,7 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from . import backing
 from .view import Entry, View
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,11 @@ class Origins:
         node = self._find(parts)
         return node.rec if node is not None else None
 
+    def recorded_in(self, parts: Sequence[str]) -> set[str]:
+        """The names directly in directory *parts* that have a record."""
+        node = self._find(parts)
+        return set() if node is None else {n for n, k in node.kids.items() if k.rec is not None}
+
     def note(self, parts: Sequence[str], e: Entry | None) -> None:
         """*parts* was not hidden and is about to be; the layers below show *e*
         there (None: nothing, which also drops stale records below it)."""
@@ -197,24 +203,44 @@ class Check:
     path: no extra lookup per changed file. ``conflicts`` lists the paths
     changed outside the branch, in plan order."""
 
-    def __init__(self, origins: Origins, target: View) -> None:
+    def __init__(self, origins: Origins, target: View, source: int) -> None:
         self.origins = origins
         self.target = target
+        self.source = source  # the branch's upper dir
         self.conflicts: list[str] = []
 
     def replaced(self, parts: Sequence[str], te: Entry | None) -> None:
         """The plan puts the branch's entry at *parts* over *te*."""
-        self._compare(tuple(parts), te.st if te is not None else None)
+        self._compare(tuple(parts), te.st if te is not None else None, moving=True)
 
     def removed(self, parts: Sequence[str], te: Entry | None) -> None:
         """The plan deletes *parts*; gone from the target as well is no conflict."""
         if te is not None:
-            self._compare(tuple(parts), te.st)
+            self._compare(tuple(parts), te.st, moving=False)
 
-    def _compare(self, parts: tuple[str, ...], st: os.stat_result | None) -> None:
+    def _compare(self, parts: tuple[str, ...], st: os.stat_result | None, moving: bool) -> None:
         if not same(self.origins.get(parts), st):
             self.conflicts.append("/".join(parts))
-        elif st is not None and stat.S_ISDIR(st.st_mode):
-            # the whole directory goes: everything in it must be as recorded
-            for name, e in sorted(self.target.listdir(parts).items()):
-                self._compare((*parts, name), e.st)
+            return
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return
+        # the whole directory goes: everything in it must be as recorded
+        entries = self.target.listdir(parts)
+        for name, e in sorted(entries.items()):
+            self._compare((*parts, name), e.st, moving)
+        if moving:
+            # deleted outside, yet in the branch's tree that replaces the directory
+            for name in sorted(self.origins.recorded_in(parts) - entries.keys()):
+                if self._in_source((*parts, name)):
+                    self.conflicts.append("/".join((*parts, name)))
+
+    def _in_source(self, parts: tuple[str, ...]) -> bool:
+        try:
+            fd = backing.open_dir(self.source, parts[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            st = backing.lstat_at(fd, parts[-1])
+            return st is not None and not backing.is_whiteout(st)
+        finally:
+            os.close(fd)

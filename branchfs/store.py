@@ -537,7 +537,7 @@ class Store:
         mine = self._origins_of(r.id)
         check = None
         if not force and mine.tracked:
-            check = origins.Check(mine, target)
+            check = origins.Check(mine, target, upper)
         elif not force:
             log.warning("branch %s predates origin records: its commit is not checked "
                         "for outside changes", name)

@@ -158,6 +158,20 @@ def test_renamed_directory_against_outside_change(store: Store, base: Path) -> N
                                 "sub/g": ("file", 0o644, b"g")}
 
 
+def test_replaced_directory_would_bring_back_a_file_deleted_outside(store: Store,
+                                                                   base: Path) -> None:
+    store.create_branch("ws", "b1")
+    v = store.view("ws", "b1")
+    w(v, "d/f", b"branch f")
+    v.rename(("d",), ("x",))
+    v.rename(("x",), ("d",))  # d is now the branch's own (opaque) directory
+    (base / "d" / "f").unlink()
+    assert refused(store, "b1").paths == ["d/f"]
+    v.unlink(("d", "f"))
+    store.commit("ws", "b1")  # deleted on both sides
+    assert os.listdir(base / "d") == []
+
+
 def test_recreated_directory_replaces_only_what_it_saw(store: Store, base: Path) -> None:
     store.create_branch("ws", "b1")
     v = store.view("ws", "b1")
