@@ -118,7 +118,7 @@ def workspace() -> None:
 
 
 @workspace.command("add")
-@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("path", type=click.Path(file_okay=False, readable=False))
 @click.option("--name", help="Name under the mountpoint (default: the directory's name).")
 @pass_ctx
 @json_option
@@ -137,7 +137,7 @@ def workspace_list(obj: Context) -> tuple[dict[str, Any], str]:
 
 @cli.command()
 @click.argument("name")
-@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False),
+@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False),
               help="The workspace directory (default: the current directory).")
 @click.option("--from", "parent", help="Branch from this branch instead of the workspace.")
 @pass_ctx
@@ -159,13 +159,13 @@ def _workspace_name(ws: str | None) -> str | None:
 
 def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
     """NAME and ``--workspace`` for commands about one existing branch."""
-    fn = click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False),
+    fn = click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False),
                       help="Only needed when NAME exists in several workspaces.")(fn)
     return click.argument("name")(fn)
 
 
 @cli.command("list")
-@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False))
+@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False))
 @click.option("--all", "show_all", is_flag=True, help="Include committed and discarded ones.")
 @pass_ctx
 @json_option

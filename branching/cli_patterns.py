@@ -63,8 +63,8 @@ class Progress:
 def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options every pattern command shares."""
     for opt in reversed([
-        click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False), default=".",
-                     show_default=True, help="The workspace directory."),
+        click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False),
+                     default=".", show_default=True, help="The workspace directory."),
         click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
         click.option("--memory", help="Memory limit per candidate, e.g. 512M."),
         click.option("--cpus", type=float, help="CPU quota per candidate in cores, e.g. 1.5."),

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from branching.errors import BranchError
@@ -32,7 +33,7 @@ class EmbeddedDaemon:
     """A branchd child process owned by this Python process."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", args: Sequence[str] = ()) -> None:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="branchd-"))
         self.state_dir = self.root / "state"
@@ -41,6 +42,7 @@ class EmbeddedDaemon:
         self.log_path = self.root / "branchd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_level = log_level
+        self.args = list(args)  # more branchd options, e.g. ["--allow-uid", "1000"]
 
     def start(self, timeout: float = READY_TIMEOUT) -> EmbeddedDaemon:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -52,7 +54,7 @@ class EmbeddedDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "--state-dir", str(self.state_dir),
                  "--mountpoint", str(self.mountpoint), "--socket", str(self.socket),
-                 "--log-level", self.log_level],
+                 "--log-level", self.log_level, *self.args],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True,
             )

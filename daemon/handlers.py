@@ -109,12 +109,13 @@ class Handlers:
         code = "stale" if branch.status == "invalidated" else "not-found"
         raise RequestError(code, f"branch {branch.name!r} was {branch.status}")
 
-    def _check_access(self, peer: Peer, ws: branchfs.Workspace) -> None:
-        if peer.uid in (0, os.geteuid()) or peer.uid == ws.owner:
+    def _check_access(self, peer: Peer, base: str) -> None:
+        """Root and the daemon's own uid may use any workspace; anyone else only a
+        directory whose mode bits give them read, write and search."""
+        if peer.uid in (0, os.geteuid()):
             return
-        st = os.stat(ws.base)
-        if not _may(st, peer, os.R_OK | os.W_OK | os.X_OK):
-            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use workspace {ws.name!r}")
+        if not _may(os.stat(base), peer, os.R_OK | os.W_OK | os.X_OK):
+            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use {base}")
 
     def path_of(self, branch: branchfs.Branch) -> str:
         return str(self.mountpoint / branch.workspace / branch.name)
@@ -157,10 +158,9 @@ class Handlers:
         }
 
     async def op_workspace_add(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
-        path = arg(args, "path", str)
-        name = arg(args, "name", str, None)
-        ws = self.store.add_workspace(path, name, owner=peer.uid)
-        self._check_access(peer, ws)
+        path = self.store.resolve_path(arg(args, "path", str))
+        self._check_access(peer, path)
+        ws = self.store.add_workspace(path, arg(args, "name", str, None), owner=peer.uid)
         self.on_change()
         return ws.to_dict()
 
@@ -176,7 +176,7 @@ class Handlers:
             ws = self.store.workspace(parent.workspace)
         else:
             ws = self._workspace(arg(args, "workspace", str))
-        self._check_access(peer, ws)
+        self._check_access(peer, ws.base)
         if meta:
             self.meta.check(meta, META_LIMIT)
         branch = self.store.create_branch(ws.name, name, parent_name)
@@ -212,7 +212,7 @@ class Handlers:
 
     async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        self._check_access(peer, self.store.workspace(branch.workspace))
+        self._check_access(peer, self.store.workspace(branch.workspace).base)
         changes = self.store.diff(branch.workspace, branch.name)
         out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
         if arg(args, "patch", bool, False):
@@ -243,7 +243,7 @@ class Handlers:
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        self._check_access(peer, self.store.workspace(branch.workspace))
+        self._check_access(peer, self.store.workspace(branch.workspace).base)
         if self.runs.kill_branch(branch.id):
             log.info("killed the remaining processes of %s before its commit", branch.name)
         result = self.store.commit(branch.workspace, branch.name)
@@ -253,7 +253,7 @@ class Handlers:
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        self._check_access(peer, self.store.workspace(branch.workspace))
+        self._check_access(peer, self.store.workspace(branch.workspace).base)
         removed = self.store.discard(branch.workspace, branch.name)
         self._ended(removed)
         return {"discarded": [b.name for b in removed]}
@@ -261,7 +261,7 @@ class Handlers:
     async def op_exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
-        self._check_access(peer, ws)
+        self._check_access(peer, ws.base)
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise RequestError("bad-request", "argv must be a non-empty list of strings")

@@ -57,3 +57,70 @@ def test_peer_credentials_refuse_other_uids(open_daemon: EmbeddedDaemon) -> None
         os.chmod(open_daemon.socket, 0o660)
     assert proc.returncode == ExitCode.PERMISSION, proc.stderr
     assert f"uid {NOBODY}" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[EmbeddedDaemon]:
+    """A daemon that lets uid 65534 connect (as a socket group would: mode 0666 here)."""
+    root = Path(tempfile.mkdtemp(prefix="branchd-shared-"))
+    root.chmod(0o755)
+    d = EmbeddedDaemon(root, args=["--allow-uid", str(NOBODY)]).start()
+    os.chmod(d.socket, 0o666)
+    try:
+        yield d
+    finally:
+        d.stop()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
+@pytest.fixture
+def dirs() -> Iterator[tuple[Path, Path]]:
+    """A workspace only root may use (0700) and one that nobody owns."""
+    top = Path(tempfile.mkdtemp(prefix="branchd-ws-"))
+    top.chmod(0o755)
+    private, theirs = top / "private", top / "theirs"
+    private.mkdir(mode=0o700)
+    (private / "secret").write_text("root's\n")
+    theirs.mkdir()
+    (theirs / "f").write_text("nobody's\n")
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chown(theirs / "f", NOBODY, NOBODY)
+    try:
+        yield private, theirs
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+
+
+def test_allowed_user_works_in_their_own_workspace(shared_daemon: EmbeddedDaemon,
+                                                   dirs: tuple[Path, Path]) -> None:
+    _, theirs = dirs
+    made = as_nobody(shared_daemon.socket, "create", "mine", "-w", str(theirs))
+    assert made.returncode == 0, made.stderr
+    write = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "sh", "-c", f"echo changed > {made.stdout.strip()}/f"], capture_output=True, text=True)
+    assert write.returncode == 0, write.stderr
+    done = as_nobody(shared_daemon.socket, "commit", "mine", "-w", str(theirs))
+    assert done.returncode == 0, done.stderr
+    assert (theirs / "f").read_text() == "changed\n"
+
+
+def test_allowed_user_cannot_branch_commit_or_read_others_workspace(
+        shared_daemon: EmbeddedDaemon, dirs: tuple[Path, Path]) -> None:
+    private, _ = dirs
+    proc = as_nobody(shared_daemon.socket, "create", "sneak", "-w", str(private))
+    assert proc.returncode == ExitCode.PERMISSION, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    # root branches it; nobody may neither commit, discard, diff nor read through the mount
+    env = {**os.environ, "BRANCHD_SOCKET": str(shared_daemon.socket)}
+    path = subprocess.run([sys.executable, "-m", "branching.cli", "create", "roots",
+                           "-w", str(private)], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for verb in ("commit", "discard", "diff"):
+        proc = as_nobody(shared_daemon.socket, verb, "roots")
+        assert proc.returncode == ExitCode.PERMISSION, (verb, proc.stderr)
+    read = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", "cat", f"{path}/secret"],
+                          capture_output=True, text=True)
+    assert read.returncode != 0 and "Permission denied" in read.stderr
+    assert (Path(path) / "secret").read_text() == "root's\n"  # still there for root
