@@ -206,11 +206,13 @@ def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str
 
 @cli.command()
 @_named
+@click.option("--force", is_flag=True,
+              help="Overwrite paths that changed in the parent outside the branch.")
 @pass_ctx
 @json_option
-def commit(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
+def commit(obj: Context, name: str, ws: str | None, force: bool) -> tuple[dict[str, Any], str]:
     """Apply the branch to its parent atomically; its siblings become stale."""
-    r = obj.client.call("commit", name=name, workspace=_workspace_name(ws))
+    r = obj.client.call("commit", name=name, workspace=_workspace_name(ws), force=force or None)
     into = r["into"] or "the workspace"
     text = f"committed {r['branch']} into {into}: {r['changes']} changes in {r['seconds']:.3f}s"
     if r["invalidated"]:

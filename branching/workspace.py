@@ -205,8 +205,10 @@ class Branch:
         )
         return RunResult.from_reply(self.workspace.client.call("wait", run=reply["run"]))
 
-    def commit(self) -> dict[str, Any]:
-        return self._call("commit")
+    def commit(self, *, force: bool = False) -> dict[str, Any]:
+        """Apply the branch to its parent; refused (code "conflict") if a path it would
+        replace changed in the parent since, unless ``force``."""
+        return self._call("commit", force=force or None)
 
     def abort(self) -> None:
         self._call("discard")

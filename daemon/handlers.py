@@ -246,7 +246,8 @@ class Handlers:
         self._check_access(peer, self.store.workspace(branch.workspace).base)
         if self.runs.kill_branch(branch.id):
             log.info("killed the remaining processes of %s before its commit", branch.name)
-        result = self.store.commit(branch.workspace, branch.name)
+        force = bool(arg(args, "force", bool, False))
+        result = self.store.commit(branch.workspace, branch.name, force=force)
         invalidated = [self.store.branch(branch.workspace, n) for n in result.invalidated]
         self._ended([branch, *invalidated])
         return result.to_dict()

@@ -168,3 +168,15 @@ def test_exec_at_workspace_path_writes_absolute_paths_into_the_branch(cli: CLI, 
     assert proc.stdout.splitlines() == [str(ws), "hello", "0"]  # sibling views hidden
     assert not (ws / "abs.txt").exists()
     assert [c["path"] for c in cli.json("diff", "abs1")["changes"]] == ["abs.txt"]
+
+
+def test_commit_refuses_to_overwrite_an_outside_change_unless_forced(cli: CLI, ws: Path) -> None:
+    p = Path(cli("create", "o1", "-w", str(ws)).stdout.strip())
+    (p / "README").write_text("branch\n")
+    (ws / "README").write_text("edited outside\n")
+    proc = cli("commit", "o1", check=ExitCode.CONFLICT)
+    assert "README" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert (ws / "README").read_text() == "edited outside\n"
+    assert (p / "README").read_text() == "branch\n"
+    cli("commit", "o1", "--force")
+    assert (ws / "README").read_text() == "branch\n"
