@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,3 +44,17 @@ def env_with_tests_path() -> dict[str, str]:
     here = str(Path(__file__).resolve().parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(
         [here, str(Path(here).parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+def interrupt_once_started(proc: subprocess.Popen[str], pids: Path, n: int = 2) -> str:
+    """Ctrl-C ``proc`` once ``n`` candidates wrote their pids; return its stderr.
+    The process is killed (and reaped) if it does not end by itself."""
+    try:
+        wait_for(lambda: len(list(pids.iterdir())) == n, "candidates to start")
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=SETTLE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 from pattern_candidates import hang
-from pattern_helpers import SETTLE, alive, env_with_tests_path, files, wait_for
+from pattern_helpers import (
+    SETTLE,
+    alive,
+    env_with_tests_path,
+    files,
+    interrupt_once_started,
+    wait_for,
+)
 
 from branching import EmbeddedDaemon, Workspace
 from branching.patterns import BestOfN, Command, Speculate
@@ -109,14 +114,7 @@ def test_ctrl_c_discards_branches_and_kills(daemon: EmbeddedDaemon, base: Path,
     """)
     proc = subprocess.Popen([sys.executable, "-c", program], env=env_with_tests_path(),
                             stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(list(pids.iterdir())) == 2, "candidates to start")
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=SETTLE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = interrupt_once_started(proc, pids)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     wait_for(lambda: not alive(pids), "the candidates' processes to die")
     assert files(base) == before

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from pattern_helpers import SETTLE, alive, files, wait_for
+from pattern_helpers import alive, files, interrupt_once_started, wait_for
 
 from branching import EmbeddedDaemon
 
@@ -102,14 +100,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing(daemon: EmbeddedDaemon, base: Path,
         [sys.executable, "-c", _MAIN, "--socket", str(daemon.socket), "speculate",
          "-w", str(base), "-j", "2", "-c", hang, "-c", hang],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(list(pids.iterdir())) == 2, "candidates to start")
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=SETTLE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = interrupt_once_started(proc, pids)
     assert proc.returncode == 130, err
     wait_for(lambda: not alive(pids), "the candidates' processes to die")
     assert files(base) == before
