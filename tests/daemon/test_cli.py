@@ -1,12 +1,14 @@
 """branchctl end to end: a real daemon, a real FUSE mount, real processes.
 
 Each test uses its own workspace directory; branch names are unique per test
-because the daemon is shared by the module.
+because the daemon is shared by the session.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,37 @@ def test_commit_refuses_to_overwrite_an_outside_change_unless_forced(cli: CLI, w
     assert (p / "README").read_text() == "branch\n"
     cli("commit", "o1", "--force")
     assert (ws / "README").read_text() == "branch\n"
+
+
+MMAP_READER = """
+import mmap, sys
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    print(m[:].decode(), end="", flush=True)   # fault the pages in
+    sys.stdin.readline()                       # ... the sibling commits meanwhile
+    print(m[:].decode(), end="", flush=True)
+"""
+
+
+def test_mmap_in_an_invalidated_branch_never_reads_the_new_parent(cli: CLI, ws: Path) -> None:
+    (ws / "mapped").write_text("base data\n")
+    loser = Path(cli("create", "mm1", "-w", str(ws)).stdout.strip())
+    winner = Path(cli("create", "mm2", "-w", str(ws)).stdout.strip())
+    (winner / "mapped").write_text("new parent\n")
+    with subprocess.Popen([sys.executable, "-c", MMAP_READER, str(loser / "mapped")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as reader:
+        try:
+            assert reader.stdout is not None and reader.stdin is not None
+            assert reader.stdout.readline() == "base data\n"
+            cli("commit", "mm2")
+            reader.stdin.write("go\n")
+            reader.stdin.flush()
+            rest = reader.stdout.read()
+            reader.wait(30)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+    # the loser's mapping shows its own data, or the access fails (SIGBUS): never the new file
+    assert "new parent" not in rest
+    assert rest == "base data\n" or reader.returncode != 0
+    assert (ws / "mapped").read_text() == "new parent\n"
