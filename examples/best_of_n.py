@@ -16,34 +16,24 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 from textstats_support import (
     ENV,
     FIXES,
     PROJECT,
-    apply_patch,
+    apply_and_score,
     conclude,
     copy_project,
-    run_tests,
 )
 
 from branching import Limits, Workspace
 from branching.patterns import BestOfN, Call
 
 
-def tests_passed(patch: Path, path: Path) -> float:
-    """One candidate, run inside its branch: apply ``patch``; its score is the tests passed."""
-    apply_patch(patch, path)
-    passed, total = run_tests(path)
-    print(f"{patch.name}: {passed}/{total} tests pass")
-    return float(passed)
-
-
 def main() -> int:
     workspace = copy_project()
     print(f"workspace: {workspace} (a copy of {PROJECT})")
-    candidates = [Call(functools.partial(tests_passed, patch), label=patch.name)
+    candidates = [Call(functools.partial(apply_and_score, patch), label=patch.name)
                   for patch in FIXES]
     best_of_n = BestOfN(candidates, timeout=60, env=ENV, max_parallel=len(candidates),
                         resource_limits=Limits(memory="128M", pids=64))

@@ -78,3 +78,11 @@ def conclude(workspace: Path, left: list[str], *, show_diff_header: bool = False
     if ok:
         shutil.rmtree(workspace.parent)
     return 0 if ok else 1
+
+
+def apply_and_score(patch: Path, path: Path) -> float:
+    """One candidate, run inside its branch: apply ``patch``; its score is the tests passed."""
+    apply_patch(patch, path)
+    passed, total = run_tests(path)
+    print(f"{patch.name}: {passed}/{total} tests pass")
+    return float(passed)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 from textstats_support import (
     ENV,
     FEATURES,
     FIXES,
     PROJECT,
-    apply_patch,
+    apply_and_score,
     conclude,
     copy_project,
     run_tests,
@@ -31,17 +30,9 @@ from branching import Limits, Workspace
 from branching.patterns import Call, CandidateResult, TreeOfThoughts
 
 
-def step(patch: Path, path: Path) -> float:
-    """One node, run inside its branch: apply ``patch``; its score is the tests passed."""
-    apply_patch(patch, path)
-    passed, total = run_tests(path)
-    print(f"{patch.name}: {passed}/{total} tests pass")
-    return float(passed)
-
-
 def features(node: CandidateResult) -> list[Call]:
     """The children of a level-1 fix: each feature patch, in a branch nested in the fix's."""
-    return [Call(functools.partial(step, patch), label=f"{node.label} + {patch.name}")
+    return [Call(functools.partial(apply_and_score, patch), label=f"{node.label} + {patch.name}")
             for patch in FEATURES]
 
 
@@ -57,7 +48,7 @@ def main() -> int:
     workspace = copy_project()
     print(f"workspace: {workspace} (a copy of {PROJECT})")
     search = TreeOfThoughts(
-        [Call(functools.partial(step, patch), label=patch.name) for patch in FIXES],
+        [Call(functools.partial(apply_and_score, patch), label=patch.name) for patch in FIXES],
         max_depth=2, expand=features, goal=all_pass,
         timeout=60, env=ENV, max_parallel=len(FIXES),
         resource_limits=Limits(memory="128M", pids=64),
