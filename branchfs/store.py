@@ -2,7 +2,8 @@
 
 Layout of a state directory (docs/format.md has the details)::
 
-    state.json              workspaces and branches, written with atomic_write
+    state.json              workspaces and branches: a snapshot (atomic_write)
+    state.log.<n>           branch records changed since snapshot <n> (appended)
     branches/<id>/upper/    the branch's delta (overlayfs upper-dir conventions)
     branches/<id>/work/     empty; temp copies; overlayfs's workdir
     branches/<id>/origins   what the delta hides of its parent (``origins``)
@@ -17,6 +18,7 @@ complete journal forward and drops an incomplete one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import backing, commit, diff, origins
-from .durable import TMP_SUFFIX, atomic_write, fsync_dir, syncfs
+from .durable import TMP_SUFFIX, atomic_write, fsync_dir, fsync_file, syncfs
 from .errors import (
     BadName,
     Conflict,
@@ -61,6 +63,17 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
+# Records of ended branches kept for error messages ("was committed by ...") and
+# `list --ended`; older ones are dropped so that state.json, which every change
+# of the branch tree rewrites, stays small.
+ENDED_KEPT = 256
+# Between snapshots, changes of branch records are appended to state.log.<n>
+# (n: the generation state.json names); past LOG_MAX lines a snapshot is taken.
+LOG_PREFIX = "state.log."
+LOG_MAX = 1000
+# A commit of at most this many steps fsyncs each entry and directory it
+# moves; a larger one calls syncfs once, which is cheaper than thousands of fsyncs.
+FSYNC_EACH_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -121,7 +134,7 @@ class Store:
 
     Invariants: at most one record per (workspace, branch name); an active
     branch's parent is active; every non-ended branch has its upper and work
-    dirs open (fds) and every workspace its base dir; ``state.json`` matches
+    dirs open (fds) and every workspace its base dir; ``state.json`` and its log match
     the records whenever a public method returns. Not thread-safe: one thread
     (the daemon's trio thread, which also runs the FUSE handlers) calls it.
     """
@@ -137,6 +150,9 @@ class Store:
         self._dir_fds: dict[str, tuple[int, int]] = {}  # id -> (upper fd, work fd)
         self._views: dict[str, View] = {}
         self._origins: dict[str, origins.Origins] = {}
+        self._log_gen = 0
+        self._log_fd = -1
+        self._log_lines = 0
         for sub in ("branches", "journal", "trash"):
             os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
         self._trash = _Trash(os.path.join(self.state_dir, "trash"))
@@ -144,6 +160,7 @@ class Store:
         self._open_fds()
         self._recover()
         self._sweep()
+        self._save()  # fold the log into a snapshot: a log only holds one open's changes
 
     # -- persistence --------------------------------------------------------
 
@@ -157,8 +174,51 @@ class Store:
             with open(self._path(STATE_FILE), "rb") as f:
                 data = json.load(f)
         except FileNotFoundError:
+            data = None
+        if data is not None:
+            self._set_state(data)
+            self._log_gen = data.get("log", 0)
+            self._replay(self._log_path())
+        for name in os.listdir(self.state_dir):  # logs a compaction superseded
+            if name.startswith(LOG_PREFIX) and self._path(name) != self._log_path():
+                os.unlink(self._path(name))
+        self._open_log()
+
+    def _log_path(self) -> str:
+        return self._path(f"{LOG_PREFIX}{self._log_gen}")
+
+    def _replay(self, path: str) -> None:
+        """Apply the log's records over the snapshot; a torn last line (a crash
+        in the middle of an append) is ignored."""
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
             return
-        self._set_state(data)
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if "set" in item:
+                self._recs[item["set"]["id"]] = _Rec(**item["set"])
+            else:
+                self._recs.pop(item["drop"], None)
+
+    def _open_log(self) -> None:
+        self._log_fd = os.open(self._log_path(),
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._log_lines = 0
+
+    def _log(self, changed: list[_Rec], dropped: tuple[str, ...] = ()) -> None:
+        """Make a change of some branch records durable by appending them to
+        the log (one write, one fdatasync) instead of rewriting state.json."""
+        items = [{"drop": bid} for bid in dropped] + [{"set": vars(r)} for r in changed]
+        os.write(self._log_fd, b"".join(_dumps(i) + b"\n" for i in items))
+        os.fdatasync(self._log_fd)
+        self._log_lines += len(items)
+        if self._log_lines > LOG_MAX:
+            self._save()
 
     def _set_state(self, data: dict[str, Any]) -> None:
         if data.get("version") != STATE_VERSION:
@@ -171,12 +231,27 @@ class Store:
     def _state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
+            "log": self._log_gen,
             "workspaces": [w.to_dict() for w in self._ws.values()],
             "branches": [vars(r).copy() for r in self._recs.values()],
         }
 
     def _save(self) -> None:
-        atomic_write(self._path(STATE_FILE), json.dumps(self._state(), indent=1).encode())
+        """Write the whole state as a new snapshot that starts a new, empty log
+        (the old log is removed after the snapshot that supersedes it is durable)."""
+        self._prune()
+        old = self._log_path()
+        self._log_gen += 1
+        atomic_write(self._path(STATE_FILE), _dumps(self._state()))
+        os.close(self._log_fd)
+        os.unlink(old)
+        self._open_log()
+
+    def _prune(self) -> None:
+        """Forget all but the ENDED_KEPT newest ended records (dicts keep creation order)."""
+        ended = [r.id for r in self._recs.values() if r.status in ENDED]
+        for bid in ended[:max(0, len(ended) - ENDED_KEPT)]:
+            del self._recs[bid]
 
     def subscribe(self, callback: Callable[[Event], None]) -> None:
         """Call *callback* after every change of the branch tree."""
@@ -271,9 +346,15 @@ class Store:
                 continue
             with open(path, "rb") as f:
                 journal = json.load(f)
-            self._apply_journal(journal, path)
-            msg = (f"completed the interrupted commit of branch {journal['name']} "
-                   f"in workspace {journal['workspace']}")
+            done = self._recs.get(journal["branch"])
+            if done is None or done.status == COMMITTED:
+                os.unlink(path)  # applied; only its removal was not durable yet
+                msg = (f"removed the journal of the completed commit of branch "
+                       f"{journal['name']} in workspace {journal['workspace']}")
+            else:
+                self._apply_journal(journal, path)
+                msg = (f"completed the interrupted commit of branch {journal['name']} "
+                       f"in workspace {journal['workspace']}")
             log.warning("%s", msg)
             self.recovered.append(msg)
         fsync_dir(jdir)
@@ -427,6 +508,7 @@ class Store:
             if any(c.status not in ENDED for c in self._descendants(old)):
                 raise Exists(f"ended branch {name} still has live children")
             del self._recs[old.id]
+        dropped = (old.id,) if old is not None else ()
         bid = secrets.token_hex(8)
         root = self._path("branches", bid)
         os.mkdir(root, 0o700)
@@ -447,7 +529,7 @@ class Store:
                    created=time.time())
         self._recs[bid] = rec
         self._open_fds()
-        self._save()
+        self._log([rec], dropped)
         b = self._branch(rec)
         self._emit(Event("branch-created", workspace, b))
         return b
@@ -542,11 +624,11 @@ class Store:
             log.warning("branch %s predates origin records: its commit is not checked "
                         "for outside changes", name)
         try:
-            syncfs(upper)
             steps = commit.plan(upper, target, r.parent_id is None, check)
             if check is not None and check.conflicts:
                 self._refuse(r, check.conflicts)
             self._check_space(upper, target.layers[0], steps, name)
+            few = _sync_sources(upper, steps)
         except OSError as exc:
             _raise_os(exc, f"planning the commit of {name}")
         invalidated: list[_Rec] = []
@@ -556,21 +638,20 @@ class Store:
                     and s.status == ACTIVE):
                 invalidated.append(s)
                 invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
-        old_state = self._state()
-        r.status, r.note = COMMITTED, ""
-        for s in invalidated:
-            s.status, s.note = INVALIDATED, note
-        new_state = self._state()
-        self._set_state(old_state)  # records change once the journal is durable
-        journal = {"version": 1, "branch": r.id, "name": name, "workspace": workspace,
-                   "target": r.parent_id, "steps": steps, "state": new_state,
+        r_new = dataclasses.replace(r, status=COMMITTED, note="")
+        changed = [r_new, *(dataclasses.replace(s, status=INVALIDATED, note=note)
+                            for s in invalidated)]
+        # the records change once the journal is durable
+        journal = {"version": 2, "branch": r.id, "name": name, "workspace": workspace,
+                   "target": r.parent_id, "steps": steps,
+                   "records": [vars(c) for c in changed],
                    "origins": mine.for_parent() if r.parent_id is not None else []}
         jpath = self._path("journal", f"commit-{r.id}.json")
-        atomic_write(jpath, json.dumps(journal).encode(),
+        atomic_write(jpath, _dumps(journal),
                      before_replace=lambda: commit.crash_point("journal-tmp"))
         commit.crash_point("journal")
         try:
-            self._apply_journal(journal, jpath)
+            self._apply_journal(journal, jpath, few=few)
         except OSError as exc:
             _raise_os(exc, f"committing {name} (its journal is replayed at the next open)")
         result = CommitResult(
@@ -608,7 +689,10 @@ class Store:
             raise NoSpace(f"committing {name} copies {need} bytes to another filesystem "
                           f"that has {free} bytes free")
 
-    def _apply_journal(self, journal: dict[str, Any], jpath: str) -> None:
+    def _apply_journal(self, journal: dict[str, Any], jpath: str, *, few: bool = False) -> None:
+        """Apply a durable journal's steps, make them durable, then its records.
+        *few*: the moved entries are files and few (``_sync_sources`` said so),
+        so fsyncs of the directories touched replace a syncfs."""
         bid = journal["branch"]
         upper = self._dir_fds[bid][0] if bid in self._dir_fds else None
         if upper is not None:
@@ -624,29 +708,36 @@ class Store:
                 for i, step in enumerate(journal["steps"], 1):
                     commit.apply_step(step, upper, target, grave)
                     commit.crash_point("step", i)
+                commit.crash_point("steps")
+                if journal.get("origins"):
+                    self._origins_of(journal["target"]).adopt(journal["origins"])
+                if few and same_fs:
+                    _sync_dirs(target.layers[0], journal["steps"])
+                    os.fsync(gfd)
+                    if journal.get("origins"):
+                        fsync_file(self._path("branches", journal["target"], origins.FILE))
+                else:
+                    syncfs(target.layers[0])
             finally:
                 os.close(gfd)
-            commit.crash_point("steps")
-            if journal.get("origins"):
-                self._origins_of(journal["target"]).adopt(journal["origins"])
-            syncfs(target.layers[0])
             self._trash.put(gname)
-        self._set_state(journal["state"])
-        self._save()
+        changed = [_Rec(**c) for c in journal["records"]]
+        for c in changed:
+            self._recs[c.id] = c
+        self._log(changed)
         commit.crash_point("state")
         for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
             self._close_branch_fds(stale)
         self._views.clear()  # layer lists of the survivors are rebuilt on demand
         self._to_trash(bid)
-        os.unlink(jpath)
-        fsync_dir(os.path.dirname(jpath))
+        os.unlink(jpath)  # not fsynced: _recover knows an applied journal by its branch's record
 
     def discard(self, workspace: str, name: str) -> list[Branch]:
         r = self._get(workspace, name)
         gone = [r, *(d for d in self._descendants(r) if d.status not in ENDED)]
         for g in gone:
             g.status, g.note = DISCARDED, ""
-        self._save()
+        self._log(gone)
         for g in gone:
             self._close_branch_fds(g.id)
             self._to_trash(g.id)
@@ -661,7 +752,58 @@ class Store:
         for fd in self._base_fds.values():
             os.close(fd)
         self._base_fds.clear()
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
         self._trash.close()
+
+
+def _sync_sources(upper: int, steps: list[commit.Step]) -> bool:
+    """Make what the moves of *steps* take from *upper* durable before the
+    journal names it. For a few files: an fsync of each and of its directory
+    (True); for many entries or a directory moved whole: one syncfs (False)."""
+    moves = [tuple(s[1].split("/")) for s in steps if s[0] == "move"]
+    if len(steps) > FSYNC_EACH_MAX:
+        syncfs(upper)
+        return False
+    for parent in {m[:-1] for m in moves}:
+        dfd = backing.open_dir(upper, parent)
+        try:
+            for m in moves:
+                if m[:-1] != parent:
+                    continue
+                st = backing.lstat_at(dfd, m[-1])
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    syncfs(upper)
+                    return False
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    fd = os.open(m[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return True
+
+
+def _sync_dirs(root: int, steps: list[commit.Step]) -> None:
+    """fsync every directory under *root* that the applied *steps* changed."""
+    dirs = {tuple(s[1].split("/"))[:-1] for s in steps}
+    dirs |= {tuple(s[1].split("/")) for s in steps if s[0] == "dir"}
+    for parts in dirs:
+        fd = backing.open_dir(root, parts)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    """Compact JSON: the C encoder (``indent`` would take the pure-Python one,
+    10x slower, and every create and discard writes the whole state)."""
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _within(path: str, root: str) -> bool:
