@@ -25,8 +25,8 @@ import logging
 import os
 import queue
 import secrets
-import shutil
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -104,8 +104,10 @@ class _Rec:
 
 
 class _Trash:
-    """Deletes ended deltas in one background thread; what it has not finished
-    is found again in trash/ at the next open."""
+    """Deletes ended deltas in the background, one ``rm -rf`` child at a time
+    at the lowest CPU priority (a thread running shutil.rmtree would hold the
+    GIL the FUSE handlers need); what it has not finished is found again in
+    trash/ at the next open."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -120,7 +122,12 @@ class _Trash:
 
     def _run(self) -> None:
         while (name := self._queue.get()) is not None:
-            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+            path = os.path.join(self.path, name)
+            try:
+                subprocess.run(["nice", "-n", "19", "rm", "-rf", "--", path], check=True,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                log.warning("could not empty %s (retried at the next open): %s", path, exc)
 
     def close(self) -> None:
         if self._thread is not None:
