@@ -11,7 +11,9 @@ with the same result, so a journaled plan rolls forward:
   target directory, rename it into place, then remove the source. *strip*
   removes whiteouts and opaque marks inside the moved tree (the base gets no
   overlay artefacts); *opaque* marks the moved directory opaque in a parent's
-  upper dir where a lower layer still has that name.
+  upper dir where a lower layer still has that name. Whatever else a kernel
+  overlay wrote (``user.overlay.origin``, ``impure``...: it names the layers of
+  one mount) is removed from every moved entry, into the base or a parent.
 - ``["delete", R]``: remove R from the target (a directory with its content).
 - ``["whiteout", R]``: in a parent's upper dir, replace R by a whiteout.
 - ``["dir", R, meta]``: give the existing target directory R the branch's
@@ -31,7 +33,7 @@ import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import backing
+from . import backing, overlay
 from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
 from .view import Parts, View
 
@@ -223,8 +225,7 @@ def _move(src_root: int, rel: Parts, tdir: int, grave: Graveyard, *, strip: bool
         st = lstat_at(sdir, name)
         if st is None:
             return  # applied before a crash
-        if stat.S_ISDIR(st.st_mode) and (strip or opaque):
-            _prepare_dir(sdir, name, strip=strip, opaque=opaque)
+        _prepare(sdir, name, st, strip=strip, opaque=opaque)
         tst = lstat_at(tdir, name)
         if tst is not None:
             if stat.S_ISDIR(tst.st_mode) or stat.S_ISDIR(st.st_mode):
@@ -241,24 +242,30 @@ def _move(src_root: int, rel: Parts, tdir: int, grave: Graveyard, *, strip: bool
         os.close(sdir)
 
 
-def _prepare_dir(sdir: int, name: str, *, strip: bool, opaque: bool) -> None:
-    """Make the source tree ready to land in the target: for the base drop every
-    overlay artefact inside it; for a parent's upper dir set the opaque mark.
-    Done on the source side, before the rename, so a replay repeats it."""
+def _prepare(sdir: int, name: str, st: os.stat_result, *, strip: bool, opaque: bool) -> None:
+    """Make the source entry ready to land in the target: drop a kernel overlay's
+    xattrs everywhere in it; for the base also every whiteout and opaque mark;
+    for a parent's upper dir set the opaque mark where asked. Done on the source
+    side, before the rename, so a replay repeats it."""
+    if is_whiteout(st):
+        return
+    overlay.drop_kernel_xattrs(sdir, name)
+    if not stat.S_ISDIR(st.st_mode):
+        return
     if opaque:
         backing.set_opaque_at(sdir, name)
-        return
-    backing.clear_opaque_at(sdir, name)
+    elif strip:
+        backing.clear_opaque_at(sdir, name)
     fd = os.open(name, DIR_FLAGS, dir_fd=sdir)
     try:
         for child in os.listdir(fd):
-            st = lstat_at(fd, child)
-            if st is None:
+            cst = lstat_at(fd, child)
+            if cst is None:
                 continue
-            if is_whiteout(st):
+            if strip and is_whiteout(cst):
                 os.unlink(child, dir_fd=fd)
-            elif stat.S_ISDIR(st.st_mode):
-                _prepare_dir(fd, child, strip=True, opaque=False)
+            else:
+                _prepare(fd, child, cst, strip=strip, opaque=False)
     finally:
         os.close(fd)
 

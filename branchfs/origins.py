@@ -8,11 +8,19 @@ replaces or deletes is compared with its record; a difference means the
 parent changed there since the branch looked (a change made to the base
 directly, or by the parent branch itself), and the commit would overwrite it.
 
+A kernel overlay serving the branch (``branchfs.overlay``) copies up without
+telling us, so a path may be hidden without a record. The log's first line
+therefore holds a *stamp*, a ctime the kernel gave out as the branch was made:
+at commit, an unrecorded path whose target entry has a ctime at or after the
+stamp changed after the branch began (ctime cannot be set by users; rename,
+link, chmod and writes all move it) and counts as an outside change. An
+unrecorded entry older than the stamp is what the branch saw.
+
 The records live in ``branches/<id>/origins``, an append-only log of JSON
-arrays, one a line: ``[path, layer, type, dev, ino, size, mtime_ns,
-ctime_ns]`` sets a record, ``[path]`` drops the records of *path* and of
-everything below it. A torn last line (a crash in the middle of an append) is
-ignored. The log is not fsynced per line, like the upper dir next to it;
+values, one a line: ``{"stamp": ctime_ns}`` first, then ``[path, layer, type,
+dev, ino, size, mtime_ns, ctime_ns]`` sets a record, ``[path]`` drops the
+records of *path* and of everything below it. A torn last line (a crash in
+the middle of an append) is ignored. The log is not fsynced per line, like the upper dir next to it;
 commit's ``syncfs`` of the branch's filesystem makes both durable.
 """
 
@@ -71,12 +79,15 @@ class Origins:
     a path hidden again is recorded again, so a record left behind for a path
     no longer hidden does not stand for it. ``tracked`` is False for a branch made before
     records were kept (no log file): nothing is recorded or checked for it.
+    ``stamp`` (None in logs older than it) is a kernel ctime no earlier than
+    any change the branch could have seen when it was made.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._root = _Node()
         self._fd: int | None = None
+        self.stamp: int | None = None
         self.tracked = os.path.exists(path)
         if not self.tracked:
             return
@@ -84,6 +95,9 @@ class Origins:
             lines = f.read().split(b"\n")
         for line in lines[:-1]:  # the part after the last newline is torn or empty
             item = json.loads(line)
+            if isinstance(item, dict):
+                self.stamp = item["stamp"]
+                continue
             parts = item[0].split("/")
             if len(item) == 1:
                 self._drop(parts)
@@ -96,8 +110,18 @@ class Origins:
 
     @staticmethod
     def create(path: str) -> None:
-        """Start the (empty) log of a new branch."""
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        """Start the log of a new branch with its stamp."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            # Asking for the ctime makes the next one fine-grained (Linux 6.13+
+            # multigrain timestamps) and moves the kernel's floor past it: every
+            # change made later, to any file, gets a ctime at least this one.
+            os.fstat(fd)
+            os.utime(fd)
+            stamp = os.fstat(fd).st_ctime_ns
+            os.write(fd, b'{"stamp":%d}\n' % stamp)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -219,7 +243,14 @@ class Check:
             self._compare(tuple(parts), te.st, moving=False)
 
     def _compare(self, parts: tuple[str, ...], st: os.stat_result | None, moving: bool) -> None:
-        if not same(self.origins.get(parts), st):
+        rec = self.origins.get(parts)
+        stamp = self.origins.stamp
+        if rec is None and st is not None and stamp is not None:
+            # unrecorded (a kernel copy-up): as it was, unless changed since the branch began
+            unchanged = st.st_ctime_ns < stamp
+        else:
+            unchanged = same(rec, st)
+        if not unchanged:
             self.conflicts.append("/".join(parts))
             return
         if st is None or not stat.S_ISDIR(st.st_mode):

@@ -172,6 +172,12 @@ class Branch:
         return str(self.info["status"])
 
     @property
+    def backend(self) -> str:
+        """What serves the branch now: "overlay" (a kernel overlay mount at ``path``)
+        or "fuse" (the daemon's FUSE mount); asked of the daemon at each use."""
+        return str(self.info.get("backend", "fuse"))
+
+    @property
     def meta(self) -> dict[str, Any]:
         return dict(self.info.get("meta") or {})
 

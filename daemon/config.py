@@ -27,6 +27,7 @@ class Config:
     # peers other than the daemon's own uid (and root) that may connect
     allow_uids: frozenset[int] = frozenset()
     debug_fuse: bool = False
+    backend: str = "auto"  # auto | fuse | overlay (daemon.overlays)
 
     def resolve(self) -> Config:
         self.state_dir = self.state_dir.expanduser().absolute()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,6 +25,9 @@ import cgroups
 from daemon.meta import MetaStore
 from daemon.protocol import VERSION
 from daemon.runs import RunTable
+
+if TYPE_CHECKING:
+    from daemon.overlays import Overlays
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class Handlers:
         runs: RunTable,
         meta: MetaStore,
         nursery: trio.Nursery,
+        overlays: Overlays,
         *,
         mountpoint: Path,
         socket_path: Path,
@@ -78,6 +82,7 @@ class Handlers:
         self.runs = runs
         self.meta = meta
         self.nursery = nursery
+        self.overlays = overlays
         self.mountpoint = mountpoint
         self.socket_path = socket_path
         self.on_change = on_change
@@ -123,6 +128,7 @@ class Handlers:
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
+        out["backend"] = self.overlays.backend_of(branch.id)
         out["meta"] = self.meta.get(branch.id)
         return out
 
@@ -152,6 +158,8 @@ class Handlers:
             "workspaces": len(self.store.workspaces()),
             "branches": len(self.store.branches()),
             "runs_active": self.runs.active(),
+            "backend": self.overlays.backend,
+            "backend_reason": self.overlays.reason,
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
             "recovered": list(self.store.recovered),
@@ -182,6 +190,7 @@ class Handlers:
         branch = self.store.create_branch(ws.name, name, parent_name)
         if meta:
             self.meta.set(branch.id, meta)
+        await self.overlays.serve(branch)
         self.on_change()
         return self.describe(branch)
 
@@ -247,14 +256,25 @@ class Handlers:
         if self.runs.kill_branch(branch.id):
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
-        result = self.store.commit(branch.workspace, branch.name, force=force)
+        # The kernel must not write the upper dir while the commit moves it away.
+        self.overlays.detach([branch])
+        try:
+            result = self.store.commit(branch.workspace, branch.name, force=force)
+        except BaseException:
+            if self.store.status(branch.id) == "active":  # refused: still the user's
+                await self.overlays.serve(branch)
+            raise
         invalidated = [self.store.branch(branch.workspace, n) for n in result.invalidated]
+        self.overlays.detach(invalidated)
+        if branch.parent is not None:  # its upper dir changed behind the kernel's back
+            await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
         self._ended([branch, *invalidated])
         return result.to_dict()
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         self._check_access(peer, self.store.workspace(branch.workspace).base)
+        self.overlays.detach(self.overlays.subtree(branch))
         removed = self.store.discard(branch.workspace, branch.name)
         self._ended(removed)
         return {"discarded": [b.name for b in removed]}

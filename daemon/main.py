@@ -12,6 +12,8 @@ import trio
 
 from daemon import service
 from daemon.config import Config
+from daemon.overlays import CHOICES
+from daemon.protocol import ERROR_EXIT
 
 # syslog priorities for journald's "<N>" line prefixes
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -47,9 +49,16 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     p.add_argument("--log-level", default=os.environ.get("BRANCHD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    p.add_argument("--backend", default=os.environ.get("BRANCHD_BACKEND", "auto"),
+                   help="what serves the branches: auto (a kernel overlay where a probe "
+                   "mount works, else FUSE), fuse or overlay; default $BRANCHD_BACKEND or auto")
     a = p.parse_args(argv)
+    if a.backend not in CHOICES:
+        p.error(f"--backend (or BRANCHD_BACKEND) must be one of {', '.join(CHOICES)}, "
+                f"not {a.backend!r}")
     cfg = Config(state_dir=a.state_dir, mountpoint=a.mountpoint, socket=a.socket,
-                 allow_uids=frozenset(a.allow_uid), debug_fuse=a.debug_fuse)
+                 allow_uids=frozenset(a.allow_uid), debug_fuse=a.debug_fuse,
+                 backend=a.backend)
     return cfg.resolve(), a.log_level
 
 
@@ -66,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         print(f"branchd: error: {e}", file=sys.stderr)
-        return 4 if code in ("busy", "conflict") else 1
+        # busy: another daemon (4); unavailable: the asked-for backend cannot work (5)
+        return ERROR_EXIT[code] if code in ("busy", "conflict", "unavailable") else 1
     return 0
 
 

@@ -1,7 +1,8 @@
 """The daemon's life: open the state, mount, listen, announce readiness, shut down cleanly.
 
 Teardown order is explicit (one nursery inside one exit stack): stop accepting
-requests, kill every candidate process, unmount, close the state.
+requests, detach the branches' overlays, kill every candidate process, unmount
+FUSE, close the state.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from daemon.config import Config
 from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
 from daemon.notify import Notifier
+from daemon.overlays import Overlays, choose
 from daemon.runs import RunTable
 from daemon.server import bind_socket, serve_control
 
@@ -77,23 +80,32 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             log.warning("%s", warning)
         runs = RunTable(cfg.state_dir, cfg.mountpoint, manager)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
+        backend, why = choose(cfg.backend, cfg.state_dir)
+        log.info("backend %s: %s", backend, why)
+        overlays = Overlays(store, cfg.mountpoint, backend, why)
+        stack.callback(overlays.close)  # whatever ended the nursery: never leave one behind
 
         async with trio.open_nursery() as nursery:
+
+            def stop() -> None:
+                overlays.close()  # before the FUSE mount they sit on goes
+                nursery.cancel_scope.cancel()
 
             def report() -> None:
                 notifier.status(f"{len(store.workspaces())} workspaces, "
                                 f"{len(store.branches())} branches, {runs.active()} runs")
 
             handlers = Handlers(
-                store, runs, meta, nursery,
+                store, runs, meta, nursery, overlays,
                 mountpoint=cfg.mountpoint, socket_path=cfg.socket,
-                on_change=report, shutdown=nursery.cancel_scope.cancel,
+                on_change=report, shutdown=stop,
             )
             await nursery.start(_serve_fs, store, cfg)
+            await overlays.serve_all()
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids)
-            await nursery.start(_signals, nursery.cancel_scope)
-            log.info("branchd ready: mount %s, socket %s, cgroups %s",
-                     cfg.mountpoint, cfg.socket, manager.layout.kind)
+            await nursery.start(_signals, stop)
+            log.info("branchd ready: mount %s, socket %s, cgroups %s, backend %s",
+                     cfg.mountpoint, cfg.socket, manager.layout.kind, backend)
             notifier.ready(f"{len(store.workspaces())} workspaces, "
                            f"{len(store.branches())} branches")
         notifier.stopping()
@@ -105,7 +117,7 @@ async def _serve_fs(store: branchfs.Store, cfg: Config, *,
     await branchfs.serve(store, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
 
 
-async def _signals(scope: trio.CancelScope, *,
+async def _signals(stop: Callable[[], None], *,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()  # before READY=1: a SIGTERM right after it must be ours
@@ -114,7 +126,7 @@ async def _signals(scope: trio.CancelScope, *,
                 _toggle_debug()
                 continue
             log.info("received %s", signal.Signals(signum).name)
-            scope.cancel()
+            stop()
             return
 
 

@@ -1,0 +1,153 @@
+"""Which backend serves each branch: the daemon's FUSE mount, or a kernel overlay.
+
+With the overlay backend (chosen at start-up by a probe mount, see ``choose``),
+every active branch gets a kernel overlayfs mount of its delta, mounted on the
+branch's own directory inside the FUSE mount, ``<mountpoint>/<ws>/<branch>``:
+the path users were given stays the same, and everything below it is served
+by the kernel at native speed. The FUSE mount still serves the directories
+above it, ended branches (ESTALE) and any branch whose overlay could not be
+mounted.
+
+Mounting resolves the target path through our own FUSE mount, so it runs on a
+worker thread (the trio thread answers those lookups). Every other operation
+goes through an ``O_PATH`` descriptor of the overlay's root, kept from the
+mount on: ``umount2("/proc/self/fd/N")`` reaches the overlay without a FUSE
+lookup, so detaching is safe from the trio thread, during shutdown included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import trio
+
+import branchfs
+from branchfs import overlay
+from daemon.handlers import RequestError
+
+log = logging.getLogger(__name__)
+
+FUSE = "fuse"
+OVERLAY = "overlay"
+CHOICES = ("auto", FUSE, OVERLAY)
+PROBE_DIR = "overlay-probe"
+
+
+def choose(wanted: str, state_dir: Path) -> tuple[str, str]:
+    """The backend for *wanted* (auto, fuse or overlay) and why, in words for the log.
+    ``overlay`` where no overlay can be mounted raises RequestError("unavailable")."""
+    if wanted == FUSE:
+        return FUSE, "--backend fuse was asked for"
+    scratch = state_dir / PROBE_DIR
+    shutil.rmtree(scratch, ignore_errors=True)  # a probe interrupted by a crash
+    why_not = overlay.probe(str(scratch))
+    if why_not is None:
+        return OVERLAY, f"a probe overlay mount in {state_dir} succeeded"
+    if wanted == OVERLAY:
+        raise RequestError("unavailable", f"the overlay backend cannot work here: {why_not}")
+    return FUSE, f"no kernel overlay here ({why_not})"
+
+
+class Overlays:
+    """The overlay mounts of the active branches.
+
+    Invariant: ``_roots[bid]`` is an O_PATH fd on the root of the overlay mounted
+    for branch *bid* at its path; a branch without an entry is served by FUSE.
+    A branch is detached before anything changes its upper dir behind the
+    kernel's back (commit, discard) and mounted again when it stays active.
+    """
+
+    def __init__(self, store: branchfs.Store, mountpoint: Path, backend: str,
+                 reason: str = "") -> None:
+        self.store = store
+        self.mountpoint = mountpoint
+        self.backend = backend
+        self.reason = reason
+        self._roots: dict[str, int] = {}
+        self._limiter = trio.CapacityLimiter(4)
+
+    def backend_of(self, bid: str) -> str:
+        return OVERLAY if bid in self._roots else FUSE
+
+    def path_of(self, branch: branchfs.Branch) -> str:
+        return str(self.mountpoint / branch.workspace / branch.name)
+
+    async def serve(self, branch: branchfs.Branch) -> None:
+        """Mount the overlay of an active branch (the overlay backend only). A
+        branch the kernel refuses stays on FUSE, with a warning."""
+        if self.backend != OVERLAY or branch.id in self._roots:
+            return
+        view = self.store.view(branch.workspace, branch.name)
+        assert view.work is not None
+        # Our own duplicates: the store may close its fds while the thread mounts.
+        fds = [os.dup(fd) for fd in (*view.layers, view.work)]
+        target = self.path_of(branch)
+        try:
+            root = await trio.to_thread.run_sync(
+                _mount, target, fds[0], fds[-1], fds[1:-1], limiter=self._limiter)
+        except OSError as exc:
+            log.warning("branch %s/%s stays on FUSE: %s", branch.workspace, branch.name, exc)
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if self.store.status(branch.id) != "active":  # ended while we were mounting
+            _detach(root, target)
+            return
+        self._roots[branch.id] = root
+        log.debug("branch %s/%s served by overlay at %s", branch.workspace, branch.name, target)
+
+    def detach(self, branches: list[branchfs.Branch]) -> None:
+        """Detach the overlays of *branches* (processes still in them keep what they
+        hold open; new path lookups reach the FUSE directory again)."""
+        for b in branches:
+            root = self._roots.pop(b.id, None)
+            if root is not None:
+                _detach(root, self.path_of(b))
+
+    def subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
+        """*branch* and its live descendants, parents first."""
+        live = [b for b in self.store.branches(branch.workspace) if b.status == "active"]
+        out = [branch]
+        for b in out:
+            out.extend(c for c in live if c.parent == b.name)
+        return out
+
+    async def remount(self, branch: branchfs.Branch) -> None:
+        """Serve an active branch afresh: its upper dir changed behind the kernel."""
+        if branch.id in self._roots:
+            self.detach([branch])
+            await self.serve(branch)
+
+    async def serve_all(self) -> None:
+        """At start-up: an overlay for every active branch."""
+        for b in self.store.branches():
+            if b.status == "active":
+                await self.serve(b)
+        if self.backend == OVERLAY:
+            log.info("%d branches served by overlay", len(self._roots))
+
+    def close(self) -> None:
+        """Detach every overlay: before the FUSE mount they sit on goes."""
+        for bid, root in list(self._roots.items()):
+            _detach(root, bid)
+        self._roots.clear()
+
+
+def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
+    """On a worker thread: mount, then hold the new mount's root."""
+    overlay.mount(target, upper, work, lowers)
+    return os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _detach(root: int, what: str) -> None:
+    try:
+        if not overlay.detach(overlay.fd_path(root), follow=True):
+            log.debug("overlay of %s was already detached", what)
+    except OSError as exc:
+        log.error("cannot detach the overlay of %s: %s", what, exc)
+    finally:
+        os.close(root)
