@@ -10,7 +10,6 @@ Names are imported on first use, so that ``branchctl`` (which imports
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOMES = {
@@ -55,7 +54,9 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'branching' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    from importlib import import_module
+
+    value = getattr(import_module(home), name)
     globals()[name] = value
     return value
 

@@ -3,6 +3,11 @@
 Data goes to stdout (a table, or JSON with ``--json``), logs and errors to
 stderr, one line each. Exit codes are those of ``daemon.protocol.ExitCode``;
 ``exec`` passes its command's own status through (124 on timeout).
+
+A command starts in tens of milliseconds because this module imports only click
+and the protocol client: what one command alone needs (cgroups' limits for
+``exec``, the patterns and rich for the pattern commands) loads when it runs.
+``tests/test_cli_imports.py`` holds that property.
 """
 
 from __future__ import annotations
@@ -13,16 +18,21 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from branching.client import Client
 from branching.errors import BranchError
-from cgroups import Limits, parse_size
 from daemon.protocol import ExitCode
 
+if TYPE_CHECKING:
+    from cgroups import Limits
+
 TIMEOUT_EXIT = 124  # as timeout(1)
+# One instance for every directory option: each click.Path looks up its translated
+# messages when made, a few hundred microseconds apiece at every start.
+DIRECTORY = click.Path(file_okay=False, readable=False)
 
 
 class Context:
@@ -65,8 +75,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 class Group(click.Group):
-    """The pattern commands (and the patterns, rich, psutil behind them) load only when
-    one of them runs or help lists them: every other command starts in tens of ms."""
+    """The pattern commands' module loads only when one of them runs or help lists them
+    (the patterns, rich and psutil behind them only when one runs)."""
 
     PATTERNS = ("best-of-n", "reflexion", "run", "speculate")
 
@@ -118,7 +128,7 @@ def workspace() -> None:
 
 
 @workspace.command("add")
-@click.argument("path", type=click.Path(file_okay=False, readable=False))
+@click.argument("path", type=DIRECTORY)
 @click.option("--name", help="Name under the mountpoint (default: the directory's name).")
 @pass_ctx
 @json_option
@@ -137,7 +147,7 @@ def workspace_list(obj: Context) -> tuple[dict[str, Any], str]:
 
 @cli.command()
 @click.argument("name")
-@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False),
+@click.option("--workspace", "-w", "ws", type=DIRECTORY,
               help="The workspace directory (default: the current directory).")
 @click.option("--from", "parent", help="Branch from this branch instead of the workspace.")
 @pass_ctx
@@ -159,13 +169,13 @@ def _workspace_name(ws: str | None) -> str | None:
 
 def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
     """NAME and ``--workspace`` for commands about one existing branch."""
-    fn = click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False),
+    fn = click.option("--workspace", "-w", "ws", type=DIRECTORY,
                       help="Only needed when NAME exists in several workspaces.")(fn)
     return click.argument("name")(fn)
 
 
 @cli.command("list")
-@click.option("--workspace", "-w", "ws", type=click.Path(file_okay=False, readable=False))
+@click.option("--workspace", "-w", "ws", type=DIRECTORY)
 @click.option("--all", "show_all", is_flag=True, help="Include committed and discarded ones.")
 @pass_ctx
 @json_option
@@ -173,7 +183,12 @@ def list_(obj: Context, ws: str | None, show_all: bool) -> tuple[dict[str, Any],
     """List branches."""
     bs = obj.client.call("list", workspace=_workspace_name(ws), all=show_all)["branches"]
     rows = [[b["name"], b["workspace"], b["parent"] or "-", b["status"], b["path"]] for b in bs]
-    return {"branches": bs}, _table(rows, ["NAME", "WORKSPACE", "PARENT", "STATUS", "PATH"])
+    header = ["NAME", "WORKSPACE", "PARENT", "STATUS", "PATH"]
+    if any(b.get("backend") for b in bs):  # a daemon that serves branches more than one way
+        header.insert(4, "BACKEND")
+        for row, b in zip(rows, bs, strict=True):
+            row.insert(4, b.get("backend") or "-")
+    return {"branches": bs}, _table(rows, header)
 
 
 @cli.command()
@@ -245,6 +260,8 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def limits_from(memory: str | None, cpus: float | None, pids: int | None,
                 io_weight: int | None, timeout: float | None) -> Limits:
+    from cgroups import Limits, parse_size  # cgroups' package loads logging and subprocess
+
     try:
         return Limits(memory=parse_size(memory) if memory else None, cpus=cpus, pids=pids,
                       io_weight=io_weight, timeout=timeout)

@@ -18,32 +18,28 @@ import json
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
-from branching.patterns import (
-    BestOfN,
-    CandidateResult,
-    Command,
-    Outcome,
-    Pattern,
-    Reflexion,
-    Speculate,
-)
-from branching.patterns import outcome as oc
-from branching.workspace import Workspace
-from cgroups import Limits, parse_size
+if TYPE_CHECKING:
+    from branching.patterns import CandidateResult, Command, Outcome, Pattern
 
-_MARKS = {oc.RUNNING: "[cyan]…[/]", oc.PASSED: "[green]✔[/]", oc.CANCELLED: "[dim]–[/]"}
+# The patterns, the workspace, cgroups and rich load when a command runs, not when
+# ``branchctl --help`` lists these commands.
 
 
 class Progress:
     """Prints one stderr line per candidate event; silent unless stderr is a terminal."""
 
     def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        from branching.patterns import outcome as oc
+
         self.console = Console(stderr=True, highlight=False)
+        self.marks = {oc.RUNNING: "[cyan]…[/]", oc.PASSED: "[green]✔[/]",
+                      oc.CANCELLED: "[dim]–[/]"}
         self.enabled = enabled
         self._lock = threading.Lock()
 
@@ -53,7 +49,7 @@ class Progress:
         if kind == "commit":
             line = f"[bold green]committed[/] #{r.index + 1} {r.label} ({r.branch})"
         else:
-            mark = _MARKS.get(r.status, "[red]✘[/]")
+            mark = self.marks.get(r.status, "[red]✘[/]")
             what = "running" if kind == "start" else r.describe()
             line = f"{mark} #{r.index + 1} {r.label}: {what}"
         with self._lock:
@@ -80,6 +76,8 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _argv(argv: tuple[str, ...]) -> Command:
+    from branching.patterns import Command
+
     if not argv:
         raise click.UsageError("give the command after --")
     return Command(argv[0] if len(argv) == 1 else list(argv))
@@ -88,6 +86,9 @@ def _argv(argv: tuple[str, ...]) -> Command:
 def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_json: bool,
              memory: str | None, cpus: float | None, pids: int | None, timeout: float | None,
              max_parallel: int | None, progress: bool | None, live: bool = False) -> int:
+    from branching.workspace import Workspace
+    from cgroups import Limits, parse_size
+
     try:
         limits = Limits(memory=parse_size(memory) if memory else None, cpus=cpus, pids=pids)
     except ValueError as e:
@@ -127,6 +128,8 @@ def summary(outcome: Outcome) -> str:
 @click.pass_context
 def run_cmd(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> int:
     """Run CMD in a new branch; commit it if CMD exits 0, discard it otherwise."""
+    from branching.patterns import Speculate
+
     command = _argv(argv)
     return _execute(ctx, lambda **kw: Speculate([command], **kw), live=True, **opts)
 
@@ -141,6 +144,8 @@ def run_cmd(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> int:
 def speculate_cmd(ctx: click.Context, candidates: tuple[str, ...], in_order: bool,
                   **opts: Any) -> int:
     """Run every candidate at once in its own branch; the first to succeed is committed."""
+    from branching.patterns import Command, Speculate
+
     commands = [Command(c) for c in candidates]
     return _execute(ctx, lambda **kw: Speculate(commands, first_wins=not in_order, **kw),
                     **opts)
@@ -158,6 +163,8 @@ def best_of_n_cmd(ctx: click.Context, n: int, argv: tuple[str, ...], **opts: Any
     CMD sees $BRANCHING_ATTEMPT (1..n) and writes its score, a number, to fd 3
     or to the file $BRANCHING_SCORE_FILE.
     """
+    from branching.patterns import BestOfN
+
     command = _argv(argv)
     return _execute(ctx, lambda **kw: BestOfN(command, n=n, **kw), **opts)
 
@@ -176,6 +183,8 @@ def reflexion_cmd(ctx: click.Context, retries: int, critique: str | None,
 
     Each attempt finds the previous one's critique in $BRANCHING_FEEDBACK.
     """
+    from branching.patterns import Command, Reflexion
+
     command = _argv(argv)
     critic = Command(critique) if critique else None
     return _execute(ctx, lambda **kw: Reflexion(command, max_retries=retries, critique=critic,
