@@ -1,4 +1,4 @@
-"""Suite-wide fixtures, and a guard: a test run must leave no FUSE mount behind.
+"""Suite-wide fixtures, and a guard: a test run must leave no FUSE or overlay mount behind.
 
 Every fixture unmounts what it mounted; the guard checks it once at the end of
 the session, detaches any leftover (so the machine stays usable) and fails the run.
@@ -26,25 +26,28 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedDaemon]
         d.stop()
 
 
-def fuse_mounts() -> set[str]:
+def branch_mounts() -> set[str]:
+    """FUSE mounts, and the kernel overlays the daemon mounts on branch directories."""
     with open("/proc/self/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2].startswith("fuse")}
+        return {line.split()[1] for line in f
+                if line.split()[2].startswith("fuse") or line.split()[2] == "overlay"}
 
 
 _before: set[str] = set()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _before.update(fuse_mounts())
+    _before.update(branch_mounts())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # only this run's mounts: they live under its temporary directory
     base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
-    left = {m for m in fuse_mounts() - _before if m.startswith(base + "/")}
+    left = {m for m in branch_mounts() - _before if m.startswith(base + "/")}
     if not left:
         return
-    for mnt in sorted(left):
-        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-    print(f"\nFAILED: the tests left FUSE mounts behind: {', '.join(sorted(left))}")
+    for mnt in sorted(left, key=len, reverse=True):  # overlays before the FUSE below them
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
+    print(f"\nFAILED: the tests left mounts behind: {', '.join(sorted(left))}")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,52 @@
+"""The backend serving each branch is reported, and it is the one the run asked for.
+
+tests/run.sh runs the daemon-level suites once per backend (``BRANCHD_BACKEND``
+read by every daemon the fixtures start): a daemon that silently fell back to
+the other backend would make the second run test nothing new, so this fails then.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import CLI
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+
+
+def overlay_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) and line.split()[2] == "overlay" for line in f)
+
+
+def test_branches_report_the_backend_the_run_asked_for(cli: CLI, ws: Path) -> None:
+    backend = cli.json("status")["backend"]
+    asked = os.environ.get("BRANCHD_BACKEND", "auto")
+    if asked != "auto":
+        assert backend == asked, f"BRANCHD_BACKEND={asked} but the daemon serves {backend}"
+    assert backend in ("fuse", "overlay")
+    made = cli.json("create", "bk1", "-w", str(ws))
+    cli("create", "bk2", "--from", "bk1")
+    listed = {b["name"]: b for b in cli.json("list", "-w", str(ws))["branches"]}
+    for name in ("bk1", "bk2"):
+        assert cli.json("info", name)["backend"] == backend
+        assert listed[name]["backend"] == backend
+        assert overlay_mounted(Path(listed[name]["path"])) == (backend == "overlay")
+    assert made["backend"] == backend
+    cli("discard", "bk1")
+    assert not overlay_mounted(Path(made["path"]))
+
+
+def test_an_invalidated_sibling_is_gone_from_its_path(cli: CLI, ws: Path) -> None:
+    p1 = Path(cli("create", "st1", "-w", str(ws)).stdout.strip())
+    p2 = Path(cli("create", "st2", "-w", str(ws)).stdout.strip())
+    (p2 / "mine").write_text("two\n")
+    (p1 / "f").write_text("one\n")
+    cli("commit", "st1")
+    with pytest.raises(FileNotFoundError):  # its name left the workspace directory
+        (p2 / "mine").read_text()
+    assert not overlay_mounted(p2)
+    assert cli.json("info", "st2")["status"] == "invalidated"
