@@ -34,6 +34,12 @@ class BenchWorkspace(ABC):
         self.live.add(name)
         return path
 
+    def create_verified(self, name: str) -> Path:
+        """``create`` and then ``verify``: for branches whose creation is not timed."""
+        path = self.create(name)
+        self.verify(name)
+        return path
+
     def commit(self, name: str) -> None:
         """Make the branch's changes the base's; the branch is gone afterwards."""
         self.live.discard(name)
@@ -56,6 +62,9 @@ class BenchWorkspace(ABC):
     @abstractmethod
     def path(self, name: str) -> Path:
         """Where branch ``name`` is seen."""
+
+    def verify(self, name: str) -> None:  # noqa: B027 (a hook: only branchd has a choice)
+        """Check, untimed, that branch ``name`` is served the way the column says."""
 
     def run(self, name: str, argv: list[str]) -> int:
         """Run ``argv`` in the branch the way this backend runs a candidate; its exit status."""

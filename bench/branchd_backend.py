@@ -1,6 +1,16 @@
-"""branchd as two backends, both served by one embedded daemon that this module starts:
-``branchd`` through the Python API (``Workspace``/``Branch``) and ``branchd-cli`` through
-``branchctl`` (a new process per operation, as a shell script or an agent's tool call pays)."""
+"""branchd as three backends, served by embedded daemons that this module starts:
+
+- ``branchd``: the Python API (``Workspace``/``Branch``), the daemon forced to
+  ``--backend fuse``;
+- ``branchd-cli``: ``branchctl`` (a new process per operation, as a shell script or an
+  agent's tool call pays) against that same daemon;
+- ``branchd-overlay``: the Python API against a second daemon forced to
+  ``--backend overlay``, the kernel fast path (root only).
+
+Every branch a scenario makes is checked, outside the timed region, to be served by the
+backend its column names: a daemon that fell back to another one fails the row loudly
+instead of measuring the wrong thing.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from bench.backends import Backend, BenchWorkspace
-from branching import Branch, Workspace
+from branching import Branch, Client, Workspace
 from branching.embedded import EmbeddedDaemon
+
+FUSE = "fuse"
+OVERLAY = "overlay"
+
+
+class WrongBackend(AssertionError):
+    """A branch is served by another backend than its column's."""
+
+
+def _expect(name: str, served_by: str | None, wanted: str) -> None:
+    if served_by != wanted:
+        raise WrongBackend(f"branch {name} is served by {served_by!r}, not {wanted!r}")
 
 
 class ApiWorkspace(BenchWorkspace):
     """A registered workspace and the Branch handles of its live branches."""
 
-    def __init__(self, base: Path, socket: Path) -> None:
+    def __init__(self, base: Path, socket: Path, backend: str) -> None:
         super().__init__(base)
         self.ws = Workspace(base, daemon=socket)
+        self.backend = backend
         self.branches: dict[str, Branch] = {}
 
     def path(self, name: str) -> Path:
@@ -38,6 +61,9 @@ class ApiWorkspace(BenchWorkspace):
 
     def _discard(self, name: str) -> None:
         self.branches.pop(name).abort()
+
+    def verify(self, name: str) -> None:
+        _expect(name, self.branches[name].backend, self.backend)
 
     def run(self, name: str, argv: list[str]) -> int:
         return self.branches[name].run(argv).returncode
@@ -58,13 +84,20 @@ def branchctl() -> str:
 
 
 class CliWorkspace(BenchWorkspace):
-    """The same operations, each one a ``branchctl ... --json`` process."""
+    """The same operations, each one a ``branchctl ... --json`` process.
 
-    def __init__(self, base: Path, socket: Path) -> None:
+    It runs as an installed branchctl does, with its modules' bytecode cached: where the
+    environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE), every run would compile
+    the modules again, a cost no installed copy pays. The cache goes to ``pycache`` (under
+    the bench dir), not into the source tree; the untimed ``workspace add`` fills it."""
+
+    def __init__(self, base: Path, socket: Path, backend: str, pycache: Path) -> None:
         super().__init__(base)
         self.exe = branchctl()
-        self.env = dict(os.environ, BRANCHD_SOCKET=str(socket))
-        self.paths: dict[str, Path] = {}
+        self.env = dict(os.environ, BRANCHD_SOCKET=str(socket), PYTHONPYCACHEPREFIX=str(pycache))
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.backend = backend
+        self.replies: dict[str, dict[str, Any]] = {}
         self._cli("workspace", "add", str(base))
 
     def _cli(self, *args: str) -> Any:
@@ -76,19 +109,22 @@ class CliWorkspace(BenchWorkspace):
         return json.loads(out.stdout)
 
     def path(self, name: str) -> Path:
-        return self.paths[name]
+        return Path(self.replies[name]["path"])
 
     def _create(self, name: str) -> Path:
-        self.paths[name] = Path(self._cli("create", name, "-w", str(self.base))["path"])
-        return self.paths[name]
+        self.replies[name] = self._cli("create", name, "-w", str(self.base))
+        return self.path(name)
 
     def _commit(self, name: str) -> None:
         self._cli("commit", name, "-w", str(self.base))
-        del self.paths[name]
+        del self.replies[name]
 
     def _discard(self, name: str) -> None:
         self._cli("discard", name, "-w", str(self.base))
-        del self.paths[name]
+        del self.replies[name]
+
+    def verify(self, name: str) -> None:
+        _expect(name, self.replies[name].get("backend"), self.backend)
 
     def run(self, name: str, argv: list[str]) -> int:
         return subprocess.run([self.exe, "exec", name, "-w", str(self.base), "--", *argv],
@@ -96,23 +132,26 @@ class CliWorkspace(BenchWorkspace):
 
 
 class BranchdBackend(Backend):
-    """One column; both columns share the daemon and either one's close stops it."""
+    """One column. Columns of one daemon share it; the first one closed stops it."""
 
-    def __init__(self, daemon: EmbeddedDaemon, cli: bool) -> None:
+    def __init__(self, daemon: EmbeddedDaemon, name: str, served_by: str, cli: bool) -> None:
         self.daemon = daemon
+        self.name = name
+        self.served_by = served_by
         self.cli = cli
-        self.name = "branchd-cli" if cli else "branchd"
         # The filesystem is the same whichever way a branch was made: the CLI column only
         # has the rows where the CLI does the work.
         self.scenarios = frozenset({"create", "commit", "run"}) if cli else None
 
     @property
     def group(self) -> str:
-        return "branchd"
+        return "branchd-" + self.served_by  # one daemon per backend
 
     def workspace(self, base: Path) -> BenchWorkspace:
-        cls = CliWorkspace if self.cli else ApiWorkspace
-        return cls(base, self.daemon.socket)
+        if self.cli:
+            return CliWorkspace(base, self.daemon.socket, self.served_by,
+                                self.daemon.root / "pycache")
+        return ApiWorkspace(base, self.daemon.socket, self.served_by)
 
     def profiled_pid(self) -> int | None:
         return self.daemon.proc.pid if self.daemon.proc else None
@@ -121,17 +160,40 @@ class BranchdBackend(Backend):
         self.daemon.stop()
 
 
-def start_branchd(root: Path, *, api: bool, cli: bool, notes: list[str]) -> list[Backend]:
-    """Start the daemon the branchd columns share; none (and a note) when it cannot start."""
+def _start(root: Path, backend: str) -> EmbeddedDaemon:
+    """A daemon forced to ``backend``; it must say so itself."""
     root.mkdir(parents=True)
-    try:
-        daemon = EmbeddedDaemon(root).start()
-    except Exception as e:  # any reason it cannot start is reported, the baselines still run
-        notes.append(f"branchd skipped: the daemon did not start ({e})")
-        return []
+    daemon = EmbeddedDaemon(root, args=["--backend", backend]).start()
+    with Client(daemon.socket) as client:
+        served_by = client.call("status").get("backend")
+    if served_by != backend:
+        daemon.stop()
+        raise WrongBackend(f"the daemon started with --backend {backend} reports {served_by!r}")
+    return daemon
+
+
+def start_branchd(root: Path, *, api: bool, cli: bool, overlay: bool,
+                  notes: list[str]) -> list[Backend]:
+    """Start the daemons the wanted branchd columns need; a note for each that cannot run."""
     backends: list[Backend] = []
-    if api:
-        backends.append(BranchdBackend(daemon, cli=False))
-    if cli:
-        backends.append(BranchdBackend(daemon, cli=True))
+    if api or cli:
+        try:
+            daemon = _start(root / FUSE, FUSE)
+        except Exception as e:  # any reason it cannot start is reported; the rest still run
+            notes.append(f"branchd skipped: the daemon did not start ({e})")
+        else:
+            if api:
+                backends.append(BranchdBackend(daemon, "branchd", FUSE, cli=False))
+            if cli:
+                backends.append(BranchdBackend(daemon, "branchd-cli", FUSE, cli=True))
+    if overlay:
+        if os.geteuid() != 0:
+            notes.append("branchd-overlay skipped: the overlay backend needs root")
+        else:
+            try:
+                daemon = _start(root / OVERLAY, OVERLAY)
+            except Exception as e:  # as above
+                notes.append(f"branchd-overlay skipped: the daemon did not start ({e})")
+            else:
+                backends.append(BranchdBackend(daemon, "branchd-overlay", OVERLAY, cli=False))
     return backends

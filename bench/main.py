@@ -26,7 +26,7 @@ from bench.sizes import FULL, MODES, QUICK, TINY, Sizes
 log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-BACKENDS = ("native", "overlay", "branchd", "branchd-cli")
+BACKENDS = ("native", "overlay", "branchd", "branchd-cli", "branchd-overlay")
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
@@ -65,14 +65,15 @@ def open_backends(wanted: list[str], work: Path, notes: list[str]) -> list[Backe
             notes.append(f"overlay skipped: {why}")
         else:
             backends.append(OverlayBackend())
-    api, cli = "branchd" in wanted, "branchd-cli" in wanted
-    if api or cli:
+    api, cli, fast = ("branchd" in wanted, "branchd-cli" in wanted, "branchd-overlay" in wanted)
+    if api or cli or fast:
         try:
             from bench.branchd_backend import start_branchd
         except ImportError as e:
             notes.append(f"branchd skipped: the client cannot be imported ({e})")
         else:
-            backends += start_branchd(work / "branchd", api=api, cli=cli, notes=notes)
+            backends += start_branchd(work / "branchd", api=api, cli=cli, overlay=fast,
+                                      notes=notes)
     return backends
 
 

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.agent import STEPS
 from bench.results import Results, Row
 from bench.scenarios import files_label, fmt_bytes
 from bench.sizes import Sizes
 
 BRANCHD = "branchd"
+FAST_PATH = "branchd-overlay"
+FAST_PATH_LIMIT = 1.2  # the kernel fast path's time on an I/O row, at most this x native
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -52,10 +55,12 @@ def _median(backend: str) -> Callable[[Results, str, str], float | None]:
     return value
 
 
-def _ratio(over: str, inverse: bool = False) -> Callable[[Results, str, str], float | None]:
-    """branchd's median over ``over``'s (or the inverse: a throughput ratio)."""
+def _ratio(over: str, inverse: bool = False, ours_backend: str = BRANCHD
+           ) -> Callable[[Results, str, str], float | None]:
+    """A branchd column's median over ``over``'s (or the inverse: a throughput ratio)."""
     def value(results: Results, scenario: str, param: str) -> float | None:
-        ours, theirs = results.get(scenario, param, BRANCHD), results.get(scenario, param, over)
+        ours = results.get(scenario, param, ours_backend)
+        theirs = results.get(scenario, param, over)
         if not ours or not theirs or not ours.median or not theirs.median:
             return None
         return theirs.median / ours.median if inverse else ours.median / theirs.median
@@ -85,7 +90,20 @@ def targets(sizes: Sizes) -> list[Target]:
         Target(f"{sizes.parallel[-1]} parallel branches <= overlayfs in total",
                "<= overlayfs", "parallel branches", f"{sizes.parallel[-1]} branches",
                _ratio("overlay"), 1.0),
+        *(Target(f"fast path: {scenario} {param} <= {FAST_PATH_LIMIT}x native",
+                 f"fast path <= {FAST_PATH_LIMIT}x", scenario, param,
+                 _ratio("native", ours_backend=FAST_PATH), FAST_PATH_LIMIT)
+          for scenario, param in io_rows(sizes)),
     ]
+
+
+def io_rows(sizes: Sizes) -> list[tuple[str, str]]:
+    """The rows that time I/O inside a branch, where the fast path is to be near native."""
+    small, seq = files_label(sizes.small_files), fmt_bytes(sizes.seq_bytes)
+    return [("inside: create small files", small), ("inside: stat", small),
+            ("inside: stat again", small), ("inside: seq write+fsync", seq),
+            ("inside: cold seq read", seq),
+            *(("agent workload", step) for step in (*STEPS, "total"))]
 
 
 def _ordered_keys(results: Results) -> list[tuple[str, str]]:

@@ -125,11 +125,13 @@ def create(ctx: Context, backend: Backend) -> None:
                 name = ctx.name("c")
                 seconds, path = timed(ws.create, name)
                 row.samples.append(seconds)
+                ws.verify(name)
                 if (path / last_rel).read_bytes() != last_data:
                     raise AssertionError(f"branch {name} does not show the base's {last_rel}")
                 fresh.samples.append(timed(ws.discard, name)[0])
                 ws.settle()
-            row.checks.append("the branch shows the base's last file")
+            row.checks.append("the branch shows the base's last file and is served by the "
+                              "column's backend")
 
 
 Expect = dict[str, tuple[int, bytes]]  # relative path -> (size, first bytes)
@@ -179,7 +181,7 @@ def commit(ctx: Context, backend: Backend) -> None:
             row = ctx.row("commit", label, backend)
             for _ in range(s.repeat):
                 name = ctx.name("m")
-                expect = _change(ws.create(name), kind, amount, tag=int(name[1:]))
+                expect = _change(ws.create_verified(name), kind, amount, tag=int(name[1:]))
                 row.samples.append(timed(ws.commit, name)[0])
                 ws.settle()
                 if not _holds(ws.base, expect):
@@ -188,7 +190,7 @@ def commit(ctx: Context, backend: Backend) -> None:
             row = ctx.row("discard after changes", label, backend)
             for _ in range(s.repeat):
                 name = ctx.name("m")
-                expect = _change(ws.create(name), kind, amount, tag=int(name[1:]))
+                expect = _change(ws.create_verified(name), kind, amount, tag=int(name[1:]))
                 row.samples.append(timed(ws.discard, name)[0])
                 ws.settle()
                 if _holds(ws.base, expect):
@@ -264,7 +266,7 @@ def inside(ctx: Context, backend: Backend) -> None:
     with ctx.workspace(backend, s.bases[0], "inside") as ws:
         for _ in range(s.heavy_repeat):
             name = ctx.name("i")
-            branch = ws.create(name)
+            branch = ws.create_verified(name)
             paths = [branch / "small" / f"d{i // FILES_PER_DIR:04d}" / f"s{i:06d}"
                      for i in range(s.small_files)]
             small.samples.append(timed(_write_small, paths, payload)[0])
@@ -296,7 +298,8 @@ def agent_workload(ctx: Context, backend: Backend) -> None:
     with ctx.workspace(backend, None, "agent") as ws:
         for _ in range(s.heavy_repeat):
             name = ctx.name("a")
-            times = agent.run(ws.create(name), ctx.tarball, s.agent_modules, s.agent_edits, home)
+            branch = ws.create_verified(name)
+            times = agent.run(branch, ctx.tarball, s.agent_modules, s.agent_edits, home)
             for step, seconds in times.items():
                 rows[step].samples.append(seconds)
             ws.discard(name)
@@ -346,7 +349,7 @@ def run_true(ctx: Context, backend: Backend) -> None:
     with ctx.workspace(backend, ctx.sizes.bases[0], "run") as ws:
         row = ctx.row("run `true` in a branch", "", backend)
         name = ctx.name("r")
-        ws.create(name)
+        ws.create_verified(name)
         for _ in range(ctx.sizes.repeat):
             seconds, code = timed(ws.run, name, ["true"])
             if code != 0:

@@ -14,7 +14,9 @@ import pytest
 
 from bench import agent, scenarios, trees
 from bench.backends import OverlayBackend, apply_upper, overlay_unavailable
+from bench.branchd_backend import ApiWorkspace, CliWorkspace, WrongBackend
 from bench.profiling import top_functions
+from branching import Client, EmbeddedDaemon
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,10 +50,13 @@ def test_tiny_run_is_complete(scratch: Path) -> None:
     assert doc["mode"] == "tiny" and doc["scaled_down"]
     assert doc["machine"]["filesystem"] and doc["machine"]["cores"] >= 1
     expected = {"native"}
-    if overlay_unavailable(scratch / "probe") is None:
+    kernel_overlay = overlay_unavailable(scratch / "probe") is None
+    if kernel_overlay:
         expected.add("overlay")
     if Path("/dev/fuse").exists():
         expected |= {"branchd", "branchd-cli"}
+        if kernel_overlay:  # the fast path: its daemon runs with --backend overlay
+            expected.add("branchd-overlay")
     measured = {(r["backend"], r["scenario"]) for r in doc["rows"]}
     for backend in expected:
         wanted = ({"branch create", "commit", "discard after changes", "run `true` in a branch"}
@@ -63,7 +68,37 @@ def test_tiny_run_is_complete(scratch: Path) -> None:
     for row in doc["rows"]:
         assert row["error"] is None, row
         assert row["samples"] and all(s > 0 for s in row["samples"]), row
-    assert {t["target"] for t in doc["targets"]} and "branch create" in proc.stdout
+        if row["backend"].startswith("branchd") and row["scenario"] == "branch create":
+            assert any("served by the column's backend" in c for c in row["checks"]), row
+    targets = {t["target"]: t for t in doc["targets"]}
+    fast = [t for text, t in targets.items() if text.startswith("fast path:")]
+    assert fast and "branch create" in proc.stdout
+    if "branchd-overlay" in expected:
+        assert all(t["value"] is not None for t in fast), fast
+
+
+@pytest.mark.mount
+def test_a_branch_served_by_another_backend_fails_its_row(daemon: EmbeddedDaemon,
+                                                          tmp_path: Path) -> None:
+    """The check that keeps a column honest: the shared daemon serves one backend (overlay
+    where it can, as root; FUSE otherwise), and a column expecting the other one fails."""
+    with Client(daemon.socket) as client:
+        served = client.call("status")["backend"]
+    other = "fuse" if served == "overlay" else "overlay"
+    base = trees.make_base(tmp_path / "base", 3)
+    for kind in (ApiWorkspace, CliWorkspace):
+        extra = (tmp_path / "pycache",) if kind is CliWorkspace else ()
+        right = kind(base, daemon.socket, served, *extra)
+        try:
+            right.create_verified("right")
+        finally:
+            right.close()
+        wrong = kind(base, daemon.socket, other, *extra)
+        try:
+            with pytest.raises(WrongBackend, match=f"served by '{served}', not '{other}'"):
+                wrong.create_verified("wrong")
+        finally:
+            wrong.close()
 
 
 def test_agent_workload_detects_a_wrong_result(tmp_path: Path) -> None:
