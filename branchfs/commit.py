@@ -25,17 +25,18 @@ directory fd, one component at a time with O_NOFOLLOW (see ``backing``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import signal
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import backing, overlay
 from .backing import DIR_FLAGS, at, is_whiteout, lstat_at
-from .view import Parts, View
+from .view import Entry, Parts, View
 
 if TYPE_CHECKING:
     from .origins import Check
@@ -66,42 +67,57 @@ def _plan_dir(src_root: int, parts: Parts, target: View, into_base: bool,
               steps: list[Step], check: Check | None) -> None:
     fd = backing.open_dir(src_root, parts)
     try:
-        names = sorted(os.listdir(fd))
-        for name in names:
-            st = lstat_at(fd, name)
-            if st is None:
-                continue
-            rel = (*parts, name)
-            path = "/".join(rel)
-            te = target.lookup(rel)
-            if is_whiteout(st):
-                if check is not None:
-                    check.removed(rel, te)
-                if into_base:
-                    if te is not None:
-                        steps.append(["delete", path])
-                elif _target_lower_has(target, rel):
-                    steps.append(["whiteout", path])
-                else:
-                    steps.append(["delete", path])
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                if check is not None:
-                    check.replaced(rel, te)
-                steps.append(["move", path, False, False])
-                continue
-            opaque_here = backing.is_opaque_at(fd, name)
-            if te is not None and te.is_dir and not opaque_here:
-                # merged: only the entries below are replaced, the directory stays
-                _plan_dir(src_root, rel, target, into_base, steps, check)
-                steps.append(["dir", path, _dir_meta(fd, name, st)])
-                continue
-            if check is not None:
-                check.replaced(rel, te)
-            steps.append(["move", path, into_base,
-                          (not into_base) and _target_lower_has(target, rel)])
+        with contextlib.ExitStack() as stack:
+            find: Callable[[str], Entry | None] = _nothing
+            try:  # the target's directory, resolved once for all the names in it
+                find = stack.enter_context(target.dirs(parts)).find
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            for name in sorted(os.listdir(fd)):
+                _plan_entry(src_root, fd, (*parts, name), find, target, into_base, steps, check)
     finally:
         os.close(fd)
+
+
+def _nothing(name: str) -> None:
+    return None
+
+
+def _plan_entry(src_root: int, fd: int, rel: Parts, find: Callable[[str], Entry | None],
+                target: View,
+                into_base: bool, steps: list[Step], check: Check | None) -> None:
+    name = rel[-1]
+    st = lstat_at(fd, name)
+    if st is None:
+        return
+    path = "/".join(rel)
+    te = find(name)
+    if is_whiteout(st):
+        if check is not None:
+            check.removed(rel, te)
+        if into_base:
+            if te is not None:
+                steps.append(["delete", path])
+        elif _target_lower_has(target, rel):
+            steps.append(["whiteout", path])
+        else:
+            steps.append(["delete", path])
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        if check is not None:
+            check.replaced(rel, te)
+        steps.append(["move", path, False, False])
+        return
+    opaque_here = backing.is_opaque_at(fd, name)
+    if te is not None and te.is_dir and not opaque_here:
+        # merged: only the entries below are replaced, the directory stays
+        _plan_dir(src_root, rel, target, into_base, steps, check)
+        steps.append(["dir", path, _dir_meta(fd, name, st)])
+        return
+    if check is not None:
+        check.replaced(rel, te)
+    steps.append(["move", path, into_base,
+                  (not into_base) and _target_lower_has(target, rel)])
 
 
 def bytes_to_copy(src_root: int, steps: Sequence[Step]) -> int:
@@ -190,56 +206,85 @@ class Graveyard:
                     raise
 
 
-def apply_step(step: Step, src_root: int, target: View, grave: Graveyard) -> None:
+class _Opened:
+    """The directory the previous step used, kept open for the next steps in
+    it (a plan lists a directory's entries together: one open, not one each)."""
+
+    def __init__(self, opener: Callable[[Parts], int]) -> None:
+        self._opener = opener
+        self._parts: Parts | None = None
+        self._fd = -1
+
+    def get(self, parts: Parts) -> int:
+        if parts != self._parts:
+            self.close()
+            self._fd = self._opener(parts)
+            self._parts = parts
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._parts = -1, None
+
+
+def apply_steps(steps: Sequence[Step], src_root: int, target: View, grave: Graveyard) -> None:
+    """Apply *steps* in order (a crash point after each)."""
+    tdirs = _Opened(target.upper_dir)
+    sdirs = _Opened(lambda parts: backing.open_dir(src_root, parts))
+    try:
+        for i, step in enumerate(steps, 1):
+            _apply_step(step, tdirs, sdirs, target, grave)
+            crash_point("step", i)
+    finally:
+        tdirs.close()
+        sdirs.close()
+
+
+def _apply_step(step: Step, tdirs: _Opened, sdirs: _Opened, target: View,
+                grave: Graveyard) -> None:
     kind, path = step[0], step[1]
     rel = tuple(path.split("/"))
     parent, name = rel[:-1], rel[-1]
-    tdir = target.upper_dir(parent)
-    try:
-        if kind == "delete":
+    tdir = tdirs.get(parent)
+    if kind == "delete":
+        grave.bury(tdir, name)
+    elif kind == "whiteout":
+        st = lstat_at(tdir, name)
+        if st is None or not is_whiteout(st):
             grave.bury(tdir, name)
-        elif kind == "whiteout":
-            st = lstat_at(tdir, name)
-            if st is None or not is_whiteout(st):
-                grave.bury(tdir, name)
-                backing.make_whiteout(tdir, name)
-        elif kind == "dir":
-            os.close(target.upper_dir(rel))  # a parent's upper may not have it yet
-            _apply_dir_meta(tdir, name, step[2])
-        elif kind == "move":
-            _move(src_root, rel, tdir, grave, strip=step[2], opaque=step[3])
-        else:
-            raise ValueError(f"unknown commit step {kind!r}")
-    finally:
-        os.close(tdir)
-
-
-def _move(src_root: int, rel: Parts, tdir: int, grave: Graveyard, *, strip: bool,
-          opaque: bool) -> None:
-    try:
-        sdir = backing.open_dir(src_root, rel[:-1])
-    except (FileNotFoundError, NotADirectoryError):
-        return  # applied before a crash, source parent already gone
-    name = rel[-1]
-    try:
-        st = lstat_at(sdir, name)
-        if st is None:
-            return  # applied before a crash
-        _prepare(sdir, name, st, strip=strip, opaque=opaque)
-        tst = lstat_at(tdir, name)
-        if tst is not None:
-            if stat.S_ISDIR(tst.st_mode) or stat.S_ISDIR(st.st_mode):
-                grave.bury(tdir, name)
-            elif stat.S_ISREG(tst.st_mode):
-                grave.keep(tdir, name)
+            backing.make_whiteout(tdir, name)
+    elif kind == "dir":
+        os.close(target.upper_dir(rel))  # a parent's upper may not have it yet
+        _apply_dir_meta(tdir, name, step[2])
+    elif kind == "move":
         try:
-            os.rename(name, name, src_dir_fd=sdir, dst_dir_fd=tdir)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy_across(sdir, name, st, tdir)
-    finally:
-        os.close(sdir)
+            sdir = sdirs.get(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # applied before a crash, source parent already gone
+        _move(sdir, name, tdir, grave, strip=step[2], opaque=step[3])
+    else:
+        raise ValueError(f"unknown commit step {kind!r}")
+
+
+def _move(sdir: int, name: str, tdir: int, grave: Graveyard, *, strip: bool,
+          opaque: bool) -> None:
+    st = lstat_at(sdir, name)
+    if st is None:
+        return  # applied before a crash
+    _prepare(sdir, name, st, strip=strip, opaque=opaque)
+    tst = lstat_at(tdir, name)
+    if tst is not None:
+        if stat.S_ISDIR(tst.st_mode) or stat.S_ISDIR(st.st_mode):
+            grave.bury(tdir, name)
+        elif stat.S_ISREG(tst.st_mode):
+            grave.keep(tdir, name)
+    try:
+        os.rename(name, name, src_dir_fd=sdir, dst_dir_fd=tdir)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_across(sdir, name, st, tdir)
 
 
 def _prepare(sdir: int, name: str, st: os.stat_result, *, strip: bool, opaque: bool) -> None:

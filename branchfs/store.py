@@ -26,7 +26,6 @@ import os
 import queue
 import secrets
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -123,11 +122,19 @@ class _Trash:
     def _run(self) -> None:
         while (name := self._queue.get()) is not None:
             path = os.path.join(self.path, name)
+            # posix_spawn opens /dev/null in the child: no fd of this process
+            # (pipes, /dev/null) stays open while rm runs
+            null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
             try:
-                subprocess.run(["nice", "-n", "19", "rm", "-rf", "--", path], check=True,
-                               stdin=subprocess.DEVNULL, capture_output=True)
-            except (OSError, subprocess.CalledProcessError) as exc:
+                pid = os.posix_spawnp("nice", ["nice", "-n", "19", "rm", "-rf", "--", path],
+                                      os.environ, file_actions=null)
+                status = os.waitpid(pid, 0)[1]
+            except OSError as exc:
                 log.warning("could not empty %s (retried at the next open): %s", path, exc)
+                continue
+            if status != 0:
+                log.warning("could not empty %s (retried at the next open): rm said %s",
+                            path, os.waitstatus_to_exitcode(status))
 
     def close(self) -> None:
         if self._thread is not None:
@@ -712,9 +719,7 @@ class Store:
             try:
                 same_fs = os.fstat(gfd).st_dev == os.fstat(target.layers[0]).st_dev
                 grave = commit.Graveyard(gfd if same_fs else None)
-                for i, step in enumerate(journal["steps"], 1):
-                    commit.apply_step(step, upper, target, grave)
-                    commit.crash_point("step", i)
+                commit.apply_steps(journal["steps"], upper, target, grave)
                 commit.crash_point("steps")
                 if journal.get("origins"):
                     self._origins_of(journal["target"]).adopt(journal["origins"])
