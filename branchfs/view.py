@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +29,12 @@ if TYPE_CHECKING:
     from .origins import Origins
 
 Parts = tuple[str, ...]
+
+# Merged directories a view keeps open (each holds one fd per layer showing it).
+MAX_CACHED_DIRS = 256
+# How long after a lower layer's directory changed its merge is not cached:
+# more than a coarse clock tick, so that a later change moves its ctime.
+RACY_NS = 20_000_000
 
 
 def _err(code: int, parts: Sequence[str] = ()) -> OSError:
@@ -46,10 +54,24 @@ class Entry:
 
 
 class _Dirs:
-    """The merged directory at some path: (layer index, open dir fd), top first."""
+    """The merged directory at some path: (layer index, open dir fd), top first.
+
+    ``stamps`` holds each fd's ctime when the merge was read (None: not cached);
+    ``kids`` the names of the cached merges directly below this one; ``users``
+    counts the ``View.dirs()`` blocks holding it: its fds are closed once it
+    is neither cached nor held."""
+
+    __slots__ = ("fds", "stamps", "kids", "users")
 
     def __init__(self, fds: list[tuple[int, int]]) -> None:
         self.fds = fds
+        self.stamps: list[int] | None = None
+        self.kids: set[str] = set()
+        self.users = 0
+
+    def release(self) -> None:
+        if self.users == 0 and self.stamps is None:
+            self.close()
 
     def close(self) -> None:
         for _, fd in self.fds:
@@ -83,6 +105,14 @@ class _Dirs:
             return not is_whiteout(st)
         return False
 
+    def unchanged(self) -> bool:
+        """Whether no layer's directory changed (entries, xattrs) since it was read."""
+        assert self.stamps is not None
+        for (_, fd), ctime in zip(self.fds, self.stamps, strict=True):
+            if os.fstat(fd).st_ctime_ns != ctime:
+                return False
+        return True
+
 
 class View:
     """A branch's merged view over ``layers`` (root dir fds, top first).
@@ -92,6 +122,18 @@ class View:
     open while the view is used; nothing here follows a symlink found in a
     layer; before the upper dir starts hiding a path, ``origins`` (if any)
     is told what the layers below show there (``_hide``).
+
+    Resolution is cached: ``_cache`` keeps the merged directories (their
+    layers' dir fds) by path, each with the ctimes its fds had when read, and
+    a parent's merge is cached whenever a child's is. A cached merge is used
+    only while neither it nor an ancestor changed ctime, so a change made
+    outside the view (the base edited, a parent branch written, a kernel
+    overlay writing the upper dir) is seen at the next request, and a lower
+    layer's directory changed less than ``RACY_NS`` ago is not cached at all
+    (a later change within the same coarse clock tick would keep its ctime).
+    The view's own changes forget what they change (``_changed``). Whoever
+    writes the upper dir through ``upper_dir()`` makes its result forget
+    everything below that path.
     """
 
     def __init__(self, layers: Sequence[int], work: int | None = None,
@@ -99,6 +141,8 @@ class View:
         self.layers = list(layers)
         self.work = work  # fd of the branch's work dir: temp copies, same fs as upper
         self.origins = origins
+        # parts -> merged dir, least recently used first; see the class docstring
+        self._cache: OrderedDict[Parts, _Dirs] = OrderedDict()
 
     def _hide(self, parts: Sequence[str], e: Entry | None) -> None:
         """*parts* showed the layers below (*e*, or nothing) and the upper dir
@@ -115,52 +159,140 @@ class View:
 
     @contextmanager
     def dirs(self, parts: Sequence[str]) -> Iterator[_Dirs]:
-        d = self._merged(parts)
+        """The merged directory *parts* (ENOENT/ENOTDIR if there is none), for
+        the duration of the ``with``; the caller must not close it."""
+        d = self._resolve(tuple(parts))
+        d.users += 1
         try:
             yield d
         finally:
-            d.close()
+            d.users -= 1
+            d.release()
 
-    def _merged(self, parts: Sequence[str]) -> _Dirs:
-        cur = _Dirs([(i, os.dup(fd)) for i, fd in enumerate(self.layers)])
+    def _resolve(self, parts: Parts) -> _Dirs:
+        """The merge at *parts*: the cached one while none of its directories
+        (nor its ancestors') changed, else read again from its parent's."""
+        d = self._cache.get(parts)
+        if d is not None:
+            if self._valid(parts, d):
+                self._cache.move_to_end(parts)
+                return d
+            self._forget(parts)
+        if not parts:
+            d = _Dirs([(i, os.dup(fd)) for i, fd in enumerate(self.layers)])
+            try:
+                stamps = [os.fstat(fd).st_ctime_ns for _, fd in d.fds]
+            except BaseException:
+                d.close()
+                raise
+        else:
+            parent = self._resolve(parts[:-1])
+            try:
+                d, stamps = self._merge_child(parent, parts)
+            finally:
+                parent.release()
+            if parent.stamps is None:
+                return d  # below an uncached merge nothing is cached
+        # A lower layer's directory changed a moment ago: a change in the same clock
+        # tick could leave its ctime as it is now (coarse timestamps), so wait.
+        recent = time.time_ns() - RACY_NS
+        if any(i != 0 and ctime > recent for (i, _), ctime in zip(d.fds, stamps, strict=True)):
+            return d
+        d.stamps = stamps
+        self._cache[parts] = d
+        if parts:
+            self._cache[parts[:-1]].kids.add(parts[-1])
+        if len(self._cache) > MAX_CACHED_DIRS:
+            self._forget(next(iter(self._cache)))
+        return d
+
+    def _valid(self, parts: Parts, d: _Dirs) -> bool:
+        """Whether the cached *d* and all its ancestors are unchanged; they count
+        as used (the least recently used merge, evicted first, is never the
+        parent of a cached one)."""
+        for k in range(len(parts)):
+            if not self._cache[parts[:k]].unchanged():
+                return False
+            self._cache.move_to_end(parts[:k])
+        return d.unchanged()
+
+    def _forget(self, parts: Parts) -> None:
+        """Drop the cached merge at *parts* and every one below it."""
+        d = self._cache.pop(parts, None)
+        if d is None:
+            return
+        for kid in list(d.kids):
+            self._forget((*parts, kid))
+        d.stamps = None
+        d.release()
+        if parts:
+            p = self._cache.get(parts[:-1])
+            if p is not None:
+                p.kids.discard(parts[-1])
+
+    def _changed(self, parts: Sequence[str]) -> None:
+        """This view changed the entry *parts* in the upper dir: the merges at and
+        below it may be different now, and its upper parent's ctime moved (ours,
+        so the parent's merge is still right)."""
+        parts = tuple(parts)
+        self._forget(parts)
+        if parts:
+            p = self._cache.get(parts[:-1])
+            if p is not None and p.stamps is not None and p.fds and p.fds[0][0] == 0:
+                p.stamps[0] = os.fstat(p.fds[0][1]).st_ctime_ns
+
+    def _restamp(self, parts: Sequence[str]) -> None:
+        """This view changed the attributes of the directory *parts* in the upper dir."""
+        d = self._cache.get(tuple(parts))
+        if d is not None and d.stamps is not None and d.fds and d.fds[0][0] == 0:
+            d.stamps[0] = os.fstat(d.fds[0][1]).st_ctime_ns
+
+    def close(self) -> None:
+        """Close the cached merges' fds (the view stays usable)."""
+        if self._cache:
+            self._forget(())
+
+    def __del__(self) -> None:
+        # The Store replaces its views (after a commit) by dropping them.
+        self.close()
+
+    def _merge_child(self, cur: _Dirs, parts: Parts) -> tuple[_Dirs, list[int]]:
+        """The merge of the layers' directories named parts[-1] in the merge *cur*,
+        and their ctimes, each read before what it decides (the opaque mark)."""
+        name = parts[-1]
+        nxt: list[tuple[int, int]] = []
+        stamps: list[int] = []
+        found = False
         try:
-            for depth, name in enumerate(parts):
-                nxt: list[tuple[int, int]] = []
-                found = False
+            for i, fd in cur.fds:
+                st = lstat_at(fd, name)
+                if st is None:
+                    continue
+                if is_whiteout(st):
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    if not found:
+                        raise _err(errno.ENOTDIR, parts)
+                    break
                 try:
-                    for i, fd in cur.fds:
-                        st = lstat_at(fd, name)
-                        if st is None:
-                            continue
-                        if is_whiteout(st):
-                            break
-                        if not stat.S_ISDIR(st.st_mode):
-                            if not found:
-                                raise _err(errno.ENOTDIR, parts[: depth + 1])
-                            break
-                        try:
-                            nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError):
-                            continue  # changed under us in a lower layer
-                        except OSError as exc:
-                            if exc.errno != errno.ELOOP:
-                                raise
-                            continue
-                        found = True
-                        nxt.append((i, nfd))
-                        if _fd_opaque(nfd):
-                            break
-                except BaseException:
-                    _Dirs(nxt).close()
-                    raise
-                cur.close()
-                cur = _Dirs(nxt)
-                if not found:
-                    raise _err(errno.ENOENT, parts[: depth + 1])
-            return cur
+                    nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # changed under us in a lower layer
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    continue
+                found = True
+                nxt.append((i, nfd))
+                stamps.append(os.fstat(nfd).st_ctime_ns)
+                if _fd_opaque(nfd):
+                    break
         except BaseException:
-            cur.close()
+            _Dirs(nxt).close()
             raise
+        if not found:
+            raise _err(errno.ENOENT, parts)
+        return _Dirs(nxt), stamps
 
     def lookup(self, parts: Sequence[str]) -> Entry | None:
         if not parts:
@@ -220,7 +352,23 @@ class View:
     # -- copy-up ------------------------------------------------------------
 
     def upper_dir(self, parts: Sequence[str]) -> int:
-        """Open the upper copy of directory *parts*, copying up the chain as needed."""
+        """Open the upper copy of directory *parts*, copying up the chain as needed,
+        for a caller that changes what is in it: the view forgets what it cached
+        at and below *parts*."""
+        self._forget(tuple(parts))
+        return self._upper_dir(parts)
+
+    def _upper_dir(self, parts: Sequence[str]) -> int:
+        try:
+            d = self._resolve(tuple(parts))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # the walk below says which
+        else:
+            try:
+                if d.fds[0][0] == 0:
+                    return os.dup(d.fds[0][1])
+            finally:
+                d.release()
         fd = os.dup(self.layers[0])
         try:
             for k, name in enumerate(parts):
@@ -248,6 +396,7 @@ class View:
             self._hide(parts, e)
             os.mkdir(name, 0o700, dir_fd=upparent)
             backing.copy_meta(e.st, upparent, name, at(d.fd(e.layer), name))
+        self._changed(parts)
 
     def copy_up(self, parts: Sequence[str]) -> Entry:
         """Make sure the entry *parts* has its own copy in the upper dir."""
@@ -259,7 +408,7 @@ class View:
                 raise _err(errno.ENOENT, parts)
             if e.layer == 0:
                 return e
-            up = self.upper_dir(parts[:-1])
+            up = self._upper_dir(parts[:-1])
             try:
                 if e.is_dir:
                     self._copy_up_dir(parts, up)  # records the origin itself
@@ -267,6 +416,7 @@ class View:
                     self._hide(parts, e)
                     backing.copy_entry(d.fd(e.layer), parts[-1], e.st, up, parts[-1],
                                        tmpdir=self.work)
+                    self._changed(parts)
                 return Entry(0, os.stat(parts[-1], dir_fd=up, follow_symlinks=False))
             finally:
                 os.close(up)
@@ -297,12 +447,13 @@ class View:
         with self.dirs(parts[:-1]) as d:
             backing.copy_meta(e.st, self.work, tmp, at(d.fd(e.layer), name))
         backing.set_opaque_at(self.work, tmp)
-        up = self.upper_dir(parts[:-1])
+        up = self._upper_dir(parts[:-1])
         try:
             backing.remove_at(up, name)
             os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=up)
         finally:
             os.close(up)
+        self._changed(parts)
 
     def _fill_tree(self, parts: Sequence[str], dst: int) -> None:
         entries = self.listdir(parts)
@@ -334,7 +485,7 @@ class View:
             if d.find(parts[-1]) is not None:
                 raise _err(errno.EEXIST, parts)
             below = any(i != 0 for i, _ in d.fds)
-        up = self.upper_dir(parts[:-1])
+        up = self._upper_dir(parts[:-1])
         st = lstat_at(up, parts[-1])
         if st is not None:
             os.unlink(parts[-1], dir_fd=up)  # only a whiteout can be here
@@ -352,6 +503,7 @@ class View:
         try:
             fd = os.open(parts[-1], (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777, dir_fd=up)
+            self._changed(parts)
             self._own(up, parts[-1], uid, gid)
             return fd
         finally:
@@ -362,6 +514,7 @@ class View:
         up, was_whiteout = self._new_name(parts)
         try:
             os.mkdir(parts[-1], mode & 0o7777, dir_fd=up)
+            self._changed(parts)
             if was_whiteout:
                 backing.set_opaque_at(up, parts[-1])
             self._own(up, parts[-1], uid, gid)
@@ -377,6 +530,7 @@ class View:
                                  mode & 0o7777, dir_fd=up))
             else:
                 os.mknod(parts[-1], mode, rdev, dir_fd=up)
+            self._changed(parts)
             self._own(up, parts[-1], uid, gid)
         finally:
             os.close(up)
@@ -386,6 +540,7 @@ class View:
         up, _ = self._new_name(parts)
         try:
             os.symlink(target, parts[-1], dir_fd=up)
+            self._changed(parts)
             self._own(up, parts[-1], uid, gid)
         finally:
             os.close(up)
@@ -395,11 +550,12 @@ class View:
         if e.is_dir:
             raise _err(errno.EPERM, src)
         self.copy_up(src)
-        sp = self.upper_dir(src[:-1])
+        sp = self._upper_dir(src[:-1])
         try:
             dp, _ = self._new_name(dst)
             try:
                 os.link(src[-1], dst[-1], src_dir_fd=sp, dst_dir_fd=dp, follow_symlinks=False)
+                self._changed(dst)
             finally:
                 os.close(dp)
         finally:
@@ -423,7 +579,7 @@ class View:
             self._hide(parts, e)
         elif not lower:
             self._unhide(parts)
-        up = self.upper_dir(parts[:-1])
+        up = self._upper_dir(parts[:-1])
         try:
             if e.layer == 0:
                 if want_dir:
@@ -434,6 +590,7 @@ class View:
                 backing.make_whiteout(up, parts[-1])
         finally:
             os.close(up)
+            self._changed(parts)
 
     def unlink(self, parts: Sequence[str]) -> None:
         self._remove(parts, want_dir=False)
@@ -462,15 +619,17 @@ class View:
                     self.copy_up_tree(parts)
                 else:
                     self.copy_up(parts)
-            sp = self.upper_dir(src[:-1])
+            sp = self._upper_dir(src[:-1])
             try:
-                dp = self.upper_dir(dst[:-1])
+                dp = self._upper_dir(dst[:-1])
                 try:
                     backing.rename2(sp, src[-1], dp, dst[-1], backing.RENAME_EXCHANGE)
                 finally:
                     os.close(dp)
             finally:
                 os.close(sp)
+                self._changed(src)
+                self._changed(dst)
             return True
         if de is not None:
             if se.is_dir and not de.is_dir:
@@ -485,7 +644,7 @@ class View:
             self.copy_up_tree(src)
         else:
             self.copy_up(src)
-        dp = self.upper_dir(dst[:-1])
+        dp = self._upper_dir(dst[:-1])
         try:
             with self.dirs(dst[:-1]) as d:
                 dst_lower = d.lower_has(dst[-1])
@@ -495,7 +654,7 @@ class View:
                 self._hide(dst, de)
             if st is not None and (is_whiteout(st) or stat.S_ISDIR(st.st_mode)):
                 backing.remove_at(dp, dst[-1])  # a whiteout, or an empty-looking dir
-            sp = self.upper_dir(src[:-1])
+            sp = self._upper_dir(src[:-1])
             try:
                 os.rename(src[-1], dst[-1], src_dir_fd=sp, dst_dir_fd=dp)
                 if se.is_dir and dst_lower:
@@ -506,6 +665,8 @@ class View:
                     self._unhide(src)
             finally:
                 os.close(sp)
+                self._changed(src)
+                self._changed(dst)
         finally:
             os.close(dp)
         return True
@@ -517,13 +678,15 @@ class View:
         """Copy *parts* up and yield (upper parent fd, name); the root yields (root, ".")."""
         if not parts:
             yield self.layers[0], "."
+            self._restamp(parts)
             return
         self.copy_up(parts)
-        up = self.upper_dir(parts[:-1])
+        up = self._upper_dir(parts[:-1])
         try:
             yield up, parts[-1]
         finally:
             os.close(up)
+            self._restamp(parts)  # its attributes changed (a directory's ctime moved)
 
     @contextmanager
     def top_parent(self, parts: Sequence[str]) -> Iterator[tuple[int, str]]:
