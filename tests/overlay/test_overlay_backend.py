@@ -7,6 +7,7 @@ tested by the daemon-level suites, run once per backend.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -135,6 +136,29 @@ def test_discard_detaches_the_branch_and_its_children(od: EmbeddedDaemon, ws: Wo
     assert len(overlays_below(od.mountpoint)) == 3
     a.abort()
     assert overlays_below(od.mountpoint) == {str(other.path)}
+
+
+def test_a_child_sees_what_its_parent_writes_after_the_fork(ws: Workspace) -> None:
+    """Names the child has not looked at yet (docs/format.md: cached ones may not)."""
+    parent = ws.create("wp")
+    kid = parent.create("wk")
+    (parent.path / "later").write_text("later\n")
+    (parent.path / "src" / "deep" / "x").write_text("parent\n")
+    assert (kid.path / "later").read_text() == "later\n"
+    assert (kid.path / "src" / "deep" / "x").read_text() == "parent\n"
+
+
+def test_a_lower_directory_rename_is_exdev_and_mv_copies(ws: Workspace, base: Path) -> None:
+    b = ws.create("mv")
+    with pytest.raises(OSError) as err:
+        os.rename(b.path / "src", b.path / "moved")
+    assert err.value.errno == errno.EXDEV
+    subprocess.run(["mv", str(b.path / "src"), str(b.path / "moved")], check=True)
+    assert (b.path / "moved" / "deep" / "x").read_text() == "x\n"
+    assert not (b.path / "src").exists()
+    b.commit()
+    assert sorted(os.listdir(base)) == ["README", "moved"]
+    assert kernel_xattrs(base) == []
 
 
 @pytest.mark.slow
