@@ -34,8 +34,10 @@ FSTYPE = "overlay"
 OPTIONS = "userxattr,index=off,metacopy=off,uuid=off"
 PRIVATE_PREFIX = "user.overlay."
 OPAQUE = "user.overlay.opaque"
-# The kernel's limit on lower layers (OVL_MAX_STACK); deeper chains stay on FUSE.
+# The kernel's limit on lower layers (OVL_MAX_STACK), and mount(2) copies one
+# page of options; deeper chains stay on FUSE.
 MAX_LOWER = 500
+MAX_DATA = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -55,7 +57,11 @@ def options(upper: int, work: int, lowers: Sequence[int]) -> str:
     if len(lowers) > MAX_LOWER:
         raise OverlayError(errno.ELOOP, f"{len(lowers)} lower layers exceed {MAX_LOWER}")
     lower = ":".join(fd_path(fd) for fd in lowers)
-    return f"lowerdir={lower},upperdir={fd_path(upper)},workdir={fd_path(work)},{OPTIONS}"
+    data = f"upperdir={fd_path(upper)},workdir={fd_path(work)},{OPTIONS},lowerdir={lower}"
+    if len(data) >= MAX_DATA:  # mount(2) would cut it silently
+        raise OverlayError(errno.E2BIG, f"{len(lowers)} lower layers do not fit in the "
+                           f"{MAX_DATA} bytes of one mount call's options")
+    return data
 
 
 def mount(target: str, upper: int, work: int, lowers: Sequence[int]) -> None:

@@ -123,7 +123,7 @@ class Handlers:
             raise branchfs.PermissionDenied(f"uid {peer.uid} may not use {base}")
 
     def path_of(self, branch: branchfs.Branch) -> str:
-        return str(self.mountpoint / branch.workspace / branch.name)
+        return self.overlays.path_of(branch)  # the same path with both backends
 
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()

@@ -17,6 +17,7 @@ lookup, so detaching is safe from the trio thread, during shutdown included.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ FUSE = "fuse"
 OVERLAY = "overlay"
 CHOICES = ("auto", FUSE, OVERLAY)
 PROBE_DIR = "overlay-probe"
+MOUNT_TRIES = 20
 
 
 def choose(wanted: str, state_dir: Path) -> tuple[str, str]:
@@ -138,9 +140,28 @@ class Overlays:
 
 
 def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
-    """On a worker thread: mount, then hold the new mount's root."""
-    overlay.mount(target, upper, work, lowers)
-    return os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """On a worker thread: mount, then hold the new mount's root.
+
+    A new branch's name in the FUSE mount gets one kernel entry invalidation,
+    queued when the branch was made and sent from another thread: if it lands
+    on the name our mount is being placed on, the kernel refuses the mount
+    (ENOENT) or detaches it at once. The name looked up again after that is
+    not invalidated again, so a few tries suffice; each try is checked by
+    comparing what the path reaches with the mount's root."""
+    for attempt in range(1, MOUNT_TRIES + 1):
+        try:
+            overlay.mount(target, upper, work, lowers)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or attempt == MOUNT_TRIES:
+                raise
+            continue
+        root = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if os.fstat(root).st_dev == os.stat(target).st_dev:
+            return root
+        overlay.detach(overlay.fd_path(root), follow=True)  # not attached there any more
+        os.close(root)
+        log.debug("overlay on %s went with a stale name; mounting again", target)
+    raise overlay.OverlayError(errno.ESTALE, f"the overlay on {target} kept being detached")
 
 
 def _detach(root: int, what: str) -> None:

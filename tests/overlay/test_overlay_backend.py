@@ -301,3 +301,25 @@ def test_auto_chooses_fuse_where_no_overlay_can_be_mounted() -> None:
         assert os.listdir(root / "d") == []  # the probe cleaned up after itself
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
+def test_options_that_would_not_fit_one_mount_call_are_refused() -> None:
+    assert overlay.options(3, 4, [5, 6]).endswith(",lowerdir=/proc/self/fd/5:/proc/self/fd/6")
+    with pytest.raises(OSError) as err:  # mount(2) would cut them and mount read-only
+        overlay.options(3, 4, list(range(100, 400)))
+    assert err.value.errno == errno.E2BIG
+
+
+@pytest.mark.slow
+def test_a_chain_too_deep_for_one_overlay_stays_on_fuse(ws: Workspace) -> None:
+    b = ws.create("lvl0")
+    depth = 0
+    while b.backend == "overlay":
+        depth += 1
+        b = b.create(f"lvl{depth}")
+    assert depth > 100  # every level that fits is served by the kernel
+    assert (b.path / "README").read_text() == "hello\n"
+    (b.path / "deepest").write_text("fuse\n")
+    b.commit()
+    # the parent is as deep as fits: remounted, or on FUSE too; the commit shows either way
+    assert (ws.get(f"lvl{depth - 1}").path / "deepest").read_text() == "fuse\n"
