@@ -191,6 +191,7 @@ class Handlers:
         if meta:
             self.meta.set(branch.id, meta)
         await self.overlays.serve(branch)
+        await self.overlays.heal([branch])
         self.on_change()
         return self.describe(branch)
 
@@ -200,10 +201,12 @@ class Handlers:
             workspace = self._workspace(workspace).name
         ended = bool(arg(args, "all", bool, False))
         branches = self.store.branches(workspace, include_ended=ended)
+        await self.overlays.heal(branches)
         return {"branches": [self.describe(b) for b in branches]}
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
+        await self.overlays.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
             r.describe() for r in self.runs.runs.values() if r.branch_id == branch.id

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
@@ -73,6 +74,24 @@ class Overlays:
 
     def backend_of(self, bid: str) -> str:
         return OVERLAY if bid in self._roots else FUSE
+
+    async def heal(self, branches: Iterable[branchfs.Branch]) -> None:
+        """Mount again the overlays of *branches* that the kernel detached on its
+        own: the name one sat on in the FUSE mount was invalidated (a new branch's
+        name is, once, from the FUSE adapter's thread; see ``_mount``). Meanwhile
+        FUSE served the branch, over the same delta."""
+        if not self._roots:
+            return
+        attached = overlay.mount_ids()
+        for b in branches:
+            root = self._roots.get(b.id)
+            if root is None or _mount_id(root) in attached:
+                continue
+            log.info("the overlay of %s/%s was detached by the kernel; mounting it again",
+                     b.workspace, b.name)
+            del self._roots[b.id]
+            os.close(root)
+            await self.serve(b)
 
     def path_of(self, branch: branchfs.Branch) -> str:
         return str(self.mountpoint / branch.workspace / branch.name)
@@ -162,6 +181,14 @@ def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
         os.close(root)
         log.debug("overlay on %s went with a stale name; mounting again", target)
     raise overlay.OverlayError(errno.ESTALE, f"the overlay on {target} kept being detached")
+
+
+def _mount_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
 def _detach(root: int, what: str) -> None:
