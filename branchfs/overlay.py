@@ -96,6 +96,12 @@ def mounted_below(root: str) -> list[str]:
     return sorted(out, key=lambda p: p.count("/"), reverse=True)
 
 
+def mount_ids() -> set[int]:
+    """The ids of the mounts attached in this process's mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return {int(line.split(b" ", 1)[0]) for line in f}
+
+
 def _mounts() -> Iterator[tuple[str, str]]:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
