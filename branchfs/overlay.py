@@ -97,9 +97,23 @@ def mounted_below(root: str) -> list[str]:
 
 
 def mount_ids() -> set[int]:
-    """The ids of the mounts attached in this process's mount namespace."""
+    """The ids of the overlay mounts attached in this process's mount namespace."""
+    out = set()
     with open("/proc/self/mountinfo", "rb") as f:
-        return {int(line.split(b" ", 1)[0]) for line in f}
+        for line in f:
+            fields = line.split()
+            if fields[fields.index(b"-") + 1] == FSTYPE.encode():
+                out.add(int(fields[0]))
+    return out
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount *fd* lies in."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
 def _mounts() -> Iterator[tuple[str, str]]:

@@ -85,7 +85,7 @@ class Overlays:
         attached = overlay.mount_ids()
         for b in branches:
             root = self._roots.get(b.id)
-            if root is None or _mount_id(root) in attached:
+            if root is None or overlay.mount_id(root) in attached:
                 continue
             log.info("the overlay of %s/%s was detached by the kernel; mounting it again",
                      b.workspace, b.name)
@@ -175,20 +175,14 @@ def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
                 raise
             continue
         root = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if os.fstat(root).st_dev == os.stat(target).st_dev:
+        # an attached overlay's root, still what the path reaches (a detached mount
+        # is gone from the table; the path then reaches the FUSE directory)
+        if (overlay.mount_id(root) in overlay.mount_ids()
+                and os.fstat(root).st_dev == os.stat(target).st_dev):
             return root
-        overlay.detach(overlay.fd_path(root), follow=True)  # not attached there any more
         os.close(root)
         log.debug("overlay on %s went with a stale name; mounting again", target)
     raise overlay.OverlayError(errno.ESTALE, f"the overlay on {target} kept being detached")
-
-
-def _mount_id(fd: int) -> int:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
 def _detach(root: int, what: str) -> None:
