@@ -286,6 +286,7 @@ class Handlers:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
         self._check_access(peer, ws.base)
+        await self.overlays.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise RequestError("bad-request", "argv must be a non-empty list of strings")
