@@ -41,6 +41,18 @@ def overlays_below(root: Path) -> set[str]:
     return set(overlay.mounted_below(str(root)))
 
 
+def overlay_ids_below(root: Path) -> dict[int, str]:
+    """Mount id -> mount point of the overlays below *root*."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4]
+            if fields[fields.index("-") + 1] == "overlay" and point.startswith(f"{root}/"):
+                out[int(fields[0])] = point
+    return out
+
+
 def kernel_xattrs(top: Path) -> list[str]:
     """Every ``user.overlay.*`` xattr in the tree at *top* (the directory itself too)."""
     found = []
@@ -176,6 +188,7 @@ def test_the_mount_outlives_the_entry_timeout(od: EmbeddedDaemon, ws: Workspace)
 def test_restart_after_sigkill_mounts_the_active_branches_again(daemon_root: Path,
                                                                base: Path) -> None:
     first = EmbeddedDaemon(daemon_root, args=["--backend", "overlay"]).start()
+    second = EmbeddedDaemon(daemon_root, args=["--backend", "overlay"])
     try:
         with Workspace(base, daemon=first) as ws:
             keep = ws.create("keep")
@@ -185,24 +198,26 @@ def test_restart_after_sigkill_mounts_the_active_branches_again(daemon_root: Pat
         assert first.proc is not None
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
-    finally:
-        first.stop()
-    # the dead FUSE mount and the overlays on it were detached together
-    assert overlays_below(daemon_root) == set()
-    second = EmbeddedDaemon(daemon_root, args=["--backend", "overlay"]).start()
-    try:
+        stale = overlay_ids_below(daemon_root)  # on the dead FUSE mount, until it goes
+        assert len(stale) == 2
+        second.start()  # detaches the dead FUSE mount, and the overlays with it
         with Workspace(base, daemon=second) as ws:
             branches = {b.name: b for b in ws.branches()}
             assert set(branches) == {"keep", "kid"}
             assert {b.backend for b in branches.values()} == {"overlay"}
-            assert overlays_below(daemon_root) == {str(b.path) for b in branches.values()}
+            # one overlay per branch: the stale ones left with the dead FUSE mount
+            # (mount ids are reused, so the count is what tells)
+            now = overlay_ids_below(daemon_root)
+            assert sorted(now.values()) == sorted(str(b.path) for b in branches.values())
             assert (branches["kid"].path / "data").read_text() == "precious\n"
             branches["kid"].commit()
             branches["keep"].commit()
-        assert (base / "data").read_text() == "precious\n"
+            assert (base / "data").read_text() == "precious\n"
+        second.stop()
+        assert overlays_below(daemon_root) == set()  # SIGTERM detached them
     finally:
         second.stop()
-    assert overlays_below(daemon_root) == set()  # SIGTERM detached them
+        first.stop()
 
 
 def test_commit_refuses_an_outside_change_to_a_kernel_copy_up(od: EmbeddedDaemon, ws: Workspace,
