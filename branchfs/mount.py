@@ -14,6 +14,12 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+# Read-ahead of the mount, in KiB: the kernel's default (128) makes a cold
+# sequential read a chain of small synchronous requests; 1 MiB lets it ask
+# for up to max_pages at a time, ahead of the reader (measured: 128 MiB cold
+# read 215-420 ms -> 80-160 ms here; 2 MiB and more gave nothing more).
+READ_AHEAD_KB = 1024
+
 
 async def serve(store: Store, mountpoint: str, *, debug: bool = False,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -38,8 +44,13 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
     log.info("mounted branches at %s", mountpoint)
     try:
         ops.start()
-        task_status.started()
-        await pyfuse3.main()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            # Answered by the loop just started, once the kernel took our INIT
+            # reply (which sets the read-ahead to its own default).
+            await trio.to_thread.run_sync(os.statvfs, os.fspath(mountpoint))
+            _set_read_ahead(os.fspath(mountpoint))
+            task_status.started()
     finally:
         ops.stop()
         pyfuse3.close(unmount=True)
@@ -57,10 +68,36 @@ def _may_allow_other() -> bool:
         return False
 
 
+def _set_read_ahead(mountpoint: str) -> None:
+    """Raise the read-ahead of the mount's backing device info (root only).
+    Its device number comes from mountinfo: a stat of the mount would wait
+    for this very process to answer."""
+    real = _real(mountpoint)
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == real and " - fuse" in line:
+                dev = fields[2]  # the last one listed is the newest mount
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.debug("read-ahead of %s stays the kernel's: %s", real, exc)
+
+
+def _real(mountpoint: str) -> str:
+    """The mountpoint's path as mountinfo shows it (its last component not resolved:
+    resolving it would ask the FUSE mount)."""
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                        os.path.basename(os.path.abspath(mountpoint)))
+
+
 def _fuse_mount_state(mountpoint: str) -> tuple[str, str]:
     """("none" | "dead" | "live", real path) of a FUSE mount at *mountpoint*."""
-    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
-                        os.path.basename(os.path.abspath(mountpoint)))
+    real = _real(mountpoint)
     with open("/proc/self/mountinfo") as f:
         mounted = any(line.split()[4] == real and " - fuse" in line for line in f)
     if not mounted:

@@ -232,6 +232,17 @@ def test_statfs(mount: Any) -> None:
     assert sv.f_blocks > 0 and sv.f_bsize > 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a device's read-ahead")
+def test_read_ahead_raised(mount: Any) -> None:
+    from branchfs.mount import READ_AHEAD_KB
+    dev = os.stat(mount.mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        assert int(f.read()) == READ_AHEAD_KB
+    data = os.urandom(3 * READ_AHEAD_KB * 1024 + 5)  # read through several windows
+    (mount.path("b1") / "big").write_bytes(data)
+    assert (mount.path("b1") / "big").read_bytes() == data
+
+
 # -- commit, discard and the kernel's caches -------------------------------------
 
 def test_no_stale_view_after_nested_commit(mount: Any) -> None:
