@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from branching import EmbeddedDaemon
+
 from .conftest import CLI
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
@@ -50,3 +52,17 @@ def test_an_invalidated_sibling_is_gone_from_its_path(cli: CLI, ws: Path) -> Non
         (p2 / "mine").read_text()
     assert not overlay_mounted(p2)
     assert cli.json("info", "st2")["status"] == "invalidated"
+
+
+def test_an_embedded_daemon_takes_its_backend_from_its_args(tmp_path: Path, ws: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    d = EmbeddedDaemon(root, args=["--backend", "fuse"]).start()
+    try:
+        cli = CLI(d.socket)
+        assert cli.json("status")["backend"] == "fuse"
+        made = cli.json("create", "emb", "-w", str(ws))
+        assert made["backend"] == "fuse" and not overlay_mounted(Path(made["path"]))
+        assert (Path(made["path"]) / "README").read_text() == "hello\n"
+    finally:
+        d.stop()
