@@ -34,17 +34,23 @@ class WrongBackend(AssertionError):
     """A branch is served by another backend than its column's."""
 
 
-def _expect(name: str, served_by: str | None, wanted: str) -> None:
-    if served_by != wanted:
-        raise WrongBackend(f"branch {name} is served by {served_by!r}, not {wanted!r}")
+def _expect(name: str, served_by: str | None, wanted: str, log: Path) -> None:
+    if served_by == wanted:
+        return
+    # the daemon says why in its log (an overlay the kernel refused, say): the row shows it
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    why = [line for line in lines if "WARNING" in line and f"/{name} " in line][-2:]
+    raise WrongBackend(f"branch {name} is served by {served_by!r}, not {wanted!r}"
+                       + "".join(f"; daemon: {line}" for line in why))
 
 
 class ApiWorkspace(BenchWorkspace):
     """A registered workspace and the Branch handles of its live branches."""
 
-    def __init__(self, base: Path, socket: Path, backend: str) -> None:
+    def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
-        self.ws = Workspace(base, daemon=socket)
+        self.ws = Workspace(base, daemon=daemon.socket)
+        self.log = daemon.log_path
         self.backend = backend
         self.branches: dict[str, Branch] = {}
 
@@ -63,7 +69,7 @@ class ApiWorkspace(BenchWorkspace):
         self.branches.pop(name).abort()
 
     def verify(self, name: str) -> None:
-        _expect(name, self.branches[name].backend, self.backend)
+        _expect(name, self.branches[name].backend, self.backend, self.log)
 
     def run(self, name: str, argv: list[str]) -> int:
         return self.branches[name].run(argv).returncode
@@ -91,10 +97,12 @@ class CliWorkspace(BenchWorkspace):
     the modules again, a cost no installed copy pays. The cache goes to ``pycache`` (under
     the bench dir), not into the source tree; the untimed ``workspace add`` fills it."""
 
-    def __init__(self, base: Path, socket: Path, backend: str, pycache: Path) -> None:
+    def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.exe = branchctl()
-        self.env = dict(os.environ, BRANCHD_SOCKET=str(socket), PYTHONPYCACHEPREFIX=str(pycache))
+        self.env = dict(os.environ, BRANCHD_SOCKET=str(daemon.socket),
+                        PYTHONPYCACHEPREFIX=str(daemon.root / "pycache"))
+        self.log = daemon.log_path
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.backend = backend
         self.replies: dict[str, dict[str, Any]] = {}
@@ -124,7 +132,7 @@ class CliWorkspace(BenchWorkspace):
         del self.replies[name]
 
     def verify(self, name: str) -> None:
-        _expect(name, self.replies[name].get("backend"), self.backend)
+        _expect(name, self.replies[name].get("backend"), self.backend, self.log)
 
     def run(self, name: str, argv: list[str]) -> int:
         return subprocess.run([self.exe, "exec", name, "-w", str(self.base), "--", *argv],
@@ -148,10 +156,8 @@ class BranchdBackend(Backend):
         return "branchd-" + self.served_by  # one daemon per backend
 
     def workspace(self, base: Path) -> BenchWorkspace:
-        if self.cli:
-            return CliWorkspace(base, self.daemon.socket, self.served_by,
-                                self.daemon.root / "pycache")
-        return ApiWorkspace(base, self.daemon.socket, self.served_by)
+        cls = CliWorkspace if self.cli else ApiWorkspace
+        return cls(base, self.daemon, self.served_by)
 
     def profiled_pid(self) -> int | None:
         return self.daemon.proc.pid if self.daemon.proc else None

@@ -87,13 +87,12 @@ def test_a_branch_served_by_another_backend_fails_its_row(daemon: EmbeddedDaemon
     other = "fuse" if served == "overlay" else "overlay"
     base = trees.make_base(tmp_path / "base", 3)
     for kind in (ApiWorkspace, CliWorkspace):
-        extra = (tmp_path / "pycache",) if kind is CliWorkspace else ()
-        right = kind(base, daemon.socket, served, *extra)
+        right = kind(base, daemon, served)
         try:
             right.create_verified("right")
         finally:
             right.close()
-        wrong = kind(base, daemon.socket, other, *extra)
+        wrong = kind(base, daemon, other)
         try:
             with pytest.raises(WrongBackend, match=f"served by '{served}', not '{other}'"):
                 wrong.create_verified("wrong")
