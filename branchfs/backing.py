@@ -5,8 +5,9 @@ untrusted user can write, so components are opened one at a time with
 O_NOFOLLOW: a symlink planted anywhere in a path makes the walk fail instead
 of leading outside the workspace. Also here: the overlayfs upper-directory
 conventions (whiteout = char device 0/0, opaque dir = xattr
-``user.overlay.opaque="y"``) and copying one entry with its metadata
-(FICLONE, then copy_file_range, then read/write; holes kept).
+``user.overlay.opaque="y"``), copying one entry with its metadata
+(FICLONE, then copy_file_range, then read/write; holes kept), and inotify,
+which tells the views' caches what changed in the directories they hold.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 from collections.abc import Iterator, Sequence
 
 OPAQUE_XATTR = "user.overlay.opaque"
@@ -28,6 +30,22 @@ RENAME_EXCHANGE = 2
 _CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# inotify(7): changes of a directory's entries, of its own attributes (the opaque
+# xattr), and its end (deleted, moved, its watch dropped).
+IN_ATTRIB = 0x4
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+_IN_MASK = (IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
+            | IN_MOVE_SELF | IN_ONLYDIR)
+_IN_EVENT = struct.Struct("iIII")
 
 
 def at(dirfd: int, name: str) -> str:
@@ -224,3 +242,47 @@ def copy_entry(srcdir: int, srcname: str, st: os.stat_result, dstdir: int, dstna
     else:
         os.mknod(dstname, mode, st.st_rdev, dir_fd=dstdir)
     copy_meta(st, dstdir, dstname, at(srcdir, srcname))
+
+
+class Inotify:
+    """A non-blocking inotify instance watching directories (by fd) for changes
+    of their entries and attributes. ``read()`` returns what is queued as
+    (watch descriptor, mask, name or ""); an event is queued by the change's
+    own system call, so whatever changed before ``read()`` is in it."""
+
+    def __init__(self) -> None:
+        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def add(self, dirfd: int) -> int:
+        """Watch the directory *dirfd*; the same directory always gets the same wd."""
+        wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{dirfd}".encode(), _IN_MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
+        return int(wd)
+
+    def remove(self, wd: int) -> None:
+        """Stop watching; a watch the kernel already dropped is fine."""
+        _libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> list[tuple[int, int, str]]:
+        out: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            off = 0
+            while off < len(buf):
+                wd, mask, _cookie, size = _IN_EVENT.unpack_from(buf, off)
+                off += _IN_EVENT.size
+                name = os.fsdecode(buf[off:off + size].split(b"\0", 1)[0])
+                off += size
+                out.append((wd, mask, name))
+
+    def close(self) -> None:
+        os.close(self.fd)

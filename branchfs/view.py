@@ -13,9 +13,11 @@ an OSError carrying the errno a POSIX filesystem would give.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,9 +34,12 @@ Parts = tuple[str, ...]
 
 # Merged directories a view keeps open (each holds one fd per layer showing it).
 MAX_CACHED_DIRS = 256
-# How long after a lower layer's directory changed its merge is not cached:
-# more than a coarse clock tick, so that a later change moves its ctime.
-RACY_NS = 20_000_000
+# The longest a cached merge is used: for changes inotify does not report
+# (a network filesystem changed from another machine), as long as the FUSE
+# mount's own entry timeout.
+CACHE_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def _err(code: int, parts: Sequence[str] = ()) -> OSError:
@@ -56,21 +61,22 @@ class Entry:
 class _Dirs:
     """The merged directory at some path: (layer index, open dir fd), top first.
 
-    ``stamps`` holds each fd's ctime when the merge was read (None: not cached);
-    ``kids`` the names of the cached merges directly below this one; ``users``
-    counts the ``View.dirs()`` blocks holding it: its fds are closed once it
-    is neither cached nor held."""
+    A cached one has the inotify watches of its directories in ``wds`` (None:
+    not cached), when it was read in ``born``, and the names of the cached
+    merges directly below it in ``kids``; ``users`` counts the ``View.dirs()``
+    blocks holding it: its fds are closed once it is neither cached nor held."""
 
-    __slots__ = ("fds", "stamps", "kids", "users")
+    __slots__ = ("fds", "wds", "born", "kids", "users")
 
     def __init__(self, fds: list[tuple[int, int]]) -> None:
         self.fds = fds
-        self.stamps: list[int] | None = None
+        self.wds: list[int] | None = None
+        self.born = 0.0
         self.kids: set[str] = set()
         self.users = 0
 
     def release(self) -> None:
-        if self.users == 0 and self.stamps is None:
+        if self.users == 0 and self.wds is None:
             self.close()
 
     def close(self) -> None:
@@ -105,13 +111,58 @@ class _Dirs:
             return not is_whiteout(st)
         return False
 
-    def unchanged(self) -> bool:
-        """Whether no layer's directory changed (entries, xattrs) since it was read."""
-        assert self.stamps is not None
-        for (_, fd), ctime in zip(self.fds, self.stamps, strict=True):
-            if os.fstat(fd).st_ctime_ns != ctime:
-                return False
-        return True
+
+class _Watch:
+    """The process's inotify instance, and the views whose cached merges hold
+    each watched directory (weakly: a view dropped unclosed stops counting)."""
+
+    def __init__(self) -> None:
+        self.inotify = backing.Inotify()
+        self.views: dict[int, weakref.WeakSet[View]] = {}
+
+    def add(self, view: View, fd: int) -> int:
+        wd = self.inotify.add(fd)
+        self.views.setdefault(wd, weakref.WeakSet()).add(view)
+        return wd
+
+    def release(self, view: View, wd: int) -> None:
+        views = self.views.get(wd)
+        if views is None:
+            return
+        views.discard(view)
+        if not views:
+            del self.views[wd]
+            self.inotify.remove(wd)
+
+    def drain(self) -> None:
+        """Make every view forget the merges that changes queued so far touch."""
+        for wd, mask, name in self.inotify.read():
+            if mask & backing.IN_Q_OVERFLOW:  # events were lost: forget everything
+                for views in list(self.views.values()):
+                    for v in list(views):
+                        v.close()
+                continue
+            for v in list(self.views.get(wd, ())):
+                v._changed_in(wd, mask, name)
+            if mask & backing.IN_IGNORED:  # the kernel dropped the watch
+                self.views.pop(wd, None)
+
+
+_watch: _Watch | None = None
+_no_watch = False
+
+
+def _watcher() -> _Watch | None:
+    """The process's _Watch, made on first use; None where inotify cannot be had
+    (then nothing is cached)."""
+    global _watch, _no_watch
+    if _watch is None and not _no_watch:
+        try:
+            _watch = _Watch()
+        except OSError as exc:
+            _no_watch = True
+            log.warning("no inotify (%s): merged directories are not cached", exc)
+    return _watch
 
 
 class View:
@@ -124,16 +175,14 @@ class View:
     is told what the layers below show there (``_hide``).
 
     Resolution is cached: ``_cache`` keeps the merged directories (their
-    layers' dir fds) by path, each with the ctimes its fds had when read, and
-    a parent's merge is cached whenever a child's is. A cached merge is used
-    only while neither it nor an ancestor changed ctime, so a change made
-    outside the view (the base edited, a parent branch written, a kernel
-    overlay writing the upper dir) is seen at the next request, and a lower
-    layer's directory changed less than ``RACY_NS`` ago is not cached at all
-    (a later change within the same coarse clock tick would keep its ctime).
-    The view's own changes forget what they change (``_changed``). Whoever
-    writes the upper dir through ``upper_dir()`` makes its result forget
-    everything below that path.
+    layers' dir fds) by path, and a parent's merge whenever a child's. Every
+    directory of a cached merge is watched with inotify before what it decides
+    is read, and the queued events are applied before every resolution, so a
+    change made anywhere (this view, the base edited outside, a parent branch
+    written, a commit, a kernel overlay writing the upper dir) makes the merges
+    it touches be read again at the next request. A merge is also read again
+    after CACHE_SECONDS, for changes inotify does not see. The view's own
+    changes forget what they change at once (``_changed``).
     """
 
     def __init__(self, layers: Sequence[int], work: int | None = None,
@@ -143,6 +192,7 @@ class View:
         self.origins = origins
         # parts -> merged dir, least recently used first; see the class docstring
         self._cache: OrderedDict[Parts, _Dirs] = OrderedDict()
+        self._wds: dict[int, set[Parts]] = {}  # watch -> the cached merges holding its dir
 
     def _hide(self, parts: Sequence[str], e: Entry | None) -> None:
         """*parts* showed the layers below (*e*, or nothing) and the upper dir
@@ -170,51 +220,82 @@ class View:
             d.release()
 
     def _resolve(self, parts: Parts) -> _Dirs:
-        """The merge at *parts*: the cached one while none of its directories
-        (nor its ancestors') changed, else read again from its parent's."""
+        """The merge at *parts*, cached when it can be (see the class docstring)."""
+        watch = _watcher()
+        if watch is not None:
+            watch.drain()
+        return self._merge(parts, watch)
+
+    def _merge(self, parts: Parts, watch: _Watch | None) -> _Dirs:
         d = self._cache.get(parts)
         if d is not None:
-            if self._valid(parts, d):
-                self._cache.move_to_end(parts)
+            if time.monotonic() - d.born < CACHE_SECONDS:
+                for k in range(len(parts) + 1):  # the least recently used has no cached kid
+                    self._cache.move_to_end(parts[:k])
                 return d
             self._forget(parts)
         if not parts:
             d = _Dirs([(i, os.dup(fd)) for i, fd in enumerate(self.layers)])
-            try:
-                stamps = [os.fstat(fd).st_ctime_ns for _, fd in d.fds]
-            except BaseException:
-                d.close()
-                raise
+            cache = watch is not None
+            wds = self._watch_all(watch, d) if cache else None
         else:
-            parent = self._resolve(parts[:-1])
+            parent = self._merge(parts[:-1], watch)
+            cache = parent.wds is not None
             try:
-                d, stamps = self._merge_child(parent, parts)
+                d, wds = self._merge_child(parent, parts, watch if cache else None)
             finally:
                 parent.release()
-            if parent.stamps is None:
-                return d  # below an uncached merge nothing is cached
-        # A lower layer's directory changed a moment ago: a change in the same clock
-        # tick could leave its ctime as it is now (coarse timestamps), so wait.
-        recent = time.time_ns() - RACY_NS
-        if any(i != 0 and ctime > recent for (i, _), ctime in zip(d.fds, stamps, strict=True)):
+        if wds is None:  # not cached (nor watched), or a watch could not be added
             return d
-        d.stamps = stamps
+        d.wds = wds
+        d.born = time.monotonic()
         self._cache[parts] = d
+        for wd in wds:
+            self._wds.setdefault(wd, set()).add(parts)
         if parts:
             self._cache[parts[:-1]].kids.add(parts[-1])
         if len(self._cache) > MAX_CACHED_DIRS:
             self._forget(next(iter(self._cache)))
         return d
 
-    def _valid(self, parts: Parts, d: _Dirs) -> bool:
-        """Whether the cached *d* and all its ancestors are unchanged; they count
-        as used (the least recently used merge, evicted first, is never the
-        parent of a cached one)."""
-        for k in range(len(parts)):
-            if not self._cache[parts[:k]].unchanged():
-                return False
-            self._cache.move_to_end(parts[:k])
-        return d.unchanged()
+    def _watch_all(self, watch: _Watch | None, d: _Dirs) -> list[int] | None:
+        wds: list[int] = []
+        for _, fd in d.fds:
+            if self._watch_one(watch, fd, wds) is None:
+                return None
+        return wds
+
+    def _watch_one(self, watch: _Watch | None, fd: int, wds: list[int]) -> list[int] | None:
+        """Add a watch of *fd* to *wds*; None (all of *wds* released) if it cannot
+        be had, as when the user's inotify watches are used up."""
+        if watch is None:
+            return None
+        try:
+            wds.append(watch.add(self, fd))
+        except OSError as exc:
+            log.debug("directory not cached, no inotify watch: %s", exc)
+            for wd in wds:
+                self._release_wd(watch, wd, None)
+            wds.clear()
+            return None
+        return wds
+
+    def _release_wd(self, watch: _Watch, wd: int, parts: Parts | None) -> None:
+        held = self._wds.get(wd)
+        if held is not None and parts is not None:
+            held.discard(parts)
+        if not held:
+            self._wds.pop(wd, None)
+            watch.release(self, wd)
+
+    def _changed_in(self, wd: int, mask: int, name: str) -> None:
+        """inotify says the directory watched as *wd* changed: its entry *name*,
+        or (no name) the directory itself."""
+        for parts in list(self._wds.get(wd, ())):
+            if name and not mask & (backing.IN_DELETE_SELF | backing.IN_MOVE_SELF):
+                self._forget((*parts, name))
+            else:
+                self._forget(parts)
 
     def _forget(self, parts: Parts) -> None:
         """Drop the cached merge at *parts* and every one below it."""
@@ -223,7 +304,11 @@ class View:
             return
         for kid in list(d.kids):
             self._forget((*parts, kid))
-        d.stamps = None
+        wds, d.wds = d.wds, None
+        watch = _watch
+        if wds is not None and watch is not None:
+            for wd in wds:
+                self._release_wd(watch, wd, parts)
         d.release()
         if parts:
             p = self._cache.get(parts[:-1])
@@ -232,20 +317,8 @@ class View:
 
     def _changed(self, parts: Sequence[str]) -> None:
         """This view changed the entry *parts* in the upper dir: the merges at and
-        below it may be different now, and its upper parent's ctime moved (ours,
-        so the parent's merge is still right)."""
-        parts = tuple(parts)
-        self._forget(parts)
-        if parts:
-            p = self._cache.get(parts[:-1])
-            if p is not None and p.stamps is not None and p.fds and p.fds[0][0] == 0:
-                p.stamps[0] = os.fstat(p.fds[0][1]).st_ctime_ns
-
-    def _restamp(self, parts: Sequence[str]) -> None:
-        """This view changed the attributes of the directory *parts* in the upper dir."""
-        d = self._cache.get(tuple(parts))
-        if d is not None and d.stamps is not None and d.fds and d.fds[0][0] == 0:
-            d.stamps[0] = os.fstat(d.fds[0][1]).st_ctime_ns
+        below it may be different now (inotify says so too, at the next request)."""
+        self._forget(tuple(parts))
 
     def close(self) -> None:
         """Close the cached merges' fds (the view stays usable)."""
@@ -256,12 +329,14 @@ class View:
         # The Store replaces its views (after a commit) by dropping them.
         self.close()
 
-    def _merge_child(self, cur: _Dirs, parts: Parts) -> tuple[_Dirs, list[int]]:
+    def _merge_child(self, cur: _Dirs, parts: Parts, watch: _Watch | None
+                     ) -> tuple[_Dirs, list[int] | None]:
         """The merge of the layers' directories named parts[-1] in the merge *cur*,
-        and their ctimes, each read before what it decides (the opaque mark)."""
+        and (with *watch*) their watches, each added before what it decides is
+        read (the opaque mark); no watches if one could not be had."""
         name = parts[-1]
         nxt: list[tuple[int, int]] = []
-        stamps: list[int] = []
+        wds: list[int] | None = [] if watch is not None else None
         found = False
         try:
             for i, fd in cur.fds:
@@ -284,15 +359,19 @@ class View:
                     continue
                 found = True
                 nxt.append((i, nfd))
-                stamps.append(os.fstat(nfd).st_ctime_ns)
+                if wds is not None:
+                    wds = self._watch_one(watch, nfd, wds)
                 if _fd_opaque(nfd):
                     break
         except BaseException:
             _Dirs(nxt).close()
+            if wds and watch is not None:
+                for wd in wds:
+                    self._release_wd(watch, wd, None)
             raise
         if not found:
             raise _err(errno.ENOENT, parts)
-        return _Dirs(nxt), stamps
+        return _Dirs(nxt), wds
 
     def lookup(self, parts: Sequence[str]) -> Entry | None:
         if not parts:
@@ -678,7 +757,6 @@ class View:
         """Copy *parts* up and yield (upper parent fd, name); the root yields (root, ".")."""
         if not parts:
             yield self.layers[0], "."
-            self._restamp(parts)
             return
         self.copy_up(parts)
         up = self._upper_dir(parts[:-1])
@@ -686,7 +764,6 @@ class View:
             yield up, parts[-1]
         finally:
             os.close(up)
-            self._restamp(parts)  # its attributes changed (a directory's ctime moved)
 
     @contextmanager
     def top_parent(self, parts: Sequence[str]) -> Iterator[tuple[int, str]]:
