@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -161,12 +162,27 @@ class Overlays:
 def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
     """On a worker thread: mount, then hold the new mount's root.
 
+    Each mount gets a workdir of its own inside the branch's ``work/``: a mount
+    empties its workdir, and an earlier overlay of the same branch, detached
+    but still the working directory of some process, may be copying up there.
+
     A new branch's name in the FUSE mount gets one kernel entry invalidation,
     queued when the branch was made and sent from another thread: if it lands
     on the name our mount is being placed on, the kernel refuses the mount
     (ENOENT) or detaches it at once. The name looked up again after that is
     not invalidated again, so a few tries suffice; each try is checked by
     comparing what the path reaches with the mount's root."""
+    name = f"overlay.{secrets.token_hex(4)}"
+    os.mkdir(name, 0o700, dir_fd=work)
+    own = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=work)
+    try:
+        return _mount_tries(target, upper, own, lowers)
+    finally:
+        os.close(own)
+
+
+def _mount_tries(target: str, upper: int, work: int, lowers: list[int]) -> int:
     for attempt in range(1, MOUNT_TRIES + 1):
         try:
             overlay.mount(target, upper, work, lowers)

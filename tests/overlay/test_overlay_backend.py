@@ -141,6 +141,29 @@ def test_parent_shows_a_child_commit_at_once(od: EmbeddedDaemon, ws: Workspace) 
     assert overlays_below(od.mountpoint) == {str(parent.path)}
 
 
+def test_a_process_in_a_remounted_parent_keeps_working(od: EmbeddedDaemon, ws: Workspace,
+                                                        base: Path) -> None:
+    """Its working directory is in the detached overlay; the new one must not take the
+    workdir that overlay copies up in."""
+    parent = ws.create("busy")
+    proc = subprocess.Popen(["sh", "-c", "read go && echo more >> README && cat README"],
+                            cwd=parent.path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        kid = parent.create("busy-kid")
+        (kid.path / "from-kid").write_text("kid\n")
+        kid.commit()  # the parent's overlay is mounted afresh
+        out, _ = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert out == "hello\nmore\n"
+    assert (parent.path / "README").read_text() == "hello\nmore\n"  # same upper dir
+    assert (base / "README").read_text() == "hello\n"
+
+
 def test_discard_detaches_the_branch_and_its_children(od: EmbeddedDaemon, ws: Workspace) -> None:
     a = ws.create("a")
     a.create("a-kid")
