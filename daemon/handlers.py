@@ -263,7 +263,7 @@ class Handlers:
         self.overlays.detach([branch])
         try:
             result = self.store.commit(branch.workspace, branch.name, force=force)
-        except BaseException:
+        except Exception:
             if self.store.status(branch.id) == "active":  # refused: still the user's
                 await self.overlays.serve(branch)
             raise
