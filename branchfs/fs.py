@@ -445,12 +445,23 @@ class Operations(pyfuse3.Operations):
             view = self._view(parent)
             e = view.lookup(self._child_parts(parent, name))
             if e is None:
-                raise FUSEError(errno.ENOENT)
+                if len(view.layers) > 2:  # a parent branch's writes may make the name
+                    raise FUSEError(errno.ENOENT)
+                return self._negative()
             node = self._bind(parent, name, e)
             node.lookups += 1
             return self._attr(node, e.st, self._volatile(view, e))
         node.lookups += 1
         return self._node_attr(node)
+
+    @staticmethod
+    def _negative() -> pyfuse3.EntryAttributes:
+        """A missing name the kernel may remember for ENTRY_TIMEOUT (its own creates
+        replace it; commits and a parent's writes invalidate it like a name)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        return a
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

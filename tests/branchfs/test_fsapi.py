@@ -17,7 +17,8 @@ import pytest
 from pyfuse3 import FUSEError
 
 from branchfs import Store
-from branchfs.fs import ROOT, Operations
+from branchfs import view as view_module
+from branchfs.fs import ENTRY_TIMEOUT, ROOT, Operations
 from branchfs.model import ACTIVE
 
 CTX = pyfuse3.RequestContext()  # uid/gid/pid 0: the tests run as root
@@ -73,6 +74,8 @@ def ops(store: Store) -> Iterator[Operations]:
     gc.collect()  # views the Store dropped close theirs when collected
     held = {*store._base_fds.values(), *(fd for fds in store._dir_fds.values() for fd in fds),
             *(o._fd for o in store._origins.values() if o._fd is not None)}
+    if view_module._watch is not None:
+        held.add(view_module._watch.inotify.fd)  # the process's one inotify instance
     assert open_fds() <= before | {str(fd) for fd in held}  # no fd leaked
 
 
@@ -103,12 +106,21 @@ async def test_layout_and_lookup(ops: Operations) -> None:
     fh = await ops.opendir(b1, CTX)
     assert sorted(e[0] for e in ops.dirs[fh]) == ["a", "d", "empty"]
     await ops.releasedir(fh)
-    assert await errno_of(ops.lookup(b1, b"nope", CTX)) == errno.ENOENT
+    missing = await ops.lookup(b1, b"nope", CTX)  # a negative entry the kernel may keep
+    assert (missing.st_ino, missing.entry_timeout) == (0, ENTRY_TIMEOUT)
     assert await errno_of(ops.lookup(ws, b"nope", CTX)) == errno.ENOENT
     assert await errno_of(ops.lookup(ROOT, b"nope", CTX)) == errno.ENOENT
     assert (await ops.lookup(b1, b"..", CTX)).st_ino == ws
     assert await ops.listxattr(ws, CTX) == []
     assert await errno_of(ops.mkdir(ws, b"x", 0o755, CTX)) == errno.EPERM
+
+
+@pytest.mark.trio
+async def test_missing_name_in_a_nested_branch_is_not_cached(ops: Operations,
+                                                             store: Store) -> None:
+    store.create_branch("ws", "c", "b1")  # the parent's writes may make the name
+    c = await path(ops, "ws", "c")
+    assert await errno_of(ops.lookup(c, b"nope", CTX)) == errno.ENOENT
 
 
 @pytest.mark.trio

@@ -281,6 +281,21 @@ def test_writes_in_parent_show_in_child_at_once(mount: Any) -> None:
     assert (c / "late").read_text() == "late"
 
 
+def test_missing_names_appear_after_a_commit_into_the_branch(mount: Any) -> None:
+    mount.cmd("create", name="p")
+    mount.cmd("create", name="c", parent="p")
+    p, c = mount.path("p"), mount.path("c")
+    assert not (p / "new").exists() and not (p / "d" / "new2").exists()  # negative entries
+    (c / "new").write_text("from c")
+    (c / "d" / "new2").write_text("2")
+    mount.cmd("commit", name="c")
+    assert (p / "new").read_text() == "from c"
+    assert (p / "d" / "new2").read_text() == "2"
+    assert not (p / "mine").exists()
+    (p / "mine").write_text("m")  # the kernel replaces its own negative entry
+    assert os.listdir(p).count("mine") == 1 and (p / "mine").read_text() == "m"
+
+
 def test_commit_into_base_and_siblings_get_estale(mount: Any) -> None:
     b1, b2 = mount.path("b1"), mount.path("b2")
     (b1 / "a").write_text("winner\n")
