@@ -13,9 +13,13 @@ also the thread the daemon calls the Store from.
 Inodes are ours, not the backing files': a node is a name in a view
 (parent node + name, so renaming a directory renames its subtree for free),
 and keeps its number while the name lives, across copy-up and rename (git's
-index relies on st_ino). Kernel caches (entry/attr timeouts, page cache kept
-across opens) are invalidated from a separate thread (``Notifier``) for
-exactly what commit, discard and writes through a parent branch change.
+index relies on st_ino). Kernel caches (entry/attr timeouts, negative
+entries for names missing in a top-level branch, page cache kept across opens)
+are invalidated from a separate thread (``Notifier``) for exactly what commit,
+discard and writes through a parent branch change. The writeback cache stays
+off: with it the kernel trusts its own size of a cached file over ours, so a
+file changed behind it (a parent branch's write seen by a child, a commit into
+the branch, the base edited outside) would keep its old size.
 """
 
 from __future__ import annotations
