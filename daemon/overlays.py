@@ -21,8 +21,10 @@ import errno
 import logging
 import os
 import secrets
+import select
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
@@ -116,8 +118,8 @@ class Overlays:
         finally:
             for fd in fds:
                 os.close(fd)
-        if self.store.status(branch.id) != "active":  # ended while we were mounting
-            _detach(root, target)
+        if self.store.status(branch.id) != "active" or branch.id in self._roots:
+            _detach(root, target)  # ended, or mounted by another task, while we mounted
             return
         self._roots[branch.id] = root
         log.debug("branch %s/%s served by overlay at %s", branch.workspace, branch.name, target)
@@ -151,6 +153,36 @@ class Overlays:
                 await self.serve(b)
         if self.backend == OVERLAY:
             log.info("%d branches served by overlay", len(self._roots))
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Mount again, whenever the mount table changes, the overlays the kernel
+        detached on its own (see ``heal``): between requests too."""
+        if self.backend != OVERLAY:
+            task_status.started()
+            return
+        changed, changes = trio.open_memory_channel[None](1)
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+        token = trio.lowlevel.current_trio_token()
+
+        def note() -> None:
+            try:
+                changed.send_nowait(None)
+            except trio.WouldBlock:
+                pass  # a heal is due already
+
+        thread = threading.Thread(target=_watch_mounts, args=(wake_r, note, token),
+                                  name="branchd-mounts", daemon=True)
+        thread.start()
+        try:
+            task_status.started()
+            async for _ in changes:
+                await self.heal(self.store.branches())
+        finally:
+            os.write(wake_w, b"x")
+            thread.join()
+            os.close(wake_r)
+            os.close(wake_w)
 
     def close(self) -> None:
         """Detach every overlay: before the FUSE mount they sit on goes."""
@@ -199,6 +231,25 @@ def _mount_tries(target: str, upper: int, work: int, lowers: list[int]) -> int:
         os.close(root)
         log.debug("overlay on %s went with a stale name; mounting again", target)
     raise overlay.OverlayError(errno.ESTALE, f"the overlay on {target} kept being detached")
+
+
+def _watch_mounts(wake: int, note: Callable[[], None], token: trio.lowlevel.TrioToken) -> None:
+    """On its own thread: call *note* in trio whenever this mount namespace's table
+    changes (poll(2) says POLLPRI on /proc/self/mountinfo), until *wake* is readable."""
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        poller.register(wake, select.POLLIN)
+        while True:
+            if wake in dict(poller.poll()):  # (the poll itself marks the news as seen)
+                return
+            try:
+                token.run_sync_soon(note)  # never waits: trio may be joining this thread
+            except trio.RunFinishedError:
+                return
+    finally:
+        os.close(fd)
 
 
 def _detach(root: int, what: str) -> None:

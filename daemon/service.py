@@ -102,6 +102,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             )
             await nursery.start(_serve_fs, store, cfg)
             await overlays.serve_all()
+            await nursery.start(overlays.watch)
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids)
             await nursery.start(_signals, stop)
             log.info("branchd ready: mount %s, socket %s, cgroups %s, backend %s",

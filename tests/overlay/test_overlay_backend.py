@@ -164,6 +164,19 @@ def test_a_process_in_a_remounted_parent_keeps_working(od: EmbeddedDaemon, ws: W
     assert (base / "README").read_text() == "hello\n"
 
 
+def test_an_overlay_detached_behind_the_daemon_is_mounted_again(od: EmbeddedDaemon,
+                                                                ws: Workspace) -> None:
+    """As the kernel does when the name it sits on is invalidated: the daemon sees the
+    mount table change and mounts the branch again, with no request to prompt it."""
+    b = ws.create("knocked")
+    (b.path / "mine").write_text("kept\n")
+    assert overlay.detach(str(b.path))
+    while str(b.path) not in overlays_below(od.mountpoint):  # bounded by the test timeout
+        time.sleep(0.01)
+    assert (b.path / "mine").read_text() == "kept\n"
+    assert b.backend == "overlay"
+
+
 def test_discard_detaches_the_branch_and_its_children(od: EmbeddedDaemon, ws: Workspace) -> None:
     a = ws.create("a")
     a.create("a-kid")
