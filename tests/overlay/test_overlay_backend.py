@@ -303,6 +303,15 @@ def test_an_open_file_of_a_committed_branch_is_the_committed_file(od: EmbeddedDa
         os.close(fd)
 
 
+def test_an_open_file_of_a_discarded_branch_still_reads(ws: Workspace, base: Path) -> None:
+    b = ws.create("dropped")
+    (b.path / "README").write_text("dropped\n")
+    with open(b.path / "README") as held:
+        b.abort()
+        assert held.read() == "dropped\n"  # in no directory any more (FUSE: ESTALE)
+    assert (base / "README").read_text() == "hello\n"
+
+
 def _nobody_dir() -> Path:
     root = Path(tempfile.mkdtemp(prefix="branchd-nobody-"))
     root.chmod(0o755)
