@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .backing import PRIVATE_XATTR_PREFIX
 from .errors import BranchFSError
 from .model import ACTIVE
 from .store import Event, Store
@@ -712,6 +713,17 @@ class Operations(pyfuse3.Operations):
         fh = next(self._fhs)
         self.handles[fh] = Handle(node.ino, fd, upper)
         node.handles.add(fh)
+        if upper and node.xattrs is None:
+            # The kernel asks for security.capability before the first write:
+            # the branch's own copy is at hand, so no resolution is needed then.
+            try:
+                names = os.listxattr(fd)
+            except OSError:
+                pass
+            else:
+                node.xattrs = (frozenset(n for n in names
+                                         if not n.startswith(PRIVATE_XATTR_PREFIX)),
+                               time.monotonic())
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

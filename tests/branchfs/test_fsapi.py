@@ -242,3 +242,21 @@ async def test_xattr_answers_follow_changes(ops: Operations, store: Store) -> No
     assert await ops.getxattr(ca, b"user.k", CTX) == b"v"  # seen through the parent
     await ops.removexattr(a, b"user.k", CTX)
     assert await errno_of(ops.getxattr(ca, b"user.k", CTX)) == errno.ENODATA
+
+
+@pytest.mark.trio
+async def test_xattr_names_known_from_a_new_handle(ops: Operations, base: Path) -> None:
+    b1 = await path(ops, "ws", "b1")
+    fi, attr = await ops.create(b1, b"new", 0o644, os.O_WRONLY, CTX)
+    assert ops.nodes[attr.st_ino].xattrs is not None  # asked before the first write
+    assert await errno_of(ops.getxattr(attr.st_ino, b"security.capability", CTX)) \
+        == errno.ENODATA
+    await ops.setxattr(attr.st_ino, b"user.k", b"v", CTX)
+    assert await ops.getxattr(attr.st_ino, b"user.k", CTX) == b"v"
+    await ops.release(fi.fh)
+    os.setxattr(base / "a", "user.outside", b"o")  # read by the copy-up of the write open
+    a = await path(ops, "ws", "b1", "a")
+    fi = await ops.open(a, os.O_WRONLY, CTX)
+    assert await ops.getxattr(a, b"user.outside", CTX) == b"o"
+    await ops.release(fi.fh)
+    await ops.forget([(attr.st_ino, 1), (a, 1)])
