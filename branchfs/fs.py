@@ -497,22 +497,25 @@ class Operations(pyfuse3.Operations):
             if not node.links and node.parent is not None:
                 return self._setattr_open(node, attr, fields)
             parts = self._parts(node)
-            if fields.update_size:
-                if fh is not None and self.handles[fh].upper:
-                    os.ftruncate(self.handles[fh].fd, attr.st_size)
-                else:
-                    view.truncate(parts, attr.st_size)
-            if fields.update_mode:
-                view.chmod(parts, attr.st_mode)
+            size = attr.st_size if fields.update_size else None
+            if size is not None and fh is not None and self.handles[fh].upper:
+                os.ftruncate(self.handles[fh].fd, size)
+                size = None
+            owner = times = None
             if fields.update_uid or fields.update_gid:
-                view.chown(parts, attr.st_uid if fields.update_uid else -1,
-                           attr.st_gid if fields.update_gid else -1)
+                owner = (attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1)
             if fields.update_atime or fields.update_mtime:
-                view.utime(parts, attr.st_atime_ns if fields.update_atime else None,
-                           attr.st_mtime_ns if fields.update_mtime else None)
-            self._refresh_handles(node, view)
+                times = (attr.st_atime_ns if fields.update_atime else None,
+                         attr.st_mtime_ns if fields.update_mtime else None)
+            mode = attr.st_mode if fields.update_mode else None
+            if size is None and mode is None and owner is None and times is None:
+                st = view.stat(parts)  # nothing to copy up for
+            else:
+                st = view.set_attrs(parts, size=size, mode=mode, owner=owner, times=times)
+                self._refresh_handles(node, view)
             self._changed(node, parts, name_changed=False)
-            return self._attr(node, view.stat(parts))
+            return self._attr(node, st)
 
     def _setattr_open(self, node: Node, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields) -> pyfuse3.EntryAttributes:

@@ -777,30 +777,42 @@ class View:
                 raise _err(errno.ENOENT, parts)
             yield d.fd(e.layer), parts[-1]
 
-    def chmod(self, parts: Sequence[str], mode: int) -> None:
+    def set_attrs(self, parts: Sequence[str], *, size: int | None = None,
+                  mode: int | None = None, owner: tuple[int, int] | None = None,
+                  times: tuple[int | None, int | None] | None = None) -> os.stat_result:
+        """Copy *parts* up and change what is given, in setattr's order (size, mode,
+        owner, then (atime, mtime) with None keeping one); its lstat afterwards."""
         with self.upper_parent(parts) as (fd, name):
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(at(fd, name), mode & 0o7777)
+            if size is not None:
+                f = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    os.ftruncate(f, size)
+                finally:
+                    os.close(f)
+            if mode is not None:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chmod(at(fd, name), mode & 0o7777)
+            if owner is not None:
+                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
+            if times is not None:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                ns = (st.st_atime_ns if times[0] is None else times[0],
+                      st.st_mtime_ns if times[1] is None else times[1])
+                os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def chmod(self, parts: Sequence[str], mode: int) -> None:
+        self.set_attrs(parts, mode=mode)
 
     def chown(self, parts: Sequence[str], uid: int, gid: int) -> None:
-        with self.upper_parent(parts) as (fd, name):
-            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        self.set_attrs(parts, owner=(uid, gid))
 
     def utime(self, parts: Sequence[str], atime_ns: int | None, mtime_ns: int | None) -> None:
-        with self.upper_parent(parts) as (fd, name):
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            ns = (st.st_atime_ns if atime_ns is None else atime_ns,
-                  st.st_mtime_ns if mtime_ns is None else mtime_ns)
-            os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+        self.set_attrs(parts, times=(atime_ns, mtime_ns))
 
     def truncate(self, parts: Sequence[str], size: int) -> None:
-        with self.upper_parent(parts) as (fd, name):
-            f = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                os.ftruncate(f, size)
-            finally:
-                os.close(f)
+        self.set_attrs(parts, size=size)
 
     def stat(self, parts: Sequence[str]) -> os.stat_result:
         return self.need(parts).st
