@@ -746,8 +746,7 @@ class Operations(pyfuse3.Operations):
                 if flags & os.O_TRUNC:
                     self._changed(node, parts, name_changed=False)
                 return self._handle(node, fd, upper=True)
-            e = view.need(parts)
-            fd = view.open_read(parts, flags & ~os.O_TRUNC)
+            fd, e = view.open_top(parts, flags & ~os.O_TRUNC)
             return self._handle(node, fd, upper=e.layer == 0,
                                 keep_cache=not self._volatile(view, e))
 

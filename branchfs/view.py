@@ -420,13 +420,18 @@ class View:
 
     def open_read(self, parts: Sequence[str], flags: int = os.O_RDONLY) -> int:
         """Open the topmost copy of a file without copying it up."""
+        return self.open_top(parts, flags)[0]
+
+    def open_top(self, parts: Sequence[str], flags: int) -> tuple[int, Entry]:
+        """open_read(), and where the name resolved."""
         if not parts:
             raise _err(errno.EISDIR)
         with self.dirs(parts[:-1]) as d:
             e = d.find(parts[-1])
             if e is None:
                 raise _err(errno.ENOENT, parts)
-            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd(e.layer))
+            fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd(e.layer))
+            return fd, e
 
     # -- copy-up ------------------------------------------------------------
 
