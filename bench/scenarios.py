@@ -89,11 +89,24 @@ class Context:
     def row(self, scenario: str, param: str, backend: Backend) -> Row:
         return self.results.add(Row(scenario, param, backend.name))
 
+    def runs(self, n: int) -> Iterator[int]:
+        """Up to ``n`` runs of one measurement. After the first, none starts once
+        ``sizes.row_seconds`` have passed since it began, untimed setup included: a native
+        copy of the largest tree takes minutes a sample, a branchd create milliseconds, and
+        the run must still end in its mode's time."""
+        start = time.monotonic()
+        for i in range(n):
+            if i and time.monotonic() - start > self.sizes.row_seconds:
+                return
+            yield i
+
     @contextmanager
-    def workspace(self, backend: Backend, files: int | None, label: str
-                  ) -> Iterator[BenchWorkspace]:
+    def workspace(self, backend: Backend, files: int | None, label: str, *,
+                  read_only: bool = False) -> Iterator[BenchWorkspace]:
         """A fresh copy of the seed tree of ``files`` files (None: a README alone),
-        registered with the backend, removed afterwards whatever happened."""
+        registered with the backend, removed afterwards whatever happened. A workspace
+        whose base no operation changes (``read_only``) is a tree of hard links to the
+        seed's files: one link per file instead of a copy of its data."""
         # the directory's name is the workspace's name in branchd: unique per backend
         base = self.work / backend.name / f"{label}-{backend.name}"
         base.parent.mkdir(exist_ok=True)
@@ -101,7 +114,8 @@ class Context:
             base.mkdir()
             (base / "README").write_text("agent workspace\n")
         else:
-            subprocess.run(["cp", "-a", str(self.seeds[files]), str(base)], check=True)
+            how = "-al" if read_only else "-a"
+            subprocess.run(["cp", how, str(self.seeds[files]), str(base)], check=True)
         ws = backend.workspace(base)
         try:
             yield ws
@@ -117,11 +131,12 @@ class Context:
 
 def create(ctx: Context, backend: Backend) -> None:
     for n in ctx.sizes.bases:
-        with ctx.workspace(backend, n, f"create-{n}") as ws:
+        # create and discard leave the base as it was: it may share the seed's files
+        with ctx.workspace(backend, n, f"create-{n}", read_only=True) as ws:
             row = ctx.row("branch create", files_label(n), backend)
             fresh = ctx.row("discard fresh branch", files_label(n), backend)
             last_rel, last_data = base_file(n - 1)
-            for _ in range(ctx.sizes.repeat):
+            for _ in ctx.runs(ctx.sizes.repeat):
                 name = ctx.name("c")
                 seconds, path = timed(ws.create, name)
                 row.samples.append(seconds)
@@ -179,7 +194,7 @@ def commit(ctx: Context, backend: Backend) -> None:
     with ctx.workspace(backend, s.commit_base, "commit") as ws:
         for kind, amount, label in changes:
             row = ctx.row("commit", label, backend)
-            for _ in range(s.repeat):
+            for _ in ctx.runs(s.repeat):
                 name = ctx.name("m")
                 expect = _change(ws.create_verified(name), kind, amount, tag=int(name[1:]))
                 row.samples.append(timed(ws.commit, name)[0])
@@ -188,7 +203,7 @@ def commit(ctx: Context, backend: Backend) -> None:
                     raise AssertionError(f"the base lacks what branch {name} committed")
             row.checks.append("the base holds the committed changes")
             row = ctx.row("discard after changes", label, backend)
-            for _ in range(s.repeat):
+            for _ in ctx.runs(s.repeat):
                 name = ctx.name("m")
                 expect = _change(ws.create_verified(name), kind, amount, tag=int(name[1:]))
                 row.samples.append(timed(ws.discard, name)[0])
@@ -264,7 +279,7 @@ def inside(ctx: Context, backend: Backend) -> None:
     payload = b"x" * s.small_file_size
     chunk = hashlib.sha256(b"seq").digest() * (_CHUNK // 32)
     with ctx.workspace(backend, s.bases[0], "inside") as ws:
-        for _ in range(s.heavy_repeat):
+        for _ in ctx.runs(s.heavy_repeat):
             name = ctx.name("i")
             branch = ws.create_verified(name)
             paths = [branch / "small" / f"d{i // FILES_PER_DIR:04d}" / f"s{i:06d}"
@@ -296,7 +311,7 @@ def agent_workload(ctx: Context, backend: Backend) -> None:
     home = ctx.work / "home"
     home.mkdir(exist_ok=True)
     with ctx.workspace(backend, None, "agent") as ws:
-        for _ in range(s.heavy_repeat):
+        for _ in ctx.runs(s.heavy_repeat):
             name = ctx.name("a")
             branch = ws.create_verified(name)
             times = agent.run(branch, ctx.tarball, s.agent_modules, s.agent_edits, home)
@@ -332,7 +347,7 @@ def parallel(ctx: Context, backend: Backend) -> None:
 
         for n in s.parallel:
             row = ctx.row("parallel branches", f"{n} branches", backend)
-            for _ in range(s.heavy_repeat):
+            for _ in ctx.runs(s.heavy_repeat):
                 with ThreadPoolExecutor(n) as pool:
                     seconds, counts = timed(lambda n=n, pool=pool: list(pool.map(job, range(n))))
                 row.samples.append(seconds)
@@ -350,7 +365,7 @@ def run_true(ctx: Context, backend: Backend) -> None:
         row = ctx.row("run `true` in a branch", "", backend)
         name = ctx.name("r")
         ws.create_verified(name)
-        for _ in range(ctx.sizes.repeat):
+        for _ in ctx.runs(ctx.sizes.repeat):
             seconds, code = timed(ws.run, name, ["true"])
             if code != 0:
                 raise AssertionError(f"`true` exited {code}")
