@@ -350,13 +350,15 @@ class Operations(pyfuse3.Operations):
         n = self.notifier
         if n is None:
             return
-        self._invalidate_for(n, ev)
         if ev.kind == "branch-created":
-            # No wait: failed lookups are not cached (no negative entries), so the new
-            # name is visible at once. Waiting here, on the thread that serves FUSE,
-            # stalls behind other branches' lookups in the same directory (the kernel
-            # holds that directory's lock) for the whole timeout.
+            # Nothing to invalidate: a branch name that failed to resolve is never
+            # cached (ENOENT, no negative entry) and an ended branch's name was
+            # invalidated when it ended, so the new name resolves at once. An
+            # invalidation here would even harm: it can reach the kernel after the
+            # daemon mounted the branch's kernel overlay on this name, and the
+            # kernel detaches mounts from a dentry it invalidates.
             return
+        self._invalidate_for(n, ev)
         if not n.drain(DRAIN_TIMEOUT):
             log.warning("kernel cache invalidation after %s is still pending", ev.kind)
 
@@ -367,10 +369,7 @@ class Operations(pyfuse3.Operations):
         b = ev.branch
         assert b is not None
         wsino = self.dentries.get((ROOT, ev.workspace))
-        if ev.kind == "branch-created":
-            if wsino is not None:
-                n.entry(wsino, b.name)
-        elif ev.kind == "branch-ended":
+        if ev.kind == "branch-ended":
             self.failsafe.discard(b.id)
             if wsino is not None:
                 n.entry(wsino, b.name)

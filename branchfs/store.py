@@ -297,7 +297,9 @@ class Store:
                                        os.open(os.path.join(root, "work"), backing.DIR_FLAGS))
 
     def _close_branch_fds(self, bid: str) -> None:
-        self._views.pop(bid, None)
+        v = self._views.pop(bid, None)
+        if v is not None:
+            v.close()  # its cached directory fds and inotify watches
         o = self._origins.pop(bid, None)
         if o is not None:
             o.close()
@@ -740,7 +742,9 @@ class Store:
         commit.crash_point("state")
         for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
             self._close_branch_fds(stale)
-        self._views.clear()  # layer lists of the survivors are rebuilt on demand
+        for v in self._views.values():  # layer lists of the survivors are rebuilt on demand
+            v.close()
+        self._views.clear()
         self._to_trash(bid)
         os.unlink(jpath)  # not fsynced: _recover knows an applied journal by its branch's record
 

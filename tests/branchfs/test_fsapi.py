@@ -4,7 +4,6 @@ with a consistency check of the inode tables after every test."""
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import stat
 from collections.abc import Iterator
@@ -71,7 +70,6 @@ def ops(store: Store) -> Iterator[Operations]:
         os.close(o.handles.pop(fh).fd)
     for v in store._views.values():
         v.close()  # the fds of cached merged dirs
-    gc.collect()  # views the Store dropped close theirs when collected
     held = {*store._base_fds.values(), *(fd for fds in store._dir_fds.values() for fd in fds),
             *(o._fd for o in store._origins.values() if o._fd is not None)}
     if view_module._watch is not None:
