@@ -128,15 +128,19 @@ def rename2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def user_xattrs(path: str) -> Iterator[tuple[str, bytes]]:
-    """The xattrs of *path* (not followed) worth copying, without our private ones."""
+def xattr_names(path: str) -> list[str]:
+    """The xattr names of *path* (not followed); none where xattrs are not allowed."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        return os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return
+            return []
         raise
-    for name in names:
+
+
+def user_xattrs(path: str) -> Iterator[tuple[str, bytes]]:
+    """The xattrs of *path* (not followed) worth copying, without our private ones."""
+    for name in xattr_names(path):
         if name.startswith(PRIVATE_XATTR_PREFIX):
             continue
         try:

@@ -16,15 +16,8 @@ TMP_SUFFIX = ".tmp"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str | os.PathLike[str]) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a directory by its path."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -52,7 +45,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *,
     if before_replace is not None:
         before_replace()
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def syncfs(fd: int) -> None:

@@ -28,6 +28,8 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 
+from . import backing
+
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 FSTYPE = "overlay"
@@ -143,13 +145,7 @@ def drop_kernel_xattrs(dirfd: int, name: str) -> None:
     mount and must never reach the base or another layer. The opaque mark is
     the format's own and stays."""
     path = f"{fd_path(dirfd)}/{name}"
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return
-        raise
-    for xname in names:
+    for xname in backing.xattr_names(path):
         if xname.startswith(PRIVATE_PREFIX) and xname != OPAQUE:
             try:
                 os.removexattr(path, xname, follow_symlinks=False)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import backing, commit, diff, origins
-from .durable import TMP_SUFFIX, atomic_write, fsync_dir, fsync_file, syncfs
+from .durable import TMP_SUFFIX, atomic_write, fsync_path, syncfs
 from .errors import (
     BadName,
     Conflict,
@@ -373,7 +373,7 @@ class Store:
                        f"in workspace {journal['workspace']}")
             log.warning("%s", msg)
             self.recovered.append(msg)
-        fsync_dir(jdir)
+        fsync_path(jdir)
 
     def _sweep(self) -> None:
         """Empty the trash and the work dirs; trash deltas no live record owns."""
@@ -729,7 +729,7 @@ class Store:
                     _sync_dirs(target.layers[0], journal["steps"])
                     os.fsync(gfd)
                     if journal.get("origins"):
-                        fsync_file(self._path("branches", journal["target"], origins.FILE))
+                        fsync_path(self._path("branches", journal["target"], origins.FILE))
                 else:
                     syncfs(target.layers[0])
             finally:
