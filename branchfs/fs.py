@@ -41,7 +41,7 @@ from pyfuse3 import FUSEError
 
 from .backing import PRIVATE_XATTR_PREFIX
 from .errors import BranchFSError
-from .model import ACTIVE
+from .model import ACTIVE, INVALIDATED
 from .store import Event, Store
 from .view import Entry, View
 
@@ -373,8 +373,14 @@ class Operations(pyfuse3.Operations):
             self.failsafe.discard(b.id)
             if wsino is not None:
                 n.entry(wsino, b.name)
+            # That name's invalidation drops the kernel's unused entries below it.
+            # What is still held needs its own: open files and directories (a cwd)
+            # of a committed or discarded branch, everything of an invalidated one
+            # (a file mapped after its fd was closed must not keep the old parent's
+            # pages). One per file of a 10k-file branch took 100 ms.
+            everything = b.status == INVALIDATED
             for node in list(self.nodes.values()):
-                if node.bid == b.id:
+                if node.bid == b.id and (everything or node.handles or node.is_dir):
                     n.inode(node.ino)
         elif ev.kind == "committed" and ev.target is not None:
             self._invalidate_paths(ev.target, ev.paths)

@@ -322,6 +322,31 @@ def test_commit_into_base_and_siblings_get_estale(mount: Any) -> None:
     assert (mount.path("b1") / "a").read_text() == "winner\n"
 
 
+def test_discard_reaches_what_is_held_and_drops_the_rest(mount: Any) -> None:
+    """Discard invalidates the branch's name and only the inodes still held:
+    open files and directories answer ESTALE, names looked up before are gone."""
+    b = mount.path("b1")
+    for i in range(50):
+        (b / "d" / f"n{i}").write_text(str(i))
+    assert all((b / "d" / f"n{i}").stat().st_size for i in range(50))  # in the kernel's cache
+    held = open(b / "d" / "n1", "rb")  # noqa: SIM115
+    held_dir = os.open(b / "d", os.O_RDONLY)
+    try:
+        assert held.read() == b"1"  # its page is cached now
+        mount.cmd("discard", name="b1")
+        held.seek(0)
+        with pytest.raises(OSError) as ei:
+            held.read()
+        assert ei.value.errno == errno.ESTALE
+        with pytest.raises(OSError) as ei:
+            os.stat("n2", dir_fd=held_dir)
+        assert ei.value.errno == errno.ESTALE
+        assert not (b / "d" / "n3").exists()
+    finally:
+        held.close()
+        os.close(held_dir)
+
+
 def test_prefix_names_do_not_interfere(mount: Any) -> None:
     mount.cmd("create", name="x1")
     mount.cmd("create", name="x10")
