@@ -103,10 +103,12 @@ class _Rec:
 
 
 class _Trash:
-    """Deletes ended deltas in the background, one ``rm -rf`` child at a time
-    at the lowest CPU priority (a thread running shutil.rmtree would hold the
-    GIL the FUSE handlers need); what it has not finished is found again in
-    trash/ at the next open."""
+    """Deletes ended deltas in the background: one ``rm -rf`` child for all the
+    names queued at the time, at the lowest CPU priority (a thread running
+    shutil.rmtree would hold the GIL the FUSE handlers need); what it has not
+    finished is found again in trash/ at the next open."""
+
+    BATCH = 64  # names per rm
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -120,21 +122,31 @@ class _Trash:
         self._queue.put(name)
 
     def _run(self) -> None:
-        while (name := self._queue.get()) is not None:
-            path = os.path.join(self.path, name)
-            # posix_spawn opens /dev/null in the child: no fd of this process
-            # (pipes, /dev/null) stays open while rm runs
-            null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
-            try:
-                pid = os.posix_spawnp("nice", ["nice", "-n", "19", "rm", "-rf", "--", path],
-                                      os.environ, file_actions=null)
-                status = os.waitpid(pid, 0)[1]
-            except OSError as exc:
-                log.warning("could not empty %s (retried at the next open): %s", path, exc)
-                continue
-            if status != 0:
-                log.warning("could not empty %s (retried at the next open): rm said %s",
-                            path, os.waitstatus_to_exitcode(status))
+        done = False
+        while not done:
+            got = [self._queue.get()]
+            while len(got) < self.BATCH and not self._queue.empty():
+                got.append(self._queue.get())
+            done = None in got
+            names = [n for n in got if n is not None]
+            if names:
+                self._remove([os.path.join(self.path, n) for n in names])
+
+    @staticmethod
+    def _remove(paths: list[str]) -> None:
+        # posix_spawn opens /dev/null in the child: no fd of this process (a
+        # pipe, /dev/null) stays open while rm runs
+        null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+        try:
+            pid = os.posix_spawnp("nice", ["nice", "-n", "19", "rm", "-rf", "--", *paths],
+                                  os.environ, file_actions=null)
+            status = os.waitpid(pid, 0)[1]
+        except OSError as exc:
+            log.warning("could not empty the trash (retried at the next open): %s", exc)
+            return
+        if status != 0:
+            log.warning("could not empty the trash (retried at the next open): rm said %s",
+                        os.waitstatus_to_exitcode(status))
 
     def close(self) -> None:
         if self._thread is not None:
