@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
 
 
+SUN_PATH_MAX = 108
+
+
 class EmbeddedDaemon:
     """A branchd child process owned by this Python process."""
 
@@ -38,15 +41,24 @@ class EmbeddedDaemon:
         self.root = Path(root or tempfile.mkdtemp(prefix="branchd-"))
         self.state_dir = self.root / "state"
         self.mountpoint = self.root / "mnt"
-        self.socket = self.root / "branchd.sock"
+        # A unix socket's path must fit in sun_path (108 bytes with its NUL): under
+        # a deep root the sockets go to a short private directory of their own.
+        self._socket_dir: Path | None = None
+        sockets = self.root
+        if len(os.fsencode(self.root / "notify.sock")) >= SUN_PATH_MAX:
+            sockets = self._socket_dir = Path(tempfile.mkdtemp(prefix="branchd-"))
+        self.socket = sockets / "branchd.sock"
+        self._notify_path = sockets / "notify.sock"
         self.log_path = self.root / "branchd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_level = log_level
         self.args = list(args)  # more branchd options, e.g. ["--allow-uid", "1000"]
 
     def start(self, timeout: float = READY_TIMEOUT) -> EmbeddedDaemon:
+        if self._socket_dir is not None:
+            self._socket_dir.mkdir(mode=0o700, exist_ok=True)  # again after a stop()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        notify_path = self.root / "notify.sock"
+        notify_path = self._notify_path
         notify_path.unlink(missing_ok=True)
         notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
@@ -90,8 +102,12 @@ class EmbeddedDaemon:
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate the daemon (it unmounts itself); force it only if it does not."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
+        if proc is not None:
+            self._terminate(proc, timeout)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _terminate(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         atexit.unregister(self.stop)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
