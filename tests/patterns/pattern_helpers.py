@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -44,6 +45,18 @@ def env_with_tests_path() -> dict[str, str]:
     here = str(Path(__file__).resolve().parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(
         [here, str(Path(here).parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+def popen_interruptible(argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+    """Start ``argv`` with SIGINT at its default disposition. A process started
+    from a non-interactive shell's background job (``cmd &``) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C
+    tests would hang for a reason that is not the program's."""
+    return subprocess.Popen(argv, text=True, preexec_fn=_sigint_default, **kw)
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt_once_started(proc: subprocess.Popen[str], pids: Path, n: int = 2) -> str:

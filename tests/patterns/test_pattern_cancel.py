@@ -19,6 +19,7 @@ from pattern_helpers import (
     env_with_tests_path,
     files,
     interrupt_once_started,
+    popen_interruptible,
     wait_for,
 )
 
@@ -112,8 +113,8 @@ def test_ctrl_c_discards_branches_and_kills(daemon: EmbeddedDaemon, base: Path,
         with Workspace({str(base)!r}, daemon={str(daemon.socket)!r}) as ws:
             Speculate([functools.partial(hang, {str(pids)!r})] * 2, max_parallel=2)(ws)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", program], env=env_with_tests_path(),
-                            stderr=subprocess.PIPE, text=True)
+    proc = popen_interruptible([sys.executable, "-c", program], env=env_with_tests_path(),
+                               stderr=subprocess.PIPE)
     err = interrupt_once_started(proc, pids)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     wait_for(lambda: not alive(pids), "the candidates' processes to die")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pattern_helpers import alive, files, interrupt_once_started, wait_for
+from pattern_helpers import alive, files, interrupt_once_started, popen_interruptible, wait_for
 
 from branching import EmbeddedDaemon
 
@@ -96,10 +96,10 @@ def test_ctrl_c_exits_130_and_leaves_nothing(daemon: EmbeddedDaemon, base: Path,
                                               pids: Path) -> None:
     before = files(base)
     hang = f"echo $$ > {pids}/$BRANCHING_ATTEMPT; echo x > value.txt; exec sleep 3600"
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [sys.executable, "-c", _MAIN, "--socket", str(daemon.socket), "speculate",
          "-w", str(base), "-j", "2", "-c", hang, "-c", hang],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = interrupt_once_started(proc, pids)
     assert proc.returncode == 130, err
     wait_for(lambda: not alive(pids), "the candidates' processes to die")
