@@ -191,7 +191,6 @@ class Handlers:
         if meta:
             self.meta.set(branch.id, meta)
         await self.overlays.serve(branch)
-        await self.overlays.heal([branch])
         self.on_change()
         return self.describe(branch)
 
@@ -272,9 +271,6 @@ class Handlers:
         if branch.parent is not None:  # its upper dir changed behind the kernel's back
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
         self._ended([branch, *invalidated])
-        # The store's events made the FUSE adapter send every kernel invalidation
-        # still pending, a new branch's too: whatever overlay that detached, now.
-        await self.overlays.heal(self.store.branches())
         return result.to_dict()
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -283,7 +279,6 @@ class Handlers:
         self.overlays.detach(self.overlays.subtree(branch))
         removed = self.store.discard(branch.workspace, branch.name)
         self._ended(removed)
-        await self.overlays.heal(self.store.branches())  # as after a commit
         return {"discarded": [b.name for b in removed]}
 
     async def op_exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:

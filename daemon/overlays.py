@@ -79,10 +79,11 @@ class Overlays:
         return OVERLAY if bid in self._roots else FUSE
 
     async def heal(self, branches: Iterable[branchfs.Branch]) -> None:
-        """Mount again the overlays of *branches* that the kernel detached on its
-        own: the name one sat on in the FUSE mount was invalidated (a new branch's
-        name is, once, from the FUSE adapter's thread; see ``_mount``). Meanwhile
-        FUSE served the branch, over the same delta."""
+        """Mount again the overlays of *branches* that were detached behind our
+        back (an invalidation of the name one sits on in the FUSE mount, an
+        administrator's umount). Meanwhile FUSE served the branch, over the same
+        delta. ``watch`` calls it whenever the mount table changes; list, info
+        and exec call it too, so that their answer does not wait for that."""
         if not self._roots:
             return
         attached = overlay.mount_ids()
@@ -198,12 +199,12 @@ def _mount(target: str, upper: int, work: int, lowers: list[int]) -> int:
     empties its workdir, and an earlier overlay of the same branch, detached
     but still the working directory of some process, may be copying up there.
 
-    A new branch's name in the FUSE mount gets one kernel entry invalidation,
-    queued when the branch was made and sent from another thread: if it lands
-    on the name our mount is being placed on, the kernel refuses the mount
-    (ENOENT) or detaches it at once. The name looked up again after that is
-    not invalidated again, so a few tries suffice; each try is checked by
-    comparing what the path reaches with the mount's root."""
+    An invalidation of the name in the FUSE mount that lands while we mount
+    (the adapter sends none for a new branch, but one for an ended branch of
+    the same name may still be in flight when its wait timed out) makes the
+    kernel refuse the mount (ENOENT) or detach it at once. A few tries
+    suffice; each is checked by comparing what the path reaches with the
+    mount's root."""
     name = f"overlay.{secrets.token_hex(4)}"
     os.mkdir(name, 0o700, dir_fd=work)
     own = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
