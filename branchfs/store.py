@@ -326,6 +326,11 @@ class Store:
         except KeyError:
             raise NotFound(f"workspace {ws} has no directory {self._ws[ws].base}") from None
 
+    def base_fd(self, ws: str) -> int:
+        """The held descriptor of the workspace's directory (the store's own: do not close)."""
+        self.workspace(ws)
+        return self._base_fd(ws)
+
     def view_by_id(self, bid: str) -> View:
         """The merged view of a branch that has not ended."""
         v = self._views.get(bid)

@@ -25,6 +25,7 @@ import click
 
 from branching.client import Client
 from branching.errors import BranchError
+from branching.paths import relative_cwd
 from daemon.protocol import ExitCode
 
 if TYPE_CHECKING:
@@ -273,21 +274,22 @@ def limits_from(memory: str | None, cpus: float | None, pids: int | None,
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
 @_named
 @limit_options
-@click.option("--at-workspace-path", is_flag=True,
-              help="Bind the branch over the workspace's real path (needs root).")
+@click.option("--at-branch-path", is_flag=True,
+              help="Run at the branch's own path, not at the workspace's (absolute paths "
+              "into the workspace then reach the base).")
 @click.option("--capture", is_flag=True, help="Write output to the run record, not here.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_ctx
 @json_option
 def exec_(obj: Context, name: str, ws: str | None, argv: tuple[str, ...],
-          at_workspace_path: bool, capture: bool, **limit_args: Any) -> tuple[dict, str]:
+          at_branch_path: bool, capture: bool, **limit_args: Any) -> tuple[dict, str]:
     """Run a command in the branch, in its own cgroup; exits with the command's status."""
     limits = limits_from(**limit_args)
     fds = None if capture else [0, 1, 2]
     client = obj.client
     started = client.call("exec", fds, name=name, workspace=_workspace_name(ws),
                           argv=list(argv), limits=limits.to_dict(), env=dict(os.environ),
-                          at_workspace_path=at_workspace_path or None)
+                          at_branch_path=at_branch_path or None, cwd=_cwd_in(client, name, ws))
     try:
         done = client.call("wait", run=started["run"])
     except KeyboardInterrupt:
@@ -305,6 +307,12 @@ def exec_(obj: Context, name: str, ws: str | None, argv: tuple[str, ...],
     if capture:
         text = f"run {done['run']}: exit {code}; output in {Path(done['stdout_path']).parent}"
     return done, text
+
+
+def _cwd_in(client: Any, name: str, ws: str | None) -> str | None:
+    """Where in the workspace this shell stands, for a run to start there too."""
+    b = client.call("info", name=name, workspace=_workspace_name(ws))
+    return relative_cwd(None, b["base"], b["path"]) or None
 
 
 def main(argv: list[str] | None = None) -> int:

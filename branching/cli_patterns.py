@@ -70,6 +70,8 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Candidates running at once (default: one per CPU)."),
         click.option("--progress/--no-progress", default=None,
                      help="Show candidates as they run (default: when stderr is a terminal)."),
+        click.option("--at-branch-path", is_flag=True,
+                     help="Candidates see their branch at its own path, not the workspace's."),
     ]):
         fn = opt(fn)
     return fn
@@ -85,7 +87,8 @@ def _argv(argv: tuple[str, ...]) -> Command:
 
 def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_json: bool,
              memory: str | None, cpus: float | None, pids: int | None, timeout: float | None,
-             max_parallel: int | None, progress: bool | None, live: bool = False) -> int:
+             max_parallel: int | None, progress: bool | None, at_branch_path: bool,
+             live: bool = False) -> int:
     from branching.workspace import Workspace
     from cgroups import Limits, parse_size
 
@@ -95,7 +98,7 @@ def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_js
         raise click.BadParameter(str(e)) from None
     show = sys.stderr.isatty() if progress is None else progress
     pattern = make(resource_limits=limits, timeout=timeout, max_parallel=max_parallel,
-                   on_event=Progress(show))
+                   on_event=Progress(show), at_branch_path=at_branch_path)
     pattern.options.capture = not live or as_json
     socket = getattr(ctx.find_root().obj, "socket", None)
     with Workspace(ws, daemon=socket) as workspace:

@@ -18,6 +18,7 @@ from typing import Any
 from branching.client import Client
 from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
+from branching.paths import relative_cwd
 from cgroups import Limits
 
 ACTIONS = ("commit", "abort", "keep")
@@ -193,8 +194,15 @@ class Branch:
     def run(self, argv: list[str] | str, *, limits: Limits | None = None,
             timeout: float | None = None, env: dict[str, str] | None = None,
             stdin: int | None = None, capture: bool = True,
-            at_workspace_path: bool = False) -> RunResult:
-        """Run a command in the branch, in its own cgroup; blocks until it ends."""
+            at_branch_path: bool = False, cwd: str | os.PathLike[str] | None = None) -> RunResult:
+        """Run a command in the branch, in its own cgroup; blocks until it ends.
+
+        The command sees the branch at the workspace's own path (a private mount
+        namespace), so absolute paths (a venv, an editable install) resolve into
+        the branch; ``at_branch_path`` runs it at the branch's path instead. It
+        starts in ``cwd`` (a path in the workspace or the branch, or relative to
+        the workspace's root), by default the caller's own directory where that
+        is inside the workspace or the branch, else the workspace's root."""
         if isinstance(argv, str):
             argv = ["/bin/sh", "-c", argv]
         limits = limits or Limits()
@@ -206,7 +214,8 @@ class Branch:
         reply = self._call(
             "exec", argv=list(argv), limits=limits.to_dict(),
             env=dict(os.environ if env is None else env),
-            at_workspace_path=at_workspace_path or None,
+            at_branch_path=at_branch_path or None,
+            cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
             fds=fds,
         )
         return RunResult.from_reply(self.workspace.client.call("wait", run=reply["run"]))

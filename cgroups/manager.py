@@ -28,7 +28,7 @@ from .errors import CgroupError, SpawnError
 from .layout import V1_CONTROLLERS, Layout, detect
 from .limits import Limits
 from .run import Run
-from .spawn import Tools, can_bind, start
+from .spawn import Bind, User, namespaces, start
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Manager:
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
-        self._tools = Tools.find()
+        self._ns: tuple[str | None, str] | None = None  # namespaces(), probed on first use
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
         self._leftovers: list[Cgroup] = []
@@ -284,9 +284,18 @@ class Manager:
         )
 
     @property
+    def namespace(self) -> tuple[str | None, str]:
+        """The private mount namespace runs get here ("mount" as root, "user" for an
+        unprivileged process where user namespaces work, None) and why, in words."""
+        if self._ns is None:
+            self._ns = namespaces()
+        return self._ns
+
+    @property
     def bind_unavailable(self) -> str | None:
         """None where spawn(bind=...) works, else why not."""
-        return can_bind(self._tools)
+        mode, why = self.namespace
+        return None if mode is not None else why
 
     def spawn(
         self,
@@ -299,23 +308,30 @@ class Manager:
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
-        bind: tuple[str, str] | None = None,
+        bind: Bind | None = None,
         hide: list[str] | None = None,
+        user: User | None = None,
     ) -> Run:
         """Start `argv` in a new cgroup with `limits`; its code runs only once placed.
 
         env None inherits this process's environment; a dict is the whole
-        environment. bind=(source, target) runs it in a private mount namespace
-        with source bind-mounted over target; `hide` (with bind) covers each
-        given directory there with an empty read-only tmpfs: the daemon passes
-        its FUSE mountpoint, so that a candidate cannot reach its sibling
-        branches through their real paths. Raises SpawnError/CgroupError.
+        environment (the candidate's alone: nothing run before it sees it).
+        bind runs it in a private mount namespace with ``bind.source`` bound
+        over ``bind.target``; `hide` (with bind) covers each given directory
+        there with an empty read-only tmpfs: the daemon passes its FUSE
+        mountpoint and state directory, so that a candidate cannot reach its
+        sibling branches through their real paths. `user` (a root manager
+        only) runs it as that user, with no_new_privs and a nosuid bind.
+        Raises SpawnError/CgroupError.
         """
         for key in self._unsupported:
             if getattr(limits, key) is not None:
                 self._warn(key, self._unenforced(key))
-        if bind is not None and (why := self.bind_unavailable):
-            raise SpawnError(f"cannot bind {bind[0]} over {bind[1]}: {why}")
+        ns = None
+        if bind is not None or hide:
+            if why := self.bind_unavailable:
+                raise SpawnError(f"cannot run {argv[0]!r} in a private mount namespace: {why}")
+            ns = self.namespace[0]
         with self._lock:
             if self._closed:
                 raise CgroupError(f"cgroups manager {self.name} is closed")
@@ -329,7 +345,7 @@ class Manager:
                 node.apply(limits)
             proc = start(
                 argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                bind=bind, hide=hide or [], tools=self._tools,
+                ns=ns, bind=bind, hide=hide or [], user=user,
                 place=node.place if node is not None else _nowhere,
             )  # fmt: skip
         except BaseException:

@@ -9,6 +9,7 @@ a protocol error.
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import os
 import stat
@@ -22,6 +23,7 @@ import trio
 
 import branchfs
 import cgroups
+from cgroups.spawn import Bind
 from daemon.meta import MetaStore
 from daemon.protocol import VERSION
 from daemon.runs import RunTable
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 PATCH_LIMIT = 256 * 1024  # bytes of each side read for `diff --patch`
 META_LIMIT = 64 * 1024  # bytes of JSON a branch may carry
+# why a run could not start (cgroups.SpawnError.errno) -> error code; else bad-request
+SPAWN_ERRORS = {errno.EACCES: "permission", errno.EPERM: "permission",
+                errno.ENOENT: "not-found", errno.ENOTDIR: "not-found", errno.ESTALE: "stale"}
 
 
 class RequestError(Exception):
@@ -122,12 +127,20 @@ class Handlers:
         if not _may(os.stat(base), peer, os.R_OK | os.W_OK | os.X_OK):
             raise branchfs.PermissionDenied(f"uid {peer.uid} may not use {base}")
 
+    def runs_at(self) -> str:
+        """Where runs see their branch, and why, in words (for status and the log)."""
+        mode, why = self.runs.manager.namespace
+        if mode is None:
+            return f"branch path: {why}; runs see their branch at its own path only"
+        return f"workspace path ({why})"
+
     def path_of(self, branch: branchfs.Branch) -> str:
         return self.overlays.path_of(branch)  # the same path with both backends
 
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
+        out["base"] = self.store.workspace(branch.workspace).base
         out["backend"] = self.overlays.backend_of(branch.id)
         out["meta"] = self.meta.get(branch.id)
         return out
@@ -160,6 +173,7 @@ class Handlers:
             "runs_active": self.runs.active(),
             "backend": self.overlays.backend,
             "backend_reason": self.overlays.reason,
+            "runs_at": self.runs_at(),
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
             "recovered": list(self.store.recovered),
@@ -282,36 +296,49 @@ class Handlers:
         return {"discarded": [b.name for b in removed]}
 
     async def op_exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Run a command for the branch. By default it sees the branch at the workspace's
+        own path, in a private mount namespace (``at_branch_path`` opts out, and is where
+        runs go when this host gives no namespace); ``cwd`` is the directory relative
+        to the workspace's root to start in."""
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
         self._check_access(peer, ws.base)
         await self.overlays.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise RequestError("bad-request", "argv must be a non-empty list of strings")
+        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+            raise RequestError("bad-request", "argv must be a non-empty list of strings "
+                               "without NUL")
         env = arg(args, "env", dict, None)
         if env is None:
             env = {"PATH": os.defpath}
         if not all(isinstance(v, str) and "\0" not in k + v and "=" not in k and k
                    for k, v in env.items()):
             raise RequestError("bad-request", "env must map names to strings without NUL or '='")
-        path = self.path_of(branch)
-        env.update(BRANCHD_BRANCH=branch.name, BRANCHD_WORKSPACE=ws.name, BRANCHD_PATH=path)
+        rel = _relative(arg(args, "cwd", str, ""))
         try:
             limits = cgroups.Limits.from_dict(arg(args, "limits", dict, None) or {})
         except (TypeError, ValueError) as e:
             raise RequestError("bad-request", f"bad limits: {e}") from None
-        bind = None
-        cwd = path
-        if arg(args, "at_workspace_path", bool, False):
-            bind = (path, ws.base)
-            cwd = ws.base
         if fds and len(fds) != 3:
             raise RequestError("bad-request", "pass three descriptors: stdin, stdout, stderr")
-        record = await self.runs.start(
-            self.nursery, branch_id=branch.id, argv=argv, cwd=cwd, env=env, limits=limits,
-            stdio=fds or None, bind=bind, uid=peer.uid,
-        )
+        path = self.path_of(branch)
+        at_branch = bool(arg(args, "at_branch_path", bool, False))
+        if not at_branch and self.runs.manager.bind_unavailable is not None:
+            at_branch = True  # said once, at start and in status: see op_status
+        bind = None
+        root = path
+        if not at_branch:
+            bind = Bind(path, ws.base, self.store.base_fd(ws.name))
+            root = ws.base
+        env.update(BRANCHD_BRANCH=branch.name, BRANCHD_WORKSPACE=ws.name, BRANCHD_PATH=root)
+        try:
+            record = await self.runs.start(
+                self.nursery, branch_id=branch.id, argv=argv, cwd=os.path.join(root, rel),
+                env=env, limits=limits, stdio=fds or None, bind=bind, uid=peer.uid,
+                gid=peer.gid,
+            )
+        except cgroups.SpawnError as exc:
+            raise RequestError(SPAWN_ERRORS.get(exc.errno or 0, "bad-request"), str(exc)) from None
         return record.describe()
 
     async def op_wait(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -340,6 +367,15 @@ HANDLERS: dict[str, Handler] = {
     for name in dir(Handlers)
     if name.startswith("op_")
 }
+
+
+def _relative(cwd: str) -> str:
+    """A directory relative to a workspace's root, as a run's starting point."""
+    parts = [p for p in cwd.split("/") if p]
+    if cwd.startswith("/") or any(p in (".", "..") or "\0" in p for p in parts):
+        raise RequestError("bad-request", f"cwd {cwd!r} must be relative to the workspace, "
+                           "without '.', '..' or NUL")
+    return "/".join(parts)
 
 
 def _may(st: os.stat_result, peer: Peer, want: int) -> bool:

@@ -22,6 +22,7 @@ import trio
 
 import cgroups
 from branchfs.durable import atomic_write
+from cgroups.spawn import Bind, User
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class RunTable:
     def __init__(self, state_dir: Path, mountpoint: Path, manager: cgroups.Manager) -> None:
         self.root = state_dir / "runs"
         self.mountpoint = mountpoint
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        # others may pass through (to their own run records, which they own) but not list
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.root.chmod(0o711)
         self.manager = manager
         self.runs: dict[str, RunRecord] = {}
 
@@ -68,33 +72,43 @@ class RunTable:
         env: dict[str, str],
         limits: cgroups.Limits,
         stdio: list[int] | None,
-        bind: tuple[str, str] | None,
+        bind: Bind | None,
         uid: int,
+        gid: int,
     ) -> RunRecord:
         """Spawn ``argv`` in a new cgroup of the branch's group and watch it in ``nursery``.
 
         ``stdio`` is the client's (stdin, stdout, stderr); None captures output
-        into the run record and gives the child /dev/null as stdin.
+        into the run record (owned by the caller, who may read it) and gives
+        the child /dev/null as stdin. With ``bind`` the run sees the branch at
+        the workspace's path, and the daemon's mountpoint and state directory
+        are hidden from it (no way to sibling branches).
         """
         run_id = uuid.uuid4().hex[:12]
-        record_dir = self.root / branch_id / run_id
-        record_dir.mkdir(parents=True)
-        if uid != os.geteuid():
-            argv = _as_user(uid) + argv
+        branch_dir = self.root / branch_id
+        branch_dir.mkdir(mode=0o711, exist_ok=True)
+        record_dir = branch_dir / run_id
+        record_dir.mkdir(mode=0o700)
+        mine = uid == os.geteuid()
+        if not mine:
+            os.chown(record_dir, uid, gid)
         opened: list[int] = []
         if stdio is None:
-            opened = [
-                os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
-                os.open(record_dir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640),
-                os.open(record_dir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640),
-            ]
+            opened = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
+            for name in ("stdout", "stderr"):
+                fd = os.open(record_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                opened.append(fd)
+                if not mine:
+                    os.fchown(fd, uid, gid)
             stdio = opened
         # In a worker thread: the child's chdir into the branch is a FUSE request that this
         # daemon's trio thread must be free to answer.
         spawn = functools.partial(
             self.manager.spawn, argv, cwd=cwd, env=env, limits=limits, group=branch_id,
             stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], bind=bind,
-            hide=[str(self.mountpoint)] if bind else None,  # no way to sibling branches
+            hide=[str(self.mountpoint), str(self.state_dir)] if bind else None,
+            user=None if mine else _user(uid, gid),
         )
         try:
             run = await trio.to_thread.run_sync(spawn)
@@ -129,7 +143,12 @@ class RunTable:
         return sum(1 for r in self.runs.values() if r.result is None)
 
 
-def _as_user(uid: int) -> list[str]:
-    """Drop from the daemon's root to the requesting user before the candidate starts."""
-    entry = pwd.getpwuid(uid)
-    return ["setpriv", f"--reuid={uid}", f"--regid={entry.pw_gid}", "--init-groups", "--"]
+def _user(uid: int, gid: int) -> User:
+    """The caller as a root daemon runs their candidate: uid and gid from SO_PEERCRED,
+    the supplementary groups the user database gives them (none for a uid without an
+    entry)."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return User(uid, gid, ())
+    return User(uid, gid, tuple(os.getgrouplist(name, gid)))

@@ -100,6 +100,12 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                 mountpoint=cfg.mountpoint, socket_path=cfg.socket,
                 on_change=report, shutdown=stop,
             )
+            mode, why = manager.namespace
+            if mode is None:
+                log.warning("runs see their branch at its own path, not the workspace's: %s",
+                            why)
+            else:
+                log.info("runs see their branch at the workspace's path: %s", why)
             await nursery.start(_serve_fs, store, cfg)
             await overlays.serve_all()
             await nursery.start(overlays.watch)

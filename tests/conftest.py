@@ -6,6 +6,7 @@ the session, detaches any leftover (so the machine stays usable) and fails the r
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -51,3 +52,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
     print(f"\nFAILED: the tests left mounts behind: {', '.join(sorted(left))}")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+USER_PYTHON_ENV = "BRANCHD_USER_PYTHON"
+
+
+@pytest.fixture(scope="session")
+def user_python() -> str:
+    """An interpreter an ordinary user can run, with branchd installed in it.
+
+    The suite's own venv lives where uid 65534 cannot reach (its interpreter is
+    under /root here); tests/run.sh builds this one from Debian's /usr/bin/python3
+    at a world-readable path, with the project installed (not editable), and names
+    it in $BRANCHD_USER_PYTHON."""
+    path = os.environ.get(USER_PYTHON_ENV)
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip(f"${USER_PYTHON_ENV} names no interpreter: run tests/run.sh, which builds it")
+    return path

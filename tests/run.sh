@@ -2,6 +2,27 @@
 # The whole test suite: lint, type check, then every tier of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# What an ordinary user's Debian machine has, for the tests that run the daemon
+# and its runs as uid 65534: /dev/fuse at the mode the fuse3 package gives it
+# (0666; this host has 0600), and an interpreter that user may run, with the
+# project installed in it (the suite's venv interpreter may sit under /root,
+# 0700). The project goes in as a built package, not editable, so that where
+# this checkout lives does not matter; reinstalled each run, so it is this tree.
+if [ "$(id -u)" -eq 0 ]; then
+    chmod 0666 /dev/fuse
+    USER_VENV="${BRANCHD_USER_VENV:-/var/tmp/branchd-user-venv}"
+    if [ ! -x "$USER_VENV/bin/python" ]; then
+        echo "== building $USER_VENV for the unprivileged tests"
+        /usr/bin/python3 -m venv "$USER_VENV"
+    fi
+    "$USER_VENV/bin/pip" install -q --disable-pip-version-check . 2>&1 | grep -v "^WARNING: Location" || true
+    "$USER_VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps . \
+        2>&1 | grep -v "^WARNING: Location" || true
+    chmod -R a+rX "$USER_VENV"
+    export BRANCHD_USER_PYTHON="$USER_VENV/bin/python"
+fi
+
 echo "== ruff"; ruff check .
 echo "== mypy"; mypy
 echo "== pytest"; python -m pytest "$@"

@@ -41,21 +41,23 @@ class Pattern:
     ``max_parallel`` (candidates running at once; default one per CPU, the
     rest queue), ``env`` (added to every candidate's environment) and
     ``on_event`` (called from worker threads as ``on_event(kind, result)`` with
-    kind "start", "finish" or "commit").
+    kind "start", "finish" or "commit") and ``at_branch_path`` (candidates see
+    their branch at its own path instead of at the workspace's, see
+    ``Branch.run``).
     """
 
     kind = "pattern"
 
     def __init__(self, *, resource_limits: Limits | None = None, timeout: float | None = None,
                  max_parallel: int | None = None, env: Mapping[str, str] | None = None,
-                 on_event: EventHook | None = None) -> None:
+                 on_event: EventHook | None = None, at_branch_path: bool = False) -> None:
         if max_parallel is not None and max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         self.options = RunOptions(limits=resource_limits, timeout=timeout,
                                   max_parallel=max_parallel or 0, env=dict(env or {}),
-                                  on_event=on_event)
+                                  on_event=on_event, at_branch_path=at_branch_path)
 
     def __call__(self, ws: Workspace) -> Outcome:
         """Run the pattern; returns when its winner is committed or every candidate failed."""

@@ -5,12 +5,15 @@ A candidate is given to a pattern as
 - a ``str`` (run by ``/bin/sh -c``) or a list of strings (an argv): success is
   exit status 0; a score, if any, is the last line the command wrote to the
   file named by ``$BRANCHING_SCORE_FILE`` or to its file descriptor 3;
-- a Python callable taking the branch's path: it is pickled with the standard
-  ``pickle`` (so a top-level function, a ``functools.partial`` of one, or an
-  instance of a top-level class, also from the ``__main__`` script) and run by
-  ``python .../branching/patterns/_child.py`` in the daemon's cgroup-limited
-  child.  Returning None or True succeeds, False fails, a number succeeds with
-  that score; raising fails and the exception comes back to the caller;
+- a Python callable taking the branch's path (the workspace's path, where the
+  run sees its branch): it is pickled with cloudpickle, so lambdas, closures
+  and functions defined in ``__main__`` (a script, a REPL, a notebook,
+  ``python - <<EOF``) travel by value and the child never imports or re-runs
+  the caller's script; functions of importable modules travel by reference.
+  It runs in ``python .../branching/patterns/_child.py`` in the daemon's
+  cgroup-limited child.  Returning None or True succeeds, False fails, a
+  number succeeds with that score; raising fails and the exception comes back
+  to the caller;
 - a ``Command`` or ``Call`` built here, to give it a label.
 
 Every candidate sees ``BRANCHING_ATTEMPT`` (1, 2, ...), ``BRANCHING_SCORE_FILE``
@@ -66,12 +69,17 @@ class Call:
     label: str | None = None
 
     def __post_init__(self) -> None:
+        self.pickled()
+
+    def pickled(self) -> bytes:
+        import cloudpickle  # only for callables: a command-line pattern does not load it
+
         try:
-            pickle.dumps(self.fn)
+            return bytes(cloudpickle.dumps(self.fn))
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             raise TypeError(
-                f"candidate {self.fn!r} cannot be pickled ({e}); use a top-level function, "
-                "a functools.partial of one, or a command line"
+                f"candidate {self.fn!r} cannot be pickled ({e}): it holds something that "
+                "cannot cross to another process (a lock, an open file, a connection)"
             ) from None
 
     def name(self) -> str:
@@ -86,13 +94,8 @@ class Call:
         return text
 
     def command(self, scratch: Path) -> list[str]:
-        fn = pickle.dumps(self.fn)
-        payload = {
-            "sys_path": [p for p in sys.path if p],
-            # only a callable from the caller's script needs that script in the child
-            "main_file": _main_file() if b"__main__" in fn else None,
-            "fn": fn,
-        }
+        # the caller's sys.path: for the functions pickled by reference, and for cloudpickle
+        payload = {"sys_path": [p for p in sys.path if p], "fn": self.pickled()}
         call = scratch / "call.pickle"
         call.write_bytes(pickle.dumps(payload))
         # by path, not -m: the child then imports nothing of branching but what the
@@ -144,12 +147,6 @@ def read_score(path: Path) -> float | None:
             except ValueError:
                 return None
     return None
-
-
-def _main_file() -> str | None:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    return os.path.abspath(path) if path else None
 
 
 def _short(value: Any) -> str:

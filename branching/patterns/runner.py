@@ -51,6 +51,7 @@ class RunOptions:
     env: dict[str, str] = field(default_factory=dict)
     on_event: EventHook | None = None
     capture: bool = True  # False: runs write to this process's stdout and stderr (one at a time)
+    at_branch_path: bool = False  # True: candidates see their branch at its own path
 
     def workers(self) -> int:
         return self.max_parallel if self.max_parallel > 0 else (os.cpu_count() or 1)
@@ -175,7 +176,8 @@ class Session:
         try:
             run = branch.run(candidate.command(scratch), limits=self.options.limits,
                              timeout=self.options.timeout, env=env,
-                             capture=self.options.capture)
+                             capture=self.options.capture,
+                             at_branch_path=self.options.at_branch_path)
         except BranchError as e:
             if branch.name in self._discarded:  # discarded under the run: a lost race
                 result.status = oc.CANCELLED
@@ -200,7 +202,8 @@ class Session:
                              timeout=self.options.timeout,
                              env={**os.environ, **self.options.env,
                                   **{k: env_text(v) for k, v in env.items()},
-                                  "BRANCHING_SCORE_FILE": str(scratch / "score")})
+                                  "BRANCHING_SCORE_FILE": str(scratch / "score")},
+                             at_branch_path=self.options.at_branch_path)
         except BranchError as e:
             log.warning("%s could not run in %s: %s", command.name(), branch.name, e)
             return None

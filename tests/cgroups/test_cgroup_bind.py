@@ -18,6 +18,7 @@ import pytest
 from cgroup_helpers import wait_for
 
 from cgroups import Manager, SpawnError
+from cgroups.spawn import Bind
 
 pytestmark = pytest.mark.cgroup
 
@@ -58,7 +59,7 @@ def test_groups_see_only_their_own_branch(manager: Manager, tmp_path: Path) -> N
 
     b_run = manager.spawn(
         ["sh", "-c", "echo B > marker.txt && exec sleep 60"],
-        cwd=str(ws), group="B", bind=(str(views / "b"), str(ws)), hide=[str(views)],
+        cwd=str(ws), group="B", bind=Bind(str(views / "b"), str(ws)), hide=[str(views)],
     )  # fmt: skip
     wait_for(lambda: (views / "b" / "marker.txt").exists(), "B's write")
     assert str(ws) not in mount_points("self")  # B's bind stays in B's namespace
@@ -68,7 +69,7 @@ def test_groups_see_only_their_own_branch(manager: Manager, tmp_path: Path) -> N
         a_run = manager.spawn(
             ["sh", "-c", f"ls; cat base.txt; ls {views} | wc -l; echo A > a.txt; cat marker.txt"],
             cwd=str(ws), group="A", stdout=f.fileno(), stderr=subprocess.STDOUT,
-            bind=(str(views / "a"), str(ws)), hide=[str(views)],
+            bind=Bind(str(views / "a"), str(ws)), hide=[str(views)],
         )  # fmt: skip
     result = a_run.wait(30)
     assert result is not None
@@ -98,7 +99,7 @@ def test_venv_with_absolute_shebangs_runs_from_the_branch(manager: Manager, tmp_
     out = tmp_path / "out"
     with open(out, "wb") as f:
         run = manager.spawn(
-            [str(tool)], cwd=str(ws), bind=(str(branch), str(ws)), stdout=f.fileno()
+            [str(tool)], cwd=str(ws), bind=Bind(str(branch), str(ws)), stdout=f.fileno()
         )
     result = run.wait(30)
     assert result is not None and result.exit_code == 0
@@ -112,7 +113,7 @@ def test_relative_writes_from_a_cwd_under_the_target(manager: Manager, tmp_path:
     (ws / "sub").mkdir(parents=True)
     (branch / "sub").mkdir(parents=True)
     run = manager.spawn(
-        ["sh", "-c", "echo x > here.txt"], cwd=str(ws / "sub"), bind=(str(branch), str(ws))
+        ["sh", "-c", "echo x > here.txt"], cwd=str(ws / "sub"), bind=Bind(str(branch), str(ws))
     )
     result = run.wait(30)
     assert result is not None and result.exit_code == 0
@@ -133,7 +134,8 @@ def test_mount_events_reach_candidates_only_under_a_shared_mountpoint(
     os.mkdir(late)
     ws = tmp_path / "ws"
     ws.mkdir()
-    run = manager.spawn(["sleep", "60"], cwd=str(ws), bind=(os.path.join(mnt, "ws", "br"), str(ws)))
+    run = manager.spawn(["sleep", "60"], cwd=str(ws),
+                        bind=Bind(os.path.join(mnt, "ws", "br"), str(ws)))
     assert tmpfs_at(run.pid, mnt)
 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "late", late], check=True)
@@ -148,9 +150,38 @@ def test_mount_events_reach_candidates_only_under_a_shared_mountpoint(
 
 
 def test_bind_failure_is_a_spawn_error(manager: Manager, tmp_path: Path) -> None:
-    with pytest.raises(SpawnError, match="binding the branch failed"):
+    with pytest.raises(SpawnError, match="cannot open the branch"):
         manager.spawn(
-            ["true"], cwd=str(tmp_path), bind=(str(tmp_path / "missing"), str(tmp_path)),
+            ["true"], cwd=str(tmp_path), bind=Bind(str(tmp_path / "missing"), str(tmp_path)),
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
     assert manager.runs() == []
+
+
+def test_a_target_swapped_for_a_symlink_is_not_mounted_over(manager: Manager,
+                                                            tmp_path: Path) -> None:
+    ws, branch, system = tmp_path / "ws", tmp_path / "branch", tmp_path / "system"
+    for d in (ws, branch, system):
+        d.mkdir()
+    (branch / "f").write_text("forged\n")
+    (system / "f").write_text("system\n")
+    held = os.open(ws, os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.rename(ws, tmp_path / "ws.real")  # after the caller opened it: the attacker's swap
+        os.symlink(system, ws)
+        with pytest.raises(SpawnError, match="moved or replaced"):
+            manager.spawn(["cat", f"{ws}/f"], cwd="/", bind=Bind(str(branch), str(ws), held))
+        os.unlink(ws)  # the same swap through an intermediate directory component
+        os.rename(tmp_path / "ws.real", ws)
+        with pytest.raises(SpawnError, match="moved or replaced"):
+            manager.spawn(["true"], cwd="/", bind=Bind(str(branch), str(system), held))
+        out = tmp_path / "out"
+        with open(out, "wb") as f:
+            run = manager.spawn(["cat", f"{ws}/f"], cwd="/", stdout=f.fileno(),
+                                bind=Bind(str(branch), str(ws), held))
+        result = run.wait(30)
+        assert result is not None and result.exit_code == 0
+        assert out.read_text() == "forged\n"  # the real directory: bound as asked
+    finally:
+        os.close(held)
+    assert (system / "f").read_text() == "system\n"

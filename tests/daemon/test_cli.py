@@ -132,7 +132,7 @@ def test_exec_passes_the_exit_code_and_streams_output(cli: CLI, ws: Path) -> Non
     cli("create", "e1", "-w", str(ws))
     proc = cli("exec", "e1", "--", "sh", "-c", "pwd; cat README; echo oops >&2; exit 7", check=7)
     lines = proc.stdout.splitlines()
-    assert lines[0].endswith("/e1") and lines[1] == "hello"
+    assert lines[0] == str(ws) and lines[1] == "hello"  # the branch, at the workspace path
     assert proc.stderr.strip() == "oops"
     cli("exec", "e1", "--", "sh", "-c", "echo made > out.txt")
     assert cli.json("diff", "e1")["changes"] == [
@@ -159,17 +159,28 @@ def test_no_daemon_is_exit_5(tmp_path: Path) -> None:
     assert "cannot reach branchd" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
-def test_exec_at_workspace_path_writes_absolute_paths_into_the_branch(cli: CLI, ws: Path,
-                                                                      daemon) -> None:
+def test_exec_sees_the_branch_at_the_workspace_path(cli: CLI, ws: Path, daemon) -> None:
     cli("create", "abs1", "-w", str(ws))
     other = Path(cli("create", "abs2", "-w", str(ws)).stdout.strip())
     (other / "secret").write_text("sibling's\n")
     script = (f"pwd; echo written > {ws}/abs.txt; cat {ws}/README; "
-              f"ls -A {daemon.mountpoint} | wc -l")
-    proc = cli("exec", "abs1", "--at-workspace-path", "--", "sh", "-c", script)
-    assert proc.stdout.splitlines() == [str(ws), "hello", "0"]  # sibling views hidden
+              f"ls -A {daemon.mountpoint} | wc -l; ls -A {daemon.state_dir} | wc -l")
+    proc = cli("exec", "abs1", "--", "sh", "-c", script)
+    # the daemon's mount (the sibling views) and its state are hidden
+    assert proc.stdout.splitlines() == [str(ws), "hello", "0", "0"]
     assert not (ws / "abs.txt").exists()
     assert [c["path"] for c in cli.json("diff", "abs1")["changes"]] == ["abs.txt"]
+    # started in the same directory of the workspace as the caller
+    proc = cli("exec", "abs1", "--", "pwd", cwd=str(ws / "src"))
+    assert proc.stdout.strip() == str(ws / "src")
+
+
+def test_exec_at_branch_path_opts_out(cli: CLI, ws: Path) -> None:
+    path = cli("create", "bp1", "-w", str(ws)).stdout.strip()
+    proc = cli("exec", "bp1", "--at-branch-path", "--", "sh", "-c",
+               f"pwd; echo through > {ws}/abs.txt")
+    assert proc.stdout.strip() == path
+    assert (ws / "abs.txt").read_text() == "through\n"  # an absolute path reaches the base
 
 
 def test_commit_refuses_to_overwrite_an_outside_change_unless_forced(cli: CLI, ws: Path) -> None:

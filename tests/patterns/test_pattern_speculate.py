@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,12 @@ def test_repeated_patterns_do_not_leak_connections(ws: Workspace) -> None:
 
 
 def test_a_candidate_that_cannot_run_in_a_child_is_refused_at_once() -> None:
+    lock = threading.Lock()  # a lambda travels by value; what it holds may not
+
     with pytest.raises(TypeError, match="cannot be pickled"):
-        Speculate([lambda path: None])
+        Speculate([lambda path: lock.locked()])
     with pytest.raises(TypeError, match="cannot be pickled"):
-        Call(lambda path: None, label="built by hand")
+        Call(lambda path: lock.locked(), label="built by hand")
     with pytest.raises(TypeError, match="ambiguous"):
         Speculate(["echo", "hi"])  # one argv, or two shell commands?
     with pytest.raises(TypeError, match="non-empty argv"):

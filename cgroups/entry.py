@@ -1,0 +1,224 @@
+"""The first process of every run: enter its namespace, drop privileges, exec the candidate.
+
+``spawn.start`` runs this file as ``python -I -S entry.py SPEC_FD ERR_FD`` with an
+empty environment, ``/`` as its directory and the run's stdio. It is stdlib
+only and imports nothing of the project: it runs with the daemon's privileges,
+so nothing from the request (PATH, LD_PRELOAD, PYTHON*, the cwd) may be looked
+up or loaded before the drop, and ``-I -S`` keeps Python's own start-up away
+from the environment and from user site directories.
+
+It first blocks reading its spec (a ``marshal``-ed dict) from SPEC_FD: the
+daemon writes it only once the process sits in its cgroup, so nothing of the
+run happens unlimited. Then, in order:
+
+1. a private mount namespace (``ns`` "mount", as root) or a user namespace
+   mapping our uid and gid to themselves plus a mount namespace ("user", an
+   unprivileged daemon); every mount below ``/`` becomes a slave, so the
+   daemon's later mounts and unmounts still reach us;
+2. the bind: the branch (``source``, a path below the daemon's own mountpoint)
+   is cloned with ``open_tree`` and attached with ``move_mount`` onto the
+   workspace directory (``target``) opened *here*, after checking that it is
+   the directory the daemon holds (``target_fd``, same device and inode): a
+   workspace path swapped for a symlink to ``/etc`` is refused, never mounted
+   over. The bind is ``nosuid`` for another user's run;
+3. every path of ``hide`` (the daemon's mountpoint and state directory) is
+   covered with an empty read-only tmpfs: the other branches are out of reach;
+4. supplementary groups, gid and uid are set to the caller's (a root daemon
+   running another user's candidate), with ``no_new_privs``;
+5. ``chdir(cwd)`` as that user, signals that Python ignores are reset, and the
+   candidate is exec'ed with its own environment (its PATH finds argv[0]).
+
+A failure in 1-4 or the chdir is written to ERR_FD (as "ERRNO message") (close-on-exec: an empty
+read there means the exec happened) and ends the process with status 1. A
+failed exec itself is the candidate's failure, as a shell reports it: a line on
+stderr and status 127 (not found) or 126.
+"""
+
+import _signal  # not signal: its enum import costs milliseconds per run
+import marshal
+import os
+import sys
+
+# ctypes (the syscalls os lacks) is imported only where a run needs a namespace or
+# no_new_privs: it is a good part of this process's start-up time.
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REC, MS_SLAVE = 0x4000, 0x80000
+# the new mount API (Linux 5.2; mount_setattr 5.12): the same numbers on every architecture
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, 0o2000000
+AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
+MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
+MOUNT_ATTR_NOSUID = 0x2
+PR_SET_NO_NEW_PRIVS = 38
+
+
+
+class SetupError(Exception):
+    """A step before the exec failed: ``errno`` (0 if none) and a one-line message."""
+
+    def __init__(self, message: str, errno: int | None = 0) -> None:
+        super().__init__(message)
+        self.errno = errno or 0
+
+
+_loaded: list = []  # [ctypes, libc] once loaded
+
+
+def _c():  # type: ignore[no-untyped-def]
+    """(ctypes, libc), loaded on first use."""
+    if not _loaded:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        _loaded.extend((ctypes, libc))
+    return _loaded[0], _loaded[1]
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = _c()[0].get_errno()
+        raise SetupError(f"{what}: {os.strerror(err)}", err)
+    return rc
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def enter_namespace(ns: str) -> None:
+    if ns == "user":
+        uid, gid = os.geteuid(), os.getegid()
+        _check(_c()[1].unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    else:
+        _check(_c()[1].unshare(CLONE_NEWNS), "unshare(mount namespace)")
+    _check(_c()[1].mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making / a slave mount")
+
+
+def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        src = os.open(source, flags)
+    except OSError as exc:
+        raise SetupError(f"cannot open the branch at {source}: {exc.strerror}",
+                         exc.errno) from None
+    try:
+        replaced = SetupError(f"the workspace directory {target} was moved or replaced since "
+                              "it was registered", 116)  # ESTALE
+        try:
+            dst = os.open(target, flags | os.O_NOFOLLOW)
+        except (NotADirectoryError, FileNotFoundError):
+            raise replaced from None  # a symlink (ELOOP is ENOTDIR with O_DIRECTORY) or gone
+        except OSError as exc:
+            raise SetupError(f"cannot open the workspace {target}: {exc.strerror}",
+                             exc.errno) from None
+        try:
+            held, now = os.fstat(target_fd), os.fstat(dst)
+            if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+                raise replaced
+            tree = _check(_c()[1].syscall(SYS_OPEN_TREE, src, b"",
+                                        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH
+                                        | AT_RECURSIVE), f"open_tree({source})")
+            try:
+                if nosuid:
+                    ctypes, libc = _c()
+                    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_NOSUID, 0, 0, 0)  # struct mount_attr
+                    _check(libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE,
+                                        attr, ctypes.sizeof(attr)), "mount_setattr(nosuid)")
+                _check(_c()[1].syscall(SYS_MOVE_MOUNT, tree, b"", dst, b"",
+                                     MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+                       f"binding the branch over {target}")
+            finally:
+                os.close(tree)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def hide(path: str) -> None:
+    _check(_c()[1].mount(b"branchd-hidden", os.fsencode(path), b"tmpfs",
+                       MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0555"),
+           f"hiding {path}")
+
+
+def drop(uid: int, gid: int, groups: list[int], no_new_privs: bool) -> None:
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise SetupError(f"cannot become uid {uid} gid {gid}: {exc.strerror}",
+                         exc.errno) from None
+    if no_new_privs:
+        _check(_c()[1].prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+
+
+def setup(spec: dict) -> None:
+    if spec["ns"] != "none":
+        enter_namespace(spec["ns"])
+    if spec.get("bind"):
+        source, target, target_fd = spec["bind"]
+        bind(source, target, target_fd, spec["nosuid"])
+        os.close(target_fd)
+    for path in spec.get("hide", ()):
+        hide(path)
+    if spec.get("user"):
+        uid, gid, groups = spec["user"]
+        drop(uid, gid, groups, spec["no_new_privs"])
+    if spec.get("probe"):
+        return
+    try:
+        os.chdir(spec["cwd"])
+    except OSError as exc:
+        raise SetupError(f"cannot enter {spec['cwd']}: {exc.strerror}", exc.errno) from None
+
+
+def main() -> int:
+    spec_fd, err_fd = int(sys.argv[1]), int(sys.argv[2])
+    os.set_inheritable(err_fd, False)
+    with os.fdopen(spec_fd, "rb") as f:
+        data = f.read()
+    if not data:
+        return 1  # the daemon gave up on this run before it was placed
+    spec = marshal.loads(data)
+    try:
+        setup(spec)
+    except SetupError as exc:
+        os.write(err_fd, f"{exc.errno} {exc}".encode())
+        return 1
+    if spec.get("probe"):
+        return 0
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec
+        _signal.signal(sig, _signal.SIG_DFL)
+    return execvpe(spec["argv"], spec["env"])
+
+
+def execvpe(argv: list, env: dict) -> int:
+    """Exec argv[0], searched in the candidate's PATH as a shell would; a status on failure.
+    (os.execvpe imports modules, which the dropped user may not be able to read.)"""
+    name = argv[0]
+    dirs = [""] if "/" in name else (env.get("PATH") or os.defpath).split(":")
+    err: OSError = FileNotFoundError(2, os.strerror(2))
+    for d in dirs:
+        try:
+            os.execve(os.path.join(d, name) if d else name, argv, env)
+        except OSError as exc:
+            if not isinstance(err, PermissionError):  # a shell reports EACCES over ENOENT
+                err = exc
+    os.write(2, f"branchd: {name}: {err.strerror}\n".encode())
+    return 127 if isinstance(err, FileNotFoundError) else 126
+
+
+if __name__ == "__main__":
+    sys.exit(main())
