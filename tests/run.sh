@@ -16,7 +16,9 @@ if [ "$(id -u)" -eq 0 ]; then
         echo "== building $USER_VENV for the unprivileged tests"
         /usr/bin/python3 -m venv "$USER_VENV"
     fi
-    "$USER_VENV/bin/pip" install -q --disable-pip-version-check . 2>&1 | grep -v "^WARNING: Location" || true
+    # setuptools >= 70 builds wheels itself (the tests' editable installs, offline)
+    "$USER_VENV/bin/pip" install -q --disable-pip-version-check . "setuptools>=70" 2>&1 \
+        | grep -v "^WARNING: Location" || true
     "$USER_VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps . \
         2>&1 | grep -v "^WARNING: Location" || true
     chmod -R a+rX "$USER_VENV"
