@@ -284,11 +284,29 @@ def limits_from(memory: str | None, cpus: float | None, pids: int | None,
 def exec_(obj: Context, name: str, ws: str | None, argv: tuple[str, ...],
           at_branch_path: bool, capture: bool, **limit_args: Any) -> tuple[dict, str]:
     """Run a command in the branch, in its own cgroup; exits with the command's status."""
-    limits = limits_from(**limit_args)
+    return _run(obj, name, ws, list(argv), limits_from(**limit_args), at_branch_path, capture)
+
+
+@cli.command()
+@_named
+@click.option("--at-branch-path", is_flag=True,
+              help="Stand at the branch's own path, not at the workspace's.")
+@pass_ctx
+@json_option
+def shell(obj: Context, name: str, ws: str | None, at_branch_path: bool) -> tuple[dict, str]:
+    """An interactive shell ($SHELL, else /bin/sh) in the branch, at the workspace's path."""
+    from cgroups import Limits
+
+    argv = [os.environ.get("SHELL") or "/bin/sh", "-i"]
+    return _run(obj, name, ws, argv, Limits(), at_branch_path, capture=False)
+
+
+def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limits,
+         at_branch_path: bool, capture: bool) -> tuple[dict, str]:
     fds = None if capture else [0, 1, 2]
     client = obj.client
     started = client.call("exec", fds, name=name, workspace=_workspace_name(ws),
-                          argv=list(argv), limits=limits.to_dict(), env=dict(os.environ),
+                          argv=argv, limits=limits.to_dict(), env=dict(os.environ),
                           at_branch_path=at_branch_path or None, cwd=_cwd_in(client, name, ws))
     try:
         done = client.call("wait", run=started["run"])

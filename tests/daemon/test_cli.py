@@ -227,3 +227,16 @@ def test_mmap_in_an_invalidated_branch_never_reads_the_new_parent(cli: CLI, ws: 
     assert "new parent" not in rest
     assert rest == "base data\n" or reader.returncode != 0
     assert (ws / "mapped").read_text() == "new parent\n"
+
+
+def test_shell_is_an_interactive_shell_in_the_branch_at_the_workspace_path(
+        cli: CLI, ws: Path) -> None:
+    branch = Path(cli("create", "sh1", "-w", str(ws)).stdout.strip())
+    env = {**cli.env, "SHELL": "/bin/sh"}
+    proc = subprocess.run([sys.executable, "-m", "branching.cli", "shell", "sh1"], env=env,
+                          input="pwd\necho typed > t.txt\nexit 3\n", capture_output=True,
+                          text=True, timeout=60, cwd=str(ws / "src"))
+    assert proc.returncode == 3, proc.stderr
+    assert str(ws / "src") in proc.stdout.splitlines()  # where the caller stood, in the branch
+    assert (branch / "src" / "t.txt").read_text() == "typed\n"
+    assert not (ws / "src" / "t.txt").exists()
