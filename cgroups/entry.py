@@ -1,15 +1,18 @@
 """The first process of every run: enter its namespace, drop privileges, exec the candidate.
 
-``spawn.start`` runs this file as ``python -I -S entry.py SPEC_FD ERR_FD`` with an
-empty environment, ``/`` as its directory and the run's stdio. It is stdlib
-only and imports nothing of the project: it runs with the daemon's privileges,
-so nothing from the request (PATH, LD_PRELOAD, PYTHON*, the cwd) may be looked
-up or loaded before the drop, and ``-I -S`` keeps Python's own start-up away
-from the environment and from user site directories.
+``spawn`` starts this file ahead of time, as ``python -I -S entry.py SOCK_FD`` with
+an empty environment, ``/`` as its directory and /dev/null as its stdio: a few
+wait in a pool, Python already started. It is stdlib only and imports nothing
+of the project: it runs with the daemon's privileges, so nothing from the
+request (PATH, LD_PRELOAD, PYTHON*, the cwd) may be looked up or loaded before
+the drop, and ``-I -S`` keeps Python's own start-up away from the environment
+and from user site directories.
 
-It first blocks reading its spec (a ``marshal``-ed dict) from SPEC_FD: the
-daemon writes it only once the process sits in its cgroup, so nothing of the
-run happens unlimited. Then, in order:
+It blocks reading its run from SOCK_FD (a unix socket): a length-prefixed
+``marshal``-ed spec with the run's stdin, stdout, stderr and, for a bind, the
+workspace's descriptor attached. The daemon sends it only once this process
+sits in the run's cgroup, so nothing of the run happens unlimited. Then, in
+order:
 
 1. a private mount namespace (``ns`` "mount", as root) or a user namespace
    mapping our uid and gid to themselves plus a mount namespace ("user", an
@@ -18,9 +21,9 @@ run happens unlimited. Then, in order:
 2. the bind: the branch (``source``, a path below the daemon's own mountpoint)
    is cloned with ``open_tree`` and attached with ``move_mount`` onto the
    workspace directory (``target``) opened *here*, after checking that it is
-   the directory the daemon holds (``target_fd``, same device and inode): a
-   workspace path swapped for a symlink to ``/etc`` is refused, never mounted
-   over. The bind is ``nosuid`` for another user's run;
+   the directory the daemon holds (the descriptor sent, same device and
+   inode): a workspace path swapped for a symlink to ``/etc`` is refused,
+   never mounted over. The bind is ``nosuid`` for another user's run;
 3. every path of ``hide`` (the daemon's mountpoint and state directory) is
    covered with an empty read-only tmpfs: the other branches are out of reach;
 4. supplementary groups, gid and uid are set to the caller's (a root daemon
@@ -28,19 +31,19 @@ run happens unlimited. Then, in order:
 5. ``chdir(cwd)`` as that user, signals that Python ignores are reset, and the
    candidate is exec'ed with its own environment (its PATH finds argv[0]).
 
-A failure in 1-4 or the chdir is written to ERR_FD (as "ERRNO message") (close-on-exec: an empty
-read there means the exec happened) and ends the process with status 1. A
-failed exec itself is the candidate's failure, as a shell reports it: a line on
-stderr and status 127 (not found) or 126.
+A failure in 1-4 or the chdir goes back on the socket as "ERRNO message" and
+ends the process with status 1; the socket is close-on-exec, so end-of-file
+with nothing read means the exec happened. A failed exec itself is the
+candidate's failure, as a shell reports it: a line on stderr and status 127
+(not found) or 126.
 """
 
-import _signal  # not signal: its enum import costs milliseconds per run
+import ctypes
 import marshal
 import os
+import signal
+import socket
 import sys
-
-# ctypes (the syscalls os lacks) is imported only where a run needs a namespace or
-# no_new_privs: it is a good part of this process's start-up time.
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -64,23 +67,13 @@ class SetupError(Exception):
         self.errno = errno or 0
 
 
-_loaded: list = []  # [ctypes, libc] once loaded
-
-
-def _c():  # type: ignore[no-untyped-def]
-    """(ctypes, libc), loaded on first use."""
-    if not _loaded:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        _loaded.extend((ctypes, libc))
-    return _loaded[0], _loaded[1]
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 
 def _check(rc: int, what: str) -> int:
     if rc < 0:
-        err = _c()[0].get_errno()
+        err = ctypes.get_errno()
         raise SetupError(f"{what}: {os.strerror(err)}", err)
     return rc
 
@@ -96,13 +89,13 @@ def _write(path: str, text: str) -> None:
 def enter_namespace(ns: str) -> None:
     if ns == "user":
         uid, gid = os.geteuid(), os.getegid()
-        _check(_c()[1].unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     else:
-        _check(_c()[1].unshare(CLONE_NEWNS), "unshare(mount namespace)")
-    _check(_c()[1].mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making / a slave mount")
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(mount namespace)")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making / a slave mount")
 
 
 def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
@@ -126,16 +119,15 @@ def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
             held, now = os.fstat(target_fd), os.fstat(dst)
             if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
                 raise replaced
-            tree = _check(_c()[1].syscall(SYS_OPEN_TREE, src, b"",
+            tree = _check(_libc.syscall(SYS_OPEN_TREE, src, b"",
                                         OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH
                                         | AT_RECURSIVE), f"open_tree({source})")
             try:
                 if nosuid:
-                    ctypes, libc = _c()
                     attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_NOSUID, 0, 0, 0)  # struct mount_attr
-                    _check(libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE,
+                    _check(_libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE,
                                         attr, ctypes.sizeof(attr)), "mount_setattr(nosuid)")
-                _check(_c()[1].syscall(SYS_MOVE_MOUNT, tree, b"", dst, b"",
+                _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", dst, b"",
                                      MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
                        f"binding the branch over {target}")
             finally:
@@ -147,7 +139,7 @@ def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
 
 
 def hide(path: str) -> None:
-    _check(_c()[1].mount(b"branchd-hidden", os.fsencode(path), b"tmpfs",
+    _check(_libc.mount(b"branchd-hidden", os.fsencode(path), b"tmpfs",
                        MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0555"),
            f"hiding {path}")
 
@@ -161,7 +153,7 @@ def drop(uid: int, gid: int, groups: list[int], no_new_privs: bool) -> None:
         raise SetupError(f"cannot become uid {uid} gid {gid}: {exc.strerror}",
                          exc.errno) from None
     if no_new_privs:
-        _check(_c()[1].prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
 
 
 def setup(spec: dict) -> None:
@@ -184,23 +176,42 @@ def setup(spec: dict) -> None:
         raise SetupError(f"cannot enter {spec['cwd']}: {exc.strerror}", exc.errno) from None
 
 
+def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    """The run's spec and descriptors (stdin, stdout, stderr[, workspace]); None when the
+    daemon closed the socket instead (it stopped, or gave up on this run)."""
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+    if len(data) < 8:
+        return None
+    size, data = int.from_bytes(data[:8], "little"), data[8:]
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return marshal.loads(data), fds
+
+
 def main() -> int:
-    spec_fd, err_fd = int(sys.argv[1]), int(sys.argv[2])
-    os.set_inheritable(err_fd, False)
-    with os.fdopen(spec_fd, "rb") as f:
-        data = f.read()
-    if not data:
-        return 1  # the daemon gave up on this run before it was placed
-    spec = marshal.loads(data)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    os.set_inheritable(sock.fileno(), False)  # closed by the exec: the daemon reads EOF
+    got = receive(sock)
+    if got is None:
+        return 1
+    spec, fds = got
+    for target, fd in zip((0, 1, 2), fds, strict=False):
+        os.dup2(fd, target)
+        os.close(fd)
+    if spec.get("bind"):
+        spec["bind"][2] = fds[3]
     try:
         setup(spec)
     except SetupError as exc:
-        os.write(err_fd, f"{exc.errno} {exc}".encode())
+        sock.sendall(f"{exc.errno} {exc}".encode())
         return 1
     if spec.get("probe"):
         return 0
-    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec
-        _signal.signal(sig, _signal.SIG_DFL)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec
+        signal.signal(sig, signal.SIG_DFL)
     return execvpe(spec["argv"], spec["env"])
 
 

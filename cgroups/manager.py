@@ -28,7 +28,7 @@ from .errors import CgroupError, SpawnError
 from .layout import V1_CONTROLLERS, Layout, detect
 from .limits import Limits
 from .run import Run
-from .spawn import Bind, User, namespaces, start
+from .spawn import Bind, Entries, User, namespaces, start
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class Manager:
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._ns: tuple[str | None, str] | None = None  # namespaces(), probed on first use
+        self._entries = Entries(self._prepare_entry, self._release_entry)
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
         self._leftovers: list[Cgroup] = []
@@ -288,7 +289,7 @@ class Manager:
         """The private mount namespace runs get here ("mount" as root, "user" for an
         unprivileged process where user namespaces work, None) and why, in words."""
         if self._ns is None:
-            self._ns = namespaces()
+            self._ns = namespaces(self._entries)
         return self._ns
 
     @property
@@ -335,22 +336,20 @@ class Manager:
         with self._lock:
             if self._closed:
                 raise CgroupError(f"cgroups manager {self.name} is closed")
-            run_id = f"{_safe(group)}.{next(self._counter)}"
-        node = None
-        if self._base is not None:
-            node = Cgroup.create(self._base.v2, self._base.v1, run_id, self._base.v2_controllers)
+        entry = self._entries.take()
+        node = entry.token  # the entry waits in a cgroup of its own already (_prepare_entry)
+        assert node is None or isinstance(node, Cgroup)
+        run_id = os.path.basename(node.dirs[0]) if node is not None else self._next_id()
         started = time.monotonic()
         try:
             if node is not None:
                 node.apply(limits)
             proc = start(
-                argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                entry, argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                 ns=ns, bind=bind, hide=hide or [], user=user,
-                place=node.place if node is not None else _nowhere,
             )  # fmt: skip
         except BaseException:
-            if node is not None:
-                node.remove()
+            self._entries.end(entry)  # kills what is left of it and removes its cgroup
             raise
         run = Run(
             run_id, group, limits, node, proc, started, self._run_done, self._monitor.kill_later
@@ -367,6 +366,32 @@ class Manager:
             raise CgroupError(f"cgroups manager {self.name} is closed")
         log.debug("run %s: pid %d started: %s", run_id, run.pid, argv)
         return run
+
+    def _next_id(self) -> str:
+        with self._lock:
+            return f"run.{next(self._counter)}"
+
+    def _prepare_entry(self, pid: int) -> Cgroup | None:
+        """The cgroup of the run an entry process will start, with the entry in it already:
+        a cgroup v2 migration costs milliseconds here, so it is done before the run is
+        asked for (the cgroup's name is the run's id). None where no cgroup hierarchy is
+        usable (warned about at start)."""
+        if self._base is None:
+            return None
+        node = Cgroup.create(self._base.v2, self._base.v1, self._next_id(),
+                             self._base.v2_controllers)
+        try:
+            node.place(pid)
+        except CgroupError as exc:
+            with contextlib.suppress(CgroupError):
+                node.remove()
+            raise SpawnError(f"cannot place the run in its cgroup: {exc}") from None
+        return node
+
+    @staticmethod
+    def _release_entry(node: object) -> None:
+        assert isinstance(node, Cgroup)
+        node.remove()
 
     def _run_done(self, run: Run, leftover: Cgroup | None) -> None:
         with self._lock:
@@ -400,6 +425,7 @@ class Manager:
                 if run.wait(10) is None:
                     errors.append(f"run {run.id} (pid {run.pid}) did not end")
             self._monitor.stop()
+            self._entries.close()
             for node in [*self._leftovers, *([self._base] if self._base else [])]:
                 try:
                     node.remove()
@@ -418,14 +444,6 @@ class Manager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _nowhere(pid: int) -> None:
-    """Placement where no cgroup hierarchy is usable (warned about at start)."""
-
-
-def _safe(group: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", group)[:48] or "_"
 
 
 def _remove_stale(path: str) -> None:

@@ -1,13 +1,15 @@
 """Starting a candidate so that none of its code runs outside its cgroup, or as root.
 
-The child is ``cgroups/entry.py`` run by this interpreter with ``-I -S``, an
-empty environment and ``/`` as its directory (see that file for what it does
-and in which order). It first blocks reading its spec from a pipe; the parent
-places its pid in every cgroup.procs and only then writes the spec, so the
-candidate never runs unlimited; a placement error kills the waiting child and
-raises. Setup errors come back on a close-on-exec pipe (an empty read: the
-exec happened). No preexec_fn (the daemon has threads): subprocess forks, sets
-the new session and the file descriptors, and execs the entry.
+A run's first process is ``cgroups/entry.py`` run by this interpreter with
+``-I -S``, an empty environment and ``/`` as its directory (see that file for
+what it does and in which order). ``Entries`` keeps a few started ahead, each
+blocked on its own socket, so that a run does not wait for Python to start: to
+start a run, one is taken, its pid is placed in every cgroup.procs, and only
+then are the spec and the run's stdio sent to it; a placement error kills the
+waiting entry and raises, so the candidate never runs unlimited. Setup errors
+come back on the socket (end-of-file with nothing read: the exec happened).
+No preexec_fn (the daemon has threads): subprocess forks, sets the new session
+and the file descriptors, and execs the entry.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import logging
 import marshal
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +56,100 @@ class Bind:
     target_fd: int | None = None
 
 
-def namespaces() -> tuple[str | None, str]:
+@dataclass
+class Entry:
+    """An entry process waiting for its run, and what ``prepare`` made for it (its cgroup)."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    token: object = None
+
+
+class Entries:
+    """Entry processes started ahead, each waiting on its socket for one run.
+
+    ``prepare(pid)`` (the Manager: a cgroup made for the entry, with the entry
+    placed in it) runs for each entry before it waits in the pool, so that
+    neither Python's start nor a cgroup migration (milliseconds on cgroup v2)
+    is on a run's way; ``release(token)`` undoes it for an entry never used.
+    Invariant: every entry in ``_idle`` is a prepared child of ours that has not
+    been given a run; ``take`` hands one out (starting one if none waits) and
+    has a replacement started in the background. Entries exit by themselves
+    when their socket closes (a daemon that dies leaves none behind)."""
+
+    def __init__(self, prepare: Callable[[int], object] | None = None,
+                 release: Callable[[object], None] | None = None, size: int = 4) -> None:
+        self.size = size
+        self._prepare = prepare
+        self._release = release
+        self._lock = threading.Lock()
+        self._idle: deque[Entry] = deque()
+        self._closed = False
+
+    def _start(self) -> Entry:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", ENTRY, str(theirs.fileno())],
+                cwd="/", env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SpawnError(f"cannot start the run's entry process: {exc.strerror}",
+                             exc.errno) from None
+        finally:
+            theirs.close()
+        entry = Entry(proc, ours)
+        if self._prepare is not None:
+            try:
+                entry.token = self._prepare(proc.pid)
+            except BaseException:
+                self.end(entry)
+                raise
+        return entry
+
+    def _refill(self) -> None:
+        try:
+            entry = self._start()
+        except CgroupError as exc:
+            log.warning("could not start a run's entry ahead: %s", exc)
+            return
+        with self._lock:
+            if not self._closed and len(self._idle) < self.size:
+                self._idle.append(entry)
+                return
+        self.end(entry)
+
+    def take(self) -> Entry:
+        with self._lock:
+            if self._closed:
+                raise SpawnError("the run starter is closed")
+            entry = self._idle.popleft() if self._idle else None
+        threading.Thread(target=self._refill, name="branchd-entries", daemon=True).start()
+        return entry if entry is not None else self._start()
+
+    def end(self, entry: Entry) -> None:
+        """End an entry that got no run (closing its socket makes it exit)."""
+        entry.sock.close()
+        try:
+            entry.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            entry.proc.kill()
+            entry.proc.wait()
+        if entry.token is not None and self._release is not None:
+            self._release(entry.token)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+        for entry in idle:
+            self.end(entry)
+
+
+def namespaces(entries: Entries) -> tuple[str | None, str]:
     """Which private mount namespace runs can get here, and why, in words.
 
     "mount" with CAP_SYS_ADMIN (root); "user" where this unprivileged process may
@@ -60,72 +158,46 @@ def namespaces() -> tuple[str | None, str]:
         for line in f:
             if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1:
                 return "mount", "root: a private mount namespace per run"
-    proc, err = _launch({"ns": "user", "probe": True}, None, None, None)
-    why = _setup_error(proc, err)
-    if why is None and proc.wait() == 0:
-        return "user", "unprivileged: a user and mount namespace per run"
-    return None, f"user namespaces are refused here ({why or 'the probe failed'})"
-
-
-def _launch(spec: dict, stdin: int | None, stdout: int | None, stderr: int | None,
-            extra_fds: tuple[int, ...] = (),
-            place: Callable[[int], None] | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the entry, place it, hand it ``spec``; its process and the read end of its
-    error pipe."""
-    spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    entry = entries.take()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", ENTRY, str(spec_r), str(err_w)],
-            cwd="/", env={}, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
-            pass_fds=(spec_r, err_w, *extra_fds), start_new_session=True,
-        )
-    except OSError as exc:
-        for fd in (spec_r, spec_w, err_r, err_w):
-            os.close(fd)
-        raise SpawnError(f"cannot start the run's entry process: {exc.strerror}") from None
-    os.close(spec_r)
-    os.close(err_w)
-    try:
-        if place is not None:
-            place(proc.pid)
-        data = marshal.dumps(spec)
-        try:
-            _write_all(spec_w, data)
-        except BrokenPipeError:
-            pass  # it died: its error pipe or status says why
-    except BaseException:
-        os.close(spec_w)  # an empty spec: the entry exits without running anything
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        os.close(err_r)
-        raise
-    os.close(spec_w)
-    return proc, err_r
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _setup_error(proc: subprocess.Popen[bytes], err_r: int) -> SpawnError | None:
-    """What the entry reported before its exec (None: it exec'ed the candidate)."""
-    chunks = []
-    try:
-        while chunk := os.read(err_r, 4096):
-            chunks.append(chunk)
+        proc = _hand_over(entry, {"ns": "user", "probe": True}, [0, 1, 2])
+        if proc.wait() == 0:
+            return "user", "unprivileged: a user and mount namespace per run"
+        why = f"the probe exited with {proc.returncode}"
+    except SpawnError as exc:
+        why = str(exc)
     finally:
-        os.close(err_r)
-    if not chunks:
-        return None
+        if entry.token is not None and entries._release is not None:
+            entries._release(entry.token)
+    return None, f"user namespaces are refused here ({why})"
+
+
+def _hand_over(entry: Entry, spec: dict, fds: list[int]) -> subprocess.Popen[bytes]:
+    """Send an entry ``spec`` and ``fds``; its process once it exec'ed (or, for a probe,
+    set up). Raises SpawnError with what the entry reported."""
+    proc, sock = entry.proc, entry.sock
+    with sock:
+        try:
+            data = marshal.dumps(spec)
+            socket.send_fds(sock, [len(data).to_bytes(8, "little") + data[:65536]], fds)
+            if len(data) > 65536:
+                sock.sendall(data[65536:])
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        except OSError as exc:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise SpawnError(f"cannot hand the run over: {exc.strerror}") from None
+    if not reply:
+        return proc
     proc.wait()
-    code, _, message = b"".join(chunks).decode(errors="replace").partition(" ")
-    return SpawnError(message, int(code) or None if code.isdigit() else None)
+    code, _, message = reply.decode(errors="replace").partition(" ")
+    raise SpawnError(message, int(code) or None if code.isdigit() else None)
 
 
 def start(
+    entry: Entry,
     argv: list[str],
     *,
     cwd: str,
@@ -137,50 +209,60 @@ def start(
     bind: Bind | None,
     hide: list[str],
     user: User | None,
-    place: Callable[[int], None],
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` (placed by `place(pid)` before any of it runs). Raises SpawnError.
+    """Hand `argv` to `entry` (already in the run's cgroup). Raises SpawnError.
 
     The returned Popen is the caller's to reap; its pid is the candidate's pid
-    (the entry execs it, it does not fork).
+    (the entry execs it, it does not fork). stdio None: this process's own.
     """
     if not argv:
         raise SpawnError("empty command")
     if (bind is not None or hide) and ns is None:
         raise SpawnError("bind and hide need a private mount namespace")
-    extra: tuple[int, ...] = ()
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return _start(entry, argv, cwd, env, _stdio(stdin, stdout, stderr, null), ns, bind,
+                      hide, user)
+    finally:
+        os.close(null)
+
+
+def _stdio(stdin: int | None, stdout: int | None, stderr: int | None, null: int) -> list[int]:
+    """The run's fds 0-2 as subprocess takes them: None (ours), an fd, DEVNULL, or for
+    stderr STDOUT."""
+    fds = [0 if stdin is None else stdin, 1 if stdout is None else stdout,
+           2 if stderr is None else stderr]
+    fds = [null if fd == subprocess.DEVNULL else fd for fd in fds]
+    if fds[2] == subprocess.STDOUT:
+        fds[2] = fds[1]
+    if any(fd < 0 for fd in fds):
+        raise SpawnError(f"unsupported stdio {fds}: pass descriptors, None or DEVNULL")
+    return fds
+
+
+def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
+           fds: list[int], ns: str | None, bind: Bind | None, hide: list[str],
+           user: User | None) -> subprocess.Popen[bytes]:
     target_fd = None
     if bind is not None:
         try:
             target_fd = (os.dup(bind.target_fd) if bind.target_fd is not None
                          else os.open(bind.target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         except OSError as exc:
-            raise SpawnError(f"cannot open {bind.target}: {exc.strerror}") from None
-        extra = (target_fd,)
+            raise SpawnError(f"cannot open {bind.target}: {exc.strerror}", exc.errno) from None
+        fds.append(target_fd)
     other = user is not None and user.uid != os.geteuid()
     spec = {
         "argv": argv, "cwd": cwd, "env": dict(os.environ if env is None else env),
         "ns": ns or "none", "hide": hide,
-        "bind": (bind.source, bind.target, target_fd) if bind is not None else None,
+        "bind": [bind.source, bind.target, None] if bind is not None else None,
         "user": (user.uid, user.gid, list(user.groups)) if other and user else None,
         "nosuid": other, "no_new_privs": other,
     }
     try:
-        proc, err_r = _launch(spec, stdin, stdout, stderr, extra, _placer(place))
+        return _hand_over(entry, spec, fds)
+    except SpawnError as exc:
+        raise SpawnError(f"{argv[0]!r} did not start: {exc}", exc.errno) from None
     finally:
         if target_fd is not None:
             os.close(target_fd)
-    failed = _setup_error(proc, err_r)
-    if failed is not None:
-        raise SpawnError(f"{argv[0]!r} did not start: {failed}", failed.errno)
-    return proc
-
-
-def _placer(place: Callable[[int], None]) -> Callable[[int], None]:
-    def placed(pid: int) -> None:
-        try:
-            place(pid)
-        except CgroupError as exc:
-            raise SpawnError(f"cannot place the run in its cgroup: {exc}") from None
-    return placed
-
