@@ -1,25 +1,33 @@
 """An unprivileged daemon (uid 65534, embedded as in a notebook): runs see their branch at
-the workspace's path through a user namespace.
+the workspace's path through a user namespace, with limits and the whole-tree kill.
 
-The whole scenario runs as uid 65534 with the interpreter an ordinary user has
-(``user_python``, built by tests/run.sh) and /dev/fuse at its usual mode: a
-driver script makes the project (venv + editable install), opens a Workspace
-(which starts an embedded daemon as that user), races a breaking and a good
-candidate, makes a venv inside a branch and commits it, and runs callables.
+The whole scenario runs as uid 65534 with what an ordinary user's machine gives
+it: the interpreter (``user_python``, built by tests/run.sh), /dev/fuse at its
+usual mode, and a cgroup subtree of its own in every hierarchy, as systemd's
+user@.service (Delegate=yes) gives a logged-in user. A driver script makes the
+project (venv + editable install), opens a Workspace (which starts an embedded
+daemon as that user), races a breaking and a good candidate, makes a venv
+inside a branch and commits it, runs callables, and checks a memory limit and
+the kill of a process that left its session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from cgroups.layout import detect
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -54,10 +62,59 @@ DRIVER = textwrap.dedent("""
         cli += ["-c", f"sed -i 's/a + b/a - b/' {lib} && {root}/.venv/bin/mylib-check",
                 "-c", f"echo '# cli' >> {lib} && {root}/.venv/bin/mylib-check"]
         out["cli"] = subprocess.run(cli, env=env, capture_output=True, text=True).returncode
+        with ws.branch("limits", on_success="abort") as b:
+            from cgroups import Limits
+            hog = b.run([sys.executable, "-c", "x = bytearray(400 << 20)"],
+                        limits=Limits(memory="64M"))
+            out["oom"] = hog.oom_killed
+            # a process that leaves its session (setsid) dies with the run's tree
+            r = b.run(["sh", "-c", "setsid sleep 300 & echo $! > /tmp/escaped; exit 0"],
+                      at_branch_path=True)
+            out["escaped"] = int(open("/tmp/escaped").read())
     out["lib"] = (root / "src/mylib/__init__.py").read_text()
     out["venv2_check"] = subprocess.run([root / ".venv2/bin/mylib-check"]).returncode
+    try:  # a zombie (killed, not yet reaped by init) is not alive
+        with open(f"/proc/{out['escaped']}/stat") as f:
+            out["escaped_alive"] = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        out["escaped_alive"] = False
     print(json.dumps(out))
     """)
+
+
+@pytest.fixture
+def delegated() -> Iterator[list[str]]:
+    """A cgroup of uid 65534's own in every hierarchy that runs use (v2's, and v1's
+    memory, cpu, pids, blkio, freezer), as systemd delegates one to a user session:
+    the directory and its interface files chowned to the user."""
+    layout = detect()
+    roots = [d for d in (layout.v2_dir, *(layout.v1_dir(c) for c in
+                                        ("memory", "cpu", "pids", "blkio", "freezer")))
+             if d is not None]
+    made = []
+    try:
+        for root in dict.fromkeys(roots):
+            d = os.path.join(root, f"branchd-test-user.{os.getpid()}")
+            os.mkdir(d)
+            made.append(d)
+            os.chown(d, NOBODY, NOBODY)
+            for name in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
+                if os.path.exists(os.path.join(d, name)):
+                    os.chown(os.path.join(d, name), NOBODY, NOBODY)
+        yield made
+    finally:
+        for d in reversed(made):
+            for sub, _, _ in sorted(os.walk(d), key=lambda w: -w[0].count("/")):
+                with open(os.path.join(sub, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                for _ in range(100):
+                    try:
+                        os.rmdir(sub)
+                        break
+                    except OSError:
+                        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -71,14 +128,17 @@ def top() -> Iterator[Path]:
 
 
 def test_an_unprivileged_daemon_runs_candidates_at_the_workspace_path(
-        top: Path, user_python: str) -> None:
+        top: Path, user_python: str, delegated: list[str]) -> None:
     here = Path(__file__).parent
     shutil.copy(here / "project.py", top / "project.py")
     (top / "driver.py").write_text(DRIVER)
     env = {"PATH": os.defpath, "HOME": str(top), "XDG_RUNTIME_DIR": str(top),
            "PYTHONDONTWRITEBYTECODE": "1"}
+    # into the user's cgroups (as root, as systemd does), then become the user
+    enter = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in delegated)
     proc = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        ["sh", "-c", f'{enter}; exec "$@"', "sh",
+         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          user_python, str(top / "driver.py"), str(top)],
         env=env, capture_output=True, text=True, timeout=280, cwd=str(top))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,5 +152,8 @@ def test_an_unprivileged_daemon_runs_candidates_at_the_workspace_path(
     assert out["cli"] == 0
     assert "a + b" in out["lib"] and "# reviewed" in out["lib"] and "# cli" in out["lib"]
     assert out["venv2_check"] == 0  # a venv made in a branch works in the base after commit
+    assert out["oom"] is True  # the memory limit holds for an unprivileged daemon's run
+    assert out["escaped_alive"] is False  # and so does the whole-tree kill
+    assert out["status"]["cgroup_warnings"] == [], out["status"]
     with open("/proc/self/mounts") as f:
         assert str(top) not in f.read()  # the embedded daemon unmounted everything
