@@ -172,13 +172,17 @@ class Handlers:
     def _who_may_connect(self) -> dict[str, Any]:
         """The socket's mode and group as they are now (an administrator may have changed
         them), and the uids its peer check lets in."""
-        st = os.stat(self.socket_path)
+        uids = sorted({0, os.geteuid(), *self.allow_uids})
+        try:
+            st = os.stat(self.socket_path)
+        except OSError:  # removed behind the daemon's back: nobody new can connect
+            return {"socket_mode": None, "socket_group": None, "allowed_uids": uids}
         try:
             group = grp.getgrgid(st.st_gid).gr_name
         except KeyError:
             group = str(st.st_gid)
         return {"socket_mode": f"{stat.S_IMODE(st.st_mode):04o}", "socket_group": group,
-                "allowed_uids": sorted({0, os.geteuid(), *self.allow_uids})}
+                "allowed_uids": uids}
 
     async def op_workspace_add(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         path = self.store.resolve_path(arg(args, "path", str))

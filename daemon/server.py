@@ -133,9 +133,10 @@ class Connection:
     def _deadline(self, greeted: bool, hello_by: float) -> float:
         if not greeted:
             return hello_by
-        if not self.idle_timeout or any(
-                (r := self.handlers.runs.get(run_id)) is not None and r.result is None
-                for run_id in self.attached):
+        self.attached = [run_id for run_id in self.attached  # the ended need no kill
+                         if (r := self.handlers.runs.get(run_id)) is not None
+                         and r.result is None]
+        if not self.idle_timeout or self.attached:
             return math.inf
         return trio.current_time() + self.idle_timeout
 
@@ -241,7 +242,12 @@ def bind_socket(path: Path, mode: int, group: int | None = None) -> trio.socket.
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.bind(str(path))
     if group is not None:
-        os.chown(path, -1, group)
+        try:
+            os.chown(path, -1, group)
+        except PermissionError:
+            sock.close()
+            raise RequestError("permission", f"cannot give {path} to group {group}: "
+                               "the daemon is neither root nor in that group") from None
     os.chmod(path, mode)  # before listen(): nobody connects under the umask's mode
     sock.listen(128)
     return trio.socket.from_stdlib_socket(sock)
