@@ -32,6 +32,9 @@ NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"  # stdlib only, and uid 65534 may run it
 HELLO = b'{"id": 1, "op": "hello", "args": {"version": 1}}\n'
 STATUS = b'{"id": 2, "op": "status", "args": {}}\n'
+as_another_user = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK) or not shutil.which("setpriv"),
+    reason="needs root, setpriv and a system python that uid 65534 may run")
 
 
 def start(*args: str) -> tuple[EmbeddedDaemon, Path]:
@@ -108,6 +111,7 @@ def as_nobody(script: str, *args: str, timeout: float = 60) -> subprocess.Popen[
 
 # --- socket access ---------------------------------------------------------------------
 
+@as_another_user
 def test_socket_mode_and_group_are_honoured_and_reported(shared: EmbeddedDaemon) -> None:
     st = os.stat(shared.socket)
     assert stat.S_IMODE(st.st_mode) == 0o666 and st.st_gid == NOBODY
@@ -196,6 +200,7 @@ sys.stdin.read()  # hold the rest until the test is done
 """
 
 
+@as_another_user
 def test_idle_connections_of_one_uid_are_capped(shared: EmbeddedDaemon) -> None:
     limit_fds(shared, 1024)  # systemd's default soft limit, and the unit's before
     attacker = as_nobody(_HOLD, str(shared.socket), "1100")
