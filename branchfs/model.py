@@ -7,6 +7,7 @@ are immutable snapshots, the store keeps its own records.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +20,20 @@ INVALIDATED = "invalidated"
 ENDED = frozenset({COMMITTED, DISCARDED})
 
 MAX_NAME_BYTES = 255
+# control and format characters (NUL, newline, tab, ESC, an RTL override, a
+# zero-width space) and line separators: names are printed in logs, lists, shells
+INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def check_name(name: object, what: str) -> str:
     """Return *name* if it can name a workspace or branch (one path component)."""
     if not isinstance(name, str) or not name:
         raise BadName(f"{what} name must be a non-empty string")
-    if name in (".", "..") or "/" in name or "\0" in name:
-        raise BadName(f"{what} name {name!r} may not be '.', '..' or contain '/' or NUL")
+    if name in (".", "..") or "/" in name:
+        raise BadName(f"{what} name {name!r} may not be '.', '..' or contain '/'")
+    if any(unicodedata.category(c) in INVISIBLE for c in name):
+        raise BadName(f"{what} name {name!r} may not contain NUL or another control "
+                      "or format character")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:

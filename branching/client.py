@@ -8,6 +8,7 @@ answered in order on a connection, so a reply is always for the last request.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from pathlib import Path
@@ -29,7 +30,11 @@ class _Connection:
             raise BranchError(code, f"cannot reach branchd at {path}: {e.strerror}") from None
         self.buf = b""
         self.next_id = 1
-        self.call("hello", {"version": protocol.VERSION})
+        try:
+            self.call("hello", {"version": protocol.VERSION})
+        except BaseException:  # refused (a busy daemon, a version mismatch): not leaked
+            self.sock.close()
+            raise
 
     def call(self, op: str, args: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         req = protocol.Request(self.next_id, op, args)
@@ -63,6 +68,13 @@ class _Connection:
         line, self.buf = self.buf.split(b"\n", 1)
         return line
 
+    def dropped(self) -> bool:
+        """Whether the daemon closed this connection while it was idle: between requests
+        nothing arrives but the daemon's goodbye (or the end of the stream)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(self.buf or poller.poll(0))
+
     def close(self) -> None:
         self.sock.close()
 
@@ -80,6 +92,9 @@ class Client:
 
     def _conn(self) -> _Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.dropped():  # timed out by the daemon: a new one
+            self.release()
+            conn = None
         if conn is None:
             conn = _Connection(self.socket_path, self.timeout)
             self._local.conn = conn

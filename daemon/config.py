@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.protocol import default_socket, runtime_dir
+from daemon.server import DEFAULT_IDLE_TIMEOUT
 
 
 def default_state_dir() -> Path:
@@ -24,8 +25,10 @@ class Config:
     mountpoint: Path = field(default_factory=lambda: runtime_dir() / "mnt")
     socket: Path = field(default_factory=default_socket)
     socket_mode: int = 0o660
+    socket_group: int | None = None  # gid the socket is given (--socket-group)
     # peers other than the daemon's own uid (and root) that may connect
     allow_uids: frozenset[int] = frozenset()
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds; 0: connections never time out
     debug_fuse: bool = False
     backend: str = "auto"  # auto | fuse | overlay (daemon.overlays)
 

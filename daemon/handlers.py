@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import grp
 import logging
 import os
 import stat
@@ -80,6 +81,7 @@ class Handlers:
         *,
         mountpoint: Path,
         socket_path: Path,
+        allow_uids: frozenset[int],
         on_change: Callable[[], None],
         shutdown: Callable[[], None],
     ) -> None:
@@ -90,6 +92,7 @@ class Handlers:
         self.overlays = overlays
         self.mountpoint = mountpoint
         self.socket_path = socket_path
+        self.allow_uids = allow_uids
         self.on_change = on_change
         self.shutdown = shutdown
         self.started = time.time()
@@ -167,6 +170,7 @@ class Handlers:
             "uptime": time.time() - self.started,
             "mountpoint": str(self.mountpoint),
             "socket": str(self.socket_path),
+            **self._who_may_connect(),
             "state_dir": str(self.store.state_dir),
             "workspaces": len(self.store.workspaces()),
             "branches": len(self.store.branches()),
@@ -178,6 +182,21 @@ class Handlers:
             "cgroup_warnings": list(manager.warnings),
             "recovered": list(self.store.recovered),
         }
+
+    def _who_may_connect(self) -> dict[str, Any]:
+        """The socket's mode and group as they are now (an administrator may have changed
+        them), and the uids its peer check lets in."""
+        uids = sorted({0, os.geteuid(), *self.allow_uids})
+        try:
+            st = os.stat(self.socket_path)
+        except OSError:  # removed behind the daemon's back: nobody new can connect
+            return {"socket_mode": None, "socket_group": None, "allowed_uids": uids}
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        return {"socket_mode": f"{stat.S_IMODE(st.st_mode):04o}", "socket_group": group,
+                "allowed_uids": uids}
 
     async def op_workspace_add(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         path = self.store.resolve_path(arg(args, "path", str))
@@ -306,8 +325,7 @@ class Handlers:
         await self.overlays.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
-            raise RequestError("bad-request", "argv must be a non-empty list of strings "
-                               "without NUL")
+            raise RequestError("bad-request", "argv must be a non-empty list of NUL-free strings")
         env = arg(args, "env", dict, None)
         if env is None:
             env = {"PATH": os.defpath}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -38,6 +40,41 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+def octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal permission mode like 0660")
+    return mode
+
+
+def group_id(text: str) -> int:
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group {text!r}") from None
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def raise_fd_limit() -> None:
+    """The soft open-file limit up to the hard one: systemd's soft default (1024) is
+    for programs that use select(); the daemon holds a descriptor per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     defaults = Config()
     p = argparse.ArgumentParser(prog="branchd", description="copy-on-write workspace branches")
@@ -45,7 +82,15 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     p.add_argument("--mountpoint", type=Path, default=defaults.mountpoint)
     p.add_argument("--socket", type=Path, default=defaults.socket)
     p.add_argument("--allow-uid", type=int, action="append", default=[],
-                   help="another uid that may use the control socket (repeatable)")
+                   help="another uid that may use the control socket (repeatable); it "
+                   "must also reach the socket: see --socket-group and --socket-mode")
+    p.add_argument("--socket-group", type=group_id, default=defaults.socket_group,
+                   help="group (name or gid) the socket is given, for users who may connect")
+    p.add_argument("--socket-mode", type=octal_mode, default=defaults.socket_mode,
+                   help="the socket's permission bits, octal (default 0660: owner and group)")
+    p.add_argument("--idle-timeout", type=seconds, default=defaults.idle_timeout,
+                   help="close a connection after this many seconds without a request and "
+                   "with nothing in flight (default %(default).0f; 0: never)")
     p.add_argument("--log-level", default=os.environ.get("BRANCHD_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
@@ -57,14 +102,16 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
         p.error(f"--backend (or BRANCHD_BACKEND) must be one of {', '.join(CHOICES)}, "
                 f"not {a.backend!r}")
     cfg = Config(state_dir=a.state_dir, mountpoint=a.mountpoint, socket=a.socket,
-                 allow_uids=frozenset(a.allow_uid), debug_fuse=a.debug_fuse,
-                 backend=a.backend)
+                 socket_mode=a.socket_mode, socket_group=a.socket_group,
+                 allow_uids=frozenset(a.allow_uid), idle_timeout=a.idle_timeout,
+                 debug_fuse=a.debug_fuse, backend=a.backend)
     return cfg.resolve(), a.log_level
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, level = parse_args(argv)
     setup_logging(level)
+    raise_fd_limit()
     try:
         trio.run(service.run, cfg)
     except KeyboardInterrupt:

@@ -23,6 +23,8 @@ from typing import Any
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes per line, either direction
+MAX_DEPTH = 32  # nesting of arrays and objects in a message (meta is the deepest user)
+MAX_DIGITS = 19  # of an integer: ids, counts and limits all fit in 63 bits
 
 # op name -> required argument names (optional ones are documented in the daemon)
 OPS: dict[str, tuple[str, ...]] = {
@@ -96,6 +98,14 @@ ERROR_EXIT: dict[str, int] = {
 class ProtocolError(Exception):
     """A message that is not valid under this protocol."""
 
+    code = "protocol"
+
+
+class ValueRefused(ProtocolError):
+    """Well-formed JSON carrying a value the protocol does not take (a huge integer)."""
+
+    code = "bad-request"
+
 
 @dataclass(frozen=True)
 class Request:
@@ -135,19 +145,48 @@ class Response:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    try:
+        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    except RecursionError:
+        raise ProtocolError("message nests too deeply to encode") from None
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     return data
 
 
+def _int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise ValueRefused(f"integer of {len(digits)} digits: at most {MAX_DIGITS} are allowed")
+    return int(digits)
+
+
+def _constant(name: str) -> float:
+    raise ProtocolError(f"not JSON: {name}")
+
+
+def _depth(obj: Any) -> int:
+    """How deeply arrays and objects nest in *obj* (iterative: no recursion limit)."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            todo.extend((c, depth + 1) for c in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _object(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(line)} bytes exceeds {MAX_MESSAGE}")
+    too_deep = ProtocolError(f"message nests deeper than {MAX_DEPTH} levels")
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_int=_int, parse_constant=_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"not JSON: {e}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise too_deep from None
+    if _depth(obj) > MAX_DEPTH:
+        raise too_deep
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a JSON object")
     ident = obj.get("id")

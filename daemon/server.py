@@ -5,6 +5,12 @@ peer's credentials come from SO_PEERCRED; file descriptors (a client's stdio for
 ``exec``) arrive as SCM_RIGHTS ancillary data with the request that uses them.
 This module is the protocol's single error boundary: every exception a handler
 raises becomes one error response, and the daemon stays up.
+
+No client can take the daemon's descriptors: connections per uid and the
+descriptors a connection may hold are capped (the constants below), a
+connection that has not said hello in time, or sits idle with nothing in
+flight, is closed, and running out of descriptors pauses ``accept`` instead of
+ending the daemon.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from __future__ import annotations
 import array
 import errno
 import logging
+import math
 import os
 import socket
 import struct
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,12 @@ from daemon.meta import MetaTooLarge
 log = logging.getLogger(__name__)
 
 MAX_FDS = 8  # descriptors accepted with one message
+MAX_HELD_FDS = 2 * MAX_FDS  # descriptors received that no request has taken yet
+MAX_CONNECTIONS_PER_UID = 256  # open at once; a pattern's threads use one each
+HELLO_TIMEOUT = 10.0  # seconds from accept to a complete hello
+DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a request, nothing in flight (--idle-timeout)
+ACCEPT_BACKOFF = 0.1  # seconds accept waits when the daemon is out of descriptors
+OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ERRNO_CODES = {
     errno.ENOSPC: "no-space",
     errno.EDQUOT: "no-space",
@@ -43,10 +56,9 @@ ERRNO_CODES = {
 
 def to_error(exc: BaseException) -> protocol.Error:
     """Map any exception from a handler onto a stable error code and one line."""
-    if isinstance(exc, branchfs.BranchFSError | RequestError | MetaTooLarge):
+    if isinstance(exc, branchfs.BranchFSError | RequestError | MetaTooLarge
+                  | protocol.ProtocolError):
         return protocol.Error(exc.code, str(exc))
-    if isinstance(exc, protocol.ProtocolError):
-        return protocol.Error("protocol", str(exc))
     if isinstance(exc, OSError) and exc.errno in ERRNO_CODES:
         return protocol.Error(ERRNO_CODES[exc.errno], os.strerror(exc.errno or 0) +
                               (f": {exc.filename}" if exc.filename else ""))
@@ -60,21 +72,34 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
 
 
 class Connection:
-    """One client connection: reads lines (and descriptors), answers each in order."""
+    """One client connection: reads lines (and descriptors), answers each in order.
 
-    def __init__(self, sock: trio.socket.SocketType, handlers: Handlers, peer: Peer) -> None:
+    It is timed out only while it waits for the client: a request being answered
+    (a ``wait`` for a run of an hour) or a run attached to it keeps it open."""
+
+    def __init__(self, sock: trio.socket.SocketType, handlers: Handlers, peer: Peer,
+                 idle_timeout: float) -> None:
         self.sock = sock
         self.handlers = handlers
         self.peer = peer
+        self.idle_timeout = idle_timeout  # 0: never
         self.fds: deque[int] = deque()
         self.attached: list[str] = []  # runs to kill if this client goes away
 
     async def run(self) -> None:
         buf = b""
         greeted = False
+        hello_by = trio.current_time() + HELLO_TIMEOUT
         try:
             while True:
-                data = await self._recv()
+                with trio.move_on_at(self._deadline(greeted, hello_by)) as waited:
+                    data = await self._recv()
+                if waited.cancelled_caught:
+                    log.debug("closing a %s connection of uid %d",
+                              "idle" if greeted else "silent", self.peer.uid)
+                    await self.goodbye("unavailable", "idle connection closed" if greeted
+                                       else f"no hello within {HELLO_TIMEOUT:.0f} s")
+                    return
                 if not data:
                     return
                 buf += data
@@ -87,11 +112,14 @@ class Connection:
                         continue
                     await self._answer(line)
                 if len(buf) > protocol.MAX_MESSAGE:
-                    await self._send_error(0, protocol.Error(
-                        "protocol", f"message exceeds {protocol.MAX_MESSAGE} bytes"))
-                    return
-        except (ConnectionError, trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise protocol.ProtocolError(f"message exceeds {protocol.MAX_MESSAGE} bytes")
+        except protocol.ProtocolError as e:  # the connection cannot go on: say why, close
+            await self.goodbye("protocol", str(e))
+        except (ConnectionError, trio.ClosedResourceError, trio.BrokenResourceError,
+                trio.TooSlowError):
             return
+        except Exception:  # a bug here must end this connection only, never the daemon
+            log.exception("connection of uid %d (pid %d) failed", self.peer.uid, self.peer.pid)
         finally:
             for fd in self.fds:
                 os.close(fd)
@@ -102,11 +130,23 @@ class Connection:
                     record.run.kill()
             self.sock.close()
 
-    async def refuse(self, message: str) -> None:
-        with self.sock:
+    def _deadline(self, greeted: bool, hello_by: float) -> float:
+        if not greeted:
+            return hello_by
+        self.attached = [run_id for run_id in self.attached  # the ended need no kill
+                         if (r := self.handlers.runs.get(run_id)) is not None
+                         and r.result is None]
+        if not self.idle_timeout or self.attached:
+            return math.inf
+        return trio.current_time() + self.idle_timeout
+
+    async def goodbye(self, code: str, message: str) -> None:
+        """The last word before the daemon closes: best effort, never blocking for long."""
+        with trio.move_on_after(1):  # a peer that never reads gets nothing
             try:
-                await self._send_error(0, protocol.Error("permission", message))
-            except OSError:
+                await self._send_error(0, protocol.Error(code, message))
+            except (OSError, trio.ClosedResourceError, trio.BrokenResourceError,
+                    trio.TooSlowError):
                 pass
 
     async def _recv(self) -> bytes:
@@ -119,20 +159,24 @@ class Connection:
         for fd in fds:
             os.set_inheritable(fd, False)
             self.fds.append(fd)
+        if len(self.fds) > MAX_HELD_FDS:
+            raise protocol.ProtocolError(
+                f"more than {MAX_HELD_FDS} descriptors passed that no request takes")
         return bytes(data)
 
     async def _hello(self, line: bytes) -> bool:
         try:
             req = protocol.decode_request(line)
         except protocol.ProtocolError as e:
-            await self._send_error(0, protocol.Error("protocol", str(e)))
+            await self._send_error(0, protocol.Error(e.code, str(e)))
             return False
         if req.op != "hello":
             await self._send_error(req.id, protocol.Error("protocol", "say hello first"))
             return False
-        if req.args.get("version") != protocol.VERSION:
+        version = req.args.get("version")
+        if type(version) is not int or version != protocol.VERSION:  # not True, not 1.0
             await self._send_error(req.id, protocol.Error(
-                "protocol", f"protocol version {req.args.get('version')!r} is not supported; "
+                "protocol", f"protocol version {version!r} is not supported; "
                 f"this daemon speaks {protocol.VERSION}"))
             return False
         await self._send(protocol.Response(req.id, result={"version": protocol.VERSION,
@@ -177,12 +221,15 @@ class Connection:
             data = protocol.Response(response.id, error=protocol.Error("protocol", str(e))).encode()
         view = memoryview(data)
         while view:
-            sent = await self.sock.send(view)
+            # a client that stops reading its answers is as idle as one that stops asking
+            with trio.fail_after(self.idle_timeout or math.inf):
+                sent = await self.sock.send(view)
             view = view[sent:]
 
 
-def bind_socket(path: Path, mode: int) -> trio.socket.SocketType:
-    """Listen on ``path``; refuse if another daemon answers there, replace a stale file."""
+def bind_socket(path: Path, mode: int, group: int | None = None) -> trio.socket.SocketType:
+    """Listen on ``path`` (owned by ``group`` where given, with ``mode``); refuse if another
+    daemon answers there, replace a stale file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -194,27 +241,78 @@ def bind_socket(path: Path, mode: int) -> trio.socket.SocketType:
                 raise RequestError("busy", f"another branchd is listening on {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.bind(str(path))
-    os.chmod(path, mode)
+    if group is not None:
+        try:
+            os.chown(path, -1, group)
+        except PermissionError:
+            sock.close()
+            raise RequestError("permission", f"cannot give {path} to group {group}: "
+                               "the daemon is neither root nor in that group") from None
+    os.chmod(path, mode)  # before listen(): nobody connects under the umask's mode
     sock.listen(128)
     return trio.socket.from_stdlib_socket(sock)
+
+
+async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection. Out of descriptors, wait and try again (the connection
+    stays queued): logged once per shortage, the daemon never exits for it."""
+    short = False
+    while True:
+        try:
+            sock, _ = await listener.accept()
+        except OSError as e:
+            if e.errno == errno.ECONNABORTED:
+                continue
+            if e.errno not in OUT_OF_FDS:
+                raise
+            if not short:
+                log.error("cannot accept a connection: %s; retrying every %.1f s",
+                          os.strerror(e.errno), ACCEPT_BACKOFF)
+                short = True
+            await trio.sleep(ACCEPT_BACKOFF)
+            continue
+        if short:
+            log.warning("accepting connections again")
+        return sock
 
 
 async def serve_control(
     listener: trio.socket.SocketType,
     handlers: Handlers,
     allow_uids: frozenset[int],
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     allowed = {0, os.geteuid(), *allow_uids}
+    open_per_uid: Counter[int] = Counter()
+
+    async def serve(conn: Connection) -> None:
+        try:
+            await conn.run()
+        finally:
+            open_per_uid[conn.peer.uid] -= 1
+
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            sock, _ = await listener.accept()
+            sock = await accept(listener)
             peer = peer_of(sock)
-            conn = Connection(sock, handlers, peer)
-            if peer.uid in allowed:
-                nursery.start_soon(conn.run)
-            else:
+            conn = Connection(sock, handlers, peer, idle_timeout)
+            if peer.uid not in allowed:
                 log.warning("refused connection from uid %d (pid %d)", peer.uid, peer.pid)
-                nursery.start_soon(conn.refuse, f"uid {peer.uid} may not use this branchd")
+                nursery.start_soon(_refuse, conn, "permission",
+                                   f"uid {peer.uid} may not use this branchd")
+            elif open_per_uid[peer.uid] >= MAX_CONNECTIONS_PER_UID:
+                log.debug("uid %d has %d connections open: refused one more",
+                          peer.uid, MAX_CONNECTIONS_PER_UID)
+                nursery.start_soon(_refuse, conn, "busy", f"uid {peer.uid} has "
+                                   f"{MAX_CONNECTIONS_PER_UID} connections open already")
+            else:
+                open_per_uid[peer.uid] += 1
+                nursery.start_soon(serve, conn)
+
+
+async def _refuse(conn: Connection, code: str, message: str) -> None:
+    with conn.sock:
+        await conn.goodbye(code, message)

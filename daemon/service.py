@@ -63,7 +63,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     with ExitStack() as stack:
         stack.callback(os.close, lock_state_dir(cfg.state_dir))
-        listener = bind_socket(cfg.socket, cfg.socket_mode)
+        listener = bind_socket(cfg.socket, cfg.socket_mode, cfg.socket_group)
         stack.callback(cfg.socket.unlink, missing_ok=True)
         stack.callback(listener.close)
         prepare_mountpoint(cfg.mountpoint, stack)
@@ -97,7 +97,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
 
             handlers = Handlers(
                 store, runs, meta, nursery, overlays,
-                mountpoint=cfg.mountpoint, socket_path=cfg.socket,
+                mountpoint=cfg.mountpoint, socket_path=cfg.socket, allow_uids=cfg.allow_uids,
                 on_change=report, shutdown=stop,
             )
             mode, why = manager.namespace
@@ -109,7 +109,8 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             await nursery.start(_serve_fs, store, cfg)
             await overlays.serve_all()
             await nursery.start(overlays.watch)
-            await nursery.start(serve_control, listener, handlers, cfg.allow_uids)
+            await nursery.start(serve_control, listener, handlers, cfg.allow_uids,
+                                cfg.idle_timeout)
             await nursery.start(_signals, stop)
             log.info("branchd ready: mount %s, socket %s, cgroups %s, backend %s",
                      cfg.mountpoint, cfg.socket, manager.layout.kind, backend)

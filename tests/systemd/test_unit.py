@@ -38,6 +38,8 @@ def test_unit_has_the_service_contract() -> None:
     assert svc["KillMode"] == "mixed"
     assert int(svc["TimeoutStopSec"]) >= 60
     assert svc["RuntimeDirectory"] == svc["StateDirectory"] == "branchd"
+    # one descriptor per connection: systemd's soft default of 1024 let clients exhaust it
+    assert int(svc["LimitNOFILE"]) >= 65536
     namespacing = {"PrivateTmp", "PrivateDevices", "ProtectSystem", "ProtectHome",
                    "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem",
                    "PrivateMounts", "MountFlags"}
