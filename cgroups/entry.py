@@ -28,7 +28,8 @@ order:
    covered with an empty read-only tmpfs: the other branches are out of reach;
 4. supplementary groups, gid and uid are set to the caller's (a root daemon
    running another user's candidate), with ``no_new_privs``;
-5. ``chdir(cwd)`` as that user, signals that Python ignores are reset, and the
+5. ``chdir(cwd)`` as that user, signals that Python ignores are reset, the
+   soft open-file limit the daemon raised for itself is put back, and the
    candidate is exec'ed with its own environment (its PATH finds argv[0]).
 
 A failure in 1-4 or the chdir goes back on the socket as "ERRNO message" and
@@ -41,6 +42,7 @@ candidate's failure, as a shell reports it: a line on stderr and status 127
 import ctypes
 import marshal
 import os
+import resource
 import signal
 import socket
 import sys
@@ -212,6 +214,9 @@ def main() -> int:
         return 0
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec
         signal.signal(sig, signal.SIG_DFL)
+    if spec.get("fd_limit"):  # the soft open-file limit the daemon had before raising its own
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (spec["fd_limit"], resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     return execvpe(spec["argv"], spec["env"])
 
 

@@ -141,7 +141,8 @@ class Manager:
     is used by one Manager at a time in this process.
     """
 
-    def __init__(self, name: str | None = None, layout: Layout | None = None) -> None:
+    def __init__(self, name: str | None = None, layout: Layout | None = None, *,
+                 fd_limit: int | None = None) -> None:
         self.name = name or "branchd"
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"invalid manager name {self.name!r}: use letters, digits, _ . -")
@@ -155,6 +156,7 @@ class Manager:
         self._warn_lock = threading.Lock()
         self._ns: tuple[str | None, str] | None = None  # namespaces(), probed on first use
         self._entries = Entries(self._prepare_entry, self._release_entry)
+        self._fd_limit = fd_limit  # the soft open-file limit runs get (None: ours)
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
         self._leftovers: list[Cgroup] = []
@@ -346,7 +348,7 @@ class Manager:
                 node.apply(limits)
             proc = start(
                 entry, argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                ns=ns, bind=bind, hide=hide or [], user=user,
+                ns=ns, bind=bind, hide=hide or [], user=user, fd_limit=self._fd_limit,
             )  # fmt: skip
         except BaseException:
             self._entries.end(entry)  # kills what is left of it and removes its cgroup

@@ -209,6 +209,7 @@ def start(
     bind: Bind | None,
     hide: list[str],
     user: User | None,
+    fd_limit: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Hand `argv` to `entry` (already in the run's cgroup). Raises SpawnError.
 
@@ -222,7 +223,7 @@ def start(
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         return _start(entry, argv, cwd, env, _stdio(stdin, stdout, stderr, null), ns, bind,
-                      hide, user)
+                      hide, user, fd_limit)
     finally:
         os.close(null)
 
@@ -242,7 +243,7 @@ def _stdio(stdin: int | None, stdout: int | None, stderr: int | None, null: int)
 
 def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
            fds: list[int], ns: str | None, bind: Bind | None, hide: list[str],
-           user: User | None) -> subprocess.Popen[bytes]:
+           user: User | None, fd_limit: int | None) -> subprocess.Popen[bytes]:
     target_fd = None
     if bind is not None:
         try:
@@ -257,7 +258,7 @@ def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
         "ns": ns or "none", "hide": hide,
         "bind": [bind.source, bind.target, None] if bind is not None else None,
         "user": (user.uid, user.gid, list(user.groups)) if other and user else None,
-        "nosuid": other, "no_new_privs": other,
+        "nosuid": other, "no_new_privs": other, "fd_limit": fd_limit,
     }
     try:
         return _hand_over(entry, spec, fds)

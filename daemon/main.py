@@ -67,12 +67,14 @@ def seconds(text: str) -> float:
     return value
 
 
-def raise_fd_limit() -> None:
+def raise_fd_limit() -> int:
     """The soft open-file limit up to the hard one: systemd's soft default (1024) is
-    for programs that use select(); the daemon holds a descriptor per connection."""
+    for programs that use select(); the daemon holds a descriptor per connection.
+    Returns the soft limit it had, which the runs get back."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, str]:
@@ -111,7 +113,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
 def main(argv: list[str] | None = None) -> int:
     cfg, level = parse_args(argv)
     setup_logging(level)
-    raise_fd_limit()
+    cfg.run_fd_limit = raise_fd_limit()
     try:
         trio.run(service.run, cfg)
     except KeyboardInterrupt:

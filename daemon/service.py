@@ -74,7 +74,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         # One name per state directory: a daemon restarted after a crash finds its
         # predecessor's cgroup tree, kills what is left in it and removes it.
         tag = hashlib.sha256(str(cfg.state_dir).encode()).hexdigest()[:12]
-        manager = cgroups.Manager(name=f"branchd-{tag}")
+        manager = cgroups.Manager(name=f"branchd-{tag}", fd_limit=cfg.run_fd_limit)
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)

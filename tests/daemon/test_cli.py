@@ -7,13 +7,14 @@ because the daemon is shared by the session.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from branching import BranchError, Client
+from branching import BranchError, Client, EmbeddedDaemon
 from daemon.protocol import ExitCode
 
 from .conftest import CLI
@@ -240,3 +241,24 @@ def test_shell_is_an_interactive_shell_in_the_branch_at_the_workspace_path(
     assert str(ws / "src") in proc.stdout.splitlines()  # where the caller stood, in the branch
     assert (branch / "src" / "t.txt").read_text() == "typed\n"
     assert not (ws / "src" / "t.txt").exists()
+
+
+def test_runs_get_the_open_file_limit_the_daemon_had_before_raising_its_own(
+        ws: Path, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the daemon
+    try:
+        (tmp_path / "d").mkdir()
+        d = EmbeddedDaemon(tmp_path / "d").start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert d.proc is not None
+        with open(f"/proc/{d.proc.pid}/limits") as f:
+            daemon_soft = next(int(line.split()[3]) for line in f if "open files" in line)
+        assert daemon_soft == hard  # raised for its own connections
+        cli = CLI(d.socket)
+        cli("create", "fd1", "-w", str(ws))
+        assert cli("exec", "fd1", "--", "sh", "-c", "ulimit -n").stdout.strip() == "256"
+    finally:
+        d.stop()
