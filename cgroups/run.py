@@ -107,6 +107,7 @@ class Run:
         self._done = threading.Event()
         self._reason: str | None = None
         self._result: RunResult | None = None
+        self._callbacks: list[Callable[[RunResult], None]] = []
 
     @property
     def pid(self) -> int:
@@ -122,6 +123,17 @@ class Run:
         """Block until the run has ended (None if `timeout` seconds pass first)."""
         self._done.wait(timeout)
         return self.poll()
+
+    def add_done_callback(self, fn: Callable[[RunResult], None]) -> None:
+        """Call ``fn(result)`` once the run has ended: from the Manager's monitor thread,
+        or at once (in this thread) if it has ended already. ``fn`` must not block long:
+        it holds up the reaping of other runs."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        assert self._result is not None
+        fn(self._result)
 
     def kill(self) -> None:
         """SIGKILL the whole tree of this run; `wait()` tells when it has ended.
@@ -233,4 +245,11 @@ class Run:
             )
         # the Manager forgets the run before anyone sees it ended: runs() never lists an ended run
         self._on_done(self, leftover)
-        self._done.set()
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self._result)
+            except Exception:
+                log.exception("run %s: a done callback failed", self.id)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 import branchfs
 import cgroups
 from cgroups.spawn import Bind
@@ -69,14 +67,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default:
 
 
 class Handlers:
-    """State shared by all connections: the store, the runs, the nursery runs are watched in."""
+    """State shared by all connections: the store, the runs, the branches' metadata, the
+    overlays."""
 
     def __init__(
         self,
         store: branchfs.Store,
         runs: RunTable,
         meta: MetaStore,
-        nursery: trio.Nursery,
         overlays: Overlays,
         *,
         mountpoint: Path,
@@ -88,7 +86,6 @@ class Handlers:
         self.store = store
         self.runs = runs
         self.meta = meta
-        self.nursery = nursery
         self.overlays = overlays
         self.mountpoint = mountpoint
         self.socket_path = socket_path
@@ -351,7 +348,7 @@ class Handlers:
         env.update(BRANCHD_BRANCH=branch.name, BRANCHD_WORKSPACE=ws.name, BRANCHD_PATH=root)
         try:
             record = await self.runs.start(
-                self.nursery, branch_id=branch.id, argv=argv, cwd=os.path.join(root, rel),
+                branch_id=branch.id, argv=argv, cwd=os.path.join(root, rel),
                 env=env, limits=limits, stdio=fds or None, bind=bind, uid=peer.uid,
                 gid=peer.gid,
             )

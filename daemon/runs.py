@@ -64,7 +64,6 @@ class RunTable:
 
     async def start(
         self,
-        nursery: trio.Nursery,
         *,
         branch_id: str,
         argv: list[str],
@@ -76,7 +75,7 @@ class RunTable:
         uid: int,
         gid: int,
     ) -> RunRecord:
-        """Spawn ``argv`` in a new cgroup of the branch's group and watch it in ``nursery``.
+        """Spawn ``argv`` in a new cgroup of the branch's group.
 
         ``stdio`` is the client's (stdin, stdout, stderr); None captures output
         into the run record (owned by the caller, who may read it) and gives
@@ -117,21 +116,28 @@ class RunTable:
                 os.close(fd)
         record = RunRecord(run_id, branch_id, run, record_dir, captured=bool(opened))
         self.runs[run_id] = record
-        nursery.start_soon(self._watch, record)
+        token = trio.lowlevel.current_trio_token()
+        # no task or thread waits for a run: its end is called back from the cgroups
+        # monitor thread, which writes the result and hands it to the event loop
+        run.add_done_callback(functools.partial(self._ended, record, token))
         log.info("run %s started in branch %s: pid %d, %s", run_id, branch_id, run.pid, argv)
         return record
 
-    async def _watch(self, record: RunRecord) -> None:
+    @staticmethod
+    def _ended(record: RunRecord, token: trio.lowlevel.TrioToken,
+               result: cgroups.RunResult) -> None:
+        done = result.to_dict()
+        atomic_write(record.record_dir / "result.json", json.dumps(done).encode())
         try:
-            result = await trio.to_thread.run_sync(record.run.wait, abandon_on_cancel=True)
-        except BaseException:
-            record.run.kill()
-            raise
-        assert result is not None  # wait() without a timeout returns only when done
-        record.result = result.to_dict()
-        atomic_write(record.record_dir / "result.json", json.dumps(record.result).encode())
+            token.run_sync_soon(RunTable._publish, record, done)
+        except trio.RunFinishedError:
+            pass  # the daemon is stopping: no one waits for it any more
+
+    @staticmethod
+    def _publish(record: RunRecord, done: dict[str, Any]) -> None:
+        record.result = done
         record.done.set()
-        log.info("run %s ended: %s", record.id, record.result)
+        log.info("run %s ended: %s", record.id, done)
 
     def get(self, run_id: str) -> RunRecord | None:
         return self.runs.get(run_id)

@@ -96,7 +96,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                                 f"{len(store.branches())} branches, {runs.active()} runs")
 
             handlers = Handlers(
-                store, runs, meta, nursery, overlays,
+                store, runs, meta, overlays,
                 mountpoint=cfg.mountpoint, socket_path=cfg.socket, allow_uids=cfg.allow_uids,
                 on_change=report, shutdown=stop,
             )
