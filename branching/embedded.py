@@ -66,7 +66,7 @@ class EmbeddedDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "--state-dir", str(self.state_dir),
                  "--mountpoint", str(self.mountpoint), "--socket", str(self.socket),
-                 "--log-level", self.log_level, *self.args],
+                 "--log-level", self.log_level, "--owner-pid", str(os.getpid()), *self.args],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True,
             )

@@ -31,6 +31,7 @@ class Config:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds; 0: connections never time out
     debug_fuse: bool = False
     backend: str = "auto"  # auto | fuse | overlay (daemon.overlays)
+    owner_pid: int | None = None  # stop when this process (our parent) ends (--owner-pid)
     run_fd_limit: int | None = None  # soft RLIMIT_NOFILE runs get (the daemon raises its own)
 
     def resolve(self) -> Config:

@@ -112,6 +112,8 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids,
                                 cfg.idle_timeout)
             await nursery.start(_signals, stop)
+            if cfg.owner_pid is not None:
+                await nursery.start(_outlive_not, cfg.owner_pid, stop)
             log.info("branchd ready: mount %s, socket %s, cgroups %s, backend %s",
                      cfg.mountpoint, cfg.socket, manager.layout.kind, backend)
             notifier.ready(f"{len(store.workspaces())} workspaces, "
@@ -136,6 +138,33 @@ async def _signals(stop: Callable[[], None], *,
             log.info("received %s", signal.Signals(signum).name)
             stop()
             return
+
+
+async def _outlive_not(owner: int, stop: Callable[[], None], *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Stop, as on SIGTERM, when the process that owns this daemon ends (an embedded
+    daemon: the agent, notebook or test that started it, even if it was SIGKILLed).
+
+    The owner is our parent: the pidfd is opened only while getppid() still names it,
+    so a pid reused after the owner died cannot be mistaken for it."""
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        fd = None
+    if fd is None or os.getppid() != owner:
+        if fd is not None:
+            os.close(fd)
+        log.info("owner process %d is gone: stopping", owner)
+        task_status.started()
+        stop()
+        return
+    try:
+        task_status.started()
+        await trio.lowlevel.wait_readable(fd)
+        log.info("owner process %d ended: stopping", owner)
+        stop()
+    finally:
+        os.close(fd)
 
 
 def _toggle_debug() -> None:
