@@ -305,14 +305,16 @@ def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limit
          at_branch_path: bool, capture: bool) -> tuple[dict, str]:
     fds = None if capture else [0, 1, 2]
     client = obj.client
-    started = client.call("exec", fds, name=name, workspace=_workspace_name(ws),
-                          argv=argv, limits=limits.to_dict(), env=dict(os.environ),
-                          at_branch_path=at_branch_path or None, cwd=_cwd_in(client, name, ws))
-    try:
-        done = client.call("wait", run=started["run"])
-    except KeyboardInterrupt:
-        client.call("kill", run=started["run"])
-        raise
+    cwd = _cwd_in(client, name, ws)
+    with client.connection() as c:  # the run belongs to this connection
+        started = c.call("exec", fds, name=name, workspace=_workspace_name(ws), argv=argv,
+                         limits=limits.to_dict(), env=dict(os.environ),
+                         at_branch_path=at_branch_path or None, cwd=cwd)
+        try:
+            done = c.call("wait", run=started["run"])
+        except KeyboardInterrupt:
+            client.call("kill", run=started["run"])
+            raise
     r = done["result"]
     code = TIMEOUT_EXIT if r["timed_out"] else (
         r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0))

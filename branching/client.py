@@ -1,8 +1,9 @@
 """A typed, blocking client of branchd's control socket.
 
-Each thread gets its own connection (a ``run`` blocks its connection until the
-process ends, and patterns run candidates from several threads). Requests are
-answered in order on a connection, so a reply is always for the last request.
+A call takes a connection from a small pool of idle ones and gives it back (a
+``wait`` blocks its connection until the run ends, and patterns run candidates
+from several threads). Requests are answered in order on a connection, so a
+reply is always for the last request.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,51 +83,65 @@ class _Connection:
 
 
 class Client:
-    """Talks to one daemon. Thread-safe: one connection per calling thread."""
+    """Talks to one daemon. Thread-safe.
+
+    Each call takes an idle connection (or opens one) and gives it back when
+    answered; at most ``IDLE_KEPT`` idle connections stay open, so a client used
+    from many threads (a pattern's workers, a graph framework's pool) holds
+    only as many connections as it has calls in flight. Calls that belong
+    together (``exec`` and the ``wait`` for that run: the daemon kills a run
+    whose connection goes away) share one through ``connection()``.
+    """
+
+    IDLE_KEPT = 2
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
                  timeout: float | None = None) -> None:
         self.socket_path = Path(socket_path) if socket_path else protocol.default_socket()
         self.timeout = timeout
-        self._local = threading.local()
-        self._all: list[_Connection] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
-    def _conn(self) -> _Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and conn.dropped():  # timed out by the daemon: a new one
-            self.release()
-            conn = None
-        if conn is None:
-            conn = _Connection(self.socket_path, self.timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+    @contextmanager
+    def connection(self) -> Iterator[Calls]:
+        """One connection for a sequence of calls, given back (or closed) afterwards."""
+        conn = self._take()
+        try:
+            yield Calls(conn)
+        except (BranchError, protocol.ProtocolError) as e:
+            broken = isinstance(e, protocol.ProtocolError) or e.code in ("unavailable",
+                                                                          "protocol")
+            self._give_back(conn, broken)
+            if isinstance(e, protocol.ProtocolError):
+                raise BranchError("protocol", str(e)) from None
+            raise
+        except BaseException:
+            self._give_back(conn, broken=True)  # interrupted mid-call: its state is unknown
+            raise
+        self._give_back(conn, broken=False)
 
     def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
         """Send one request (with ``fds`` passed alongside); returns its result or raises."""
-        args = {k: v for k, v in args.items() if v is not None}
-        if fds:
-            args["pass_fds"] = len(fds)
-        try:
-            return self._conn().call(op, args, fds)
-        except BranchError as e:
-            if e.code in ("unavailable", "protocol"):
-                self.release()  # a broken connection is not reused
-            raise
-        except protocol.ProtocolError as e:
-            self.release()
-            raise BranchError("protocol", str(e)) from None
+        with self.connection() as c:
+            return c.call(op, fds, **args)
 
-    def release(self) -> None:
-        """Close the calling thread's connection (a worker thread calls this when done)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    def _take(self) -> _Connection:
+        while True:
             with self._lock:
-                self._all.remove(conn)
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return _Connection(self.socket_path, self.timeout)
+            if not conn.dropped():  # else timed out by the daemon while idle: next one
+                return conn
+            conn.close()
+
+    def _give_back(self, conn: _Connection, broken: bool) -> None:
+        with self._lock:
+            if not broken and not self._closed and len(self._idle) < self.IDLE_KEPT:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -133,8 +150,22 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the idle connections (those in use close when their call is done)."""
         with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class Calls:
+    """Calls on one connection (``Client.connection()``)."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        args = {k: v for k, v in args.items() if v is not None}
+        if fds:
+            args["pass_fds"] = len(fds)
+        return self._conn.call(op, args, fds)

@@ -211,14 +211,16 @@ class Branch:
         fds = None
         if not capture:
             fds = [stdin if stdin is not None else 0, 1, 2]
-        reply = self._call(
-            "exec", argv=list(argv), limits=limits.to_dict(),
-            env=dict(os.environ if env is None else env),
-            at_branch_path=at_branch_path or None,
-            cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
-            fds=fds,
-        )
-        return RunResult.from_reply(self.workspace.client.call("wait", run=reply["run"]))
+        # one connection for the run's start and its end: the daemon kills a run whose
+        # connection goes away (a client that died)
+        with self.workspace.client.connection() as c:
+            reply = c.call(
+                "exec", fds, workspace=self.workspace.name, name=self.name, argv=list(argv),
+                limits=limits.to_dict(), env=dict(os.environ if env is None else env),
+                at_branch_path=at_branch_path or None,
+                cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
+            )
+            return RunResult.from_reply(c.call("wait", run=reply["run"]))
 
     def commit(self, *, force: bool = False) -> dict[str, Any]:
         """Apply the branch to its parent; refused (code "conflict") if a path it would

@@ -103,7 +103,7 @@ class Session:
             parent=parent.branch if parent else None, feedback=feedback,
         )
         self.results.append(result)
-        fut = self._pool.submit(self._run, candidate, result)
+        fut = self._pool.submit(self._run_in_branch, candidate, result)
         self._futures.append(fut)
         return fut
 
@@ -127,20 +127,6 @@ class Session:
         """Raise Interrupted if cancelled (for patterns between their own steps)."""
         if self._cancel.done():
             raise Interrupted
-
-    def _run(self, candidate: Candidate, result: CandidateResult) -> CandidateResult:
-        try:
-            return self._run_in_branch(candidate, result)
-        finally:
-            self._release_connection()
-
-    def _release_connection(self) -> None:
-        """Close this thread's daemon connection: the client keeps one per thread it saw.
-
-        Worker threads end with their session; without this each pattern run
-        would leave its connections open until the workspace is closed.
-        """
-        self.ws.client.release()
 
     def _run_in_branch(self, candidate: Candidate, result: CandidateResult) -> CandidateResult:
         with self._lock:
@@ -338,7 +324,6 @@ class Session:
             self._discard(name)
         # a worker that creates its branch after this point sees _stopping and discards it
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._release_connection()  # also the caller's: arun calls from a pool thread
         for r in self.results:
             if r.status in (oc.QUEUED, oc.RUNNING):
                 r.status = oc.CANCELLED

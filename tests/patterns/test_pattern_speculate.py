@@ -127,3 +127,20 @@ def test_a_candidate_that_cannot_run_in_a_child_is_refused_at_once() -> None:
         Command([])
     with pytest.raises(ValueError, match="at least one"):
         Speculate([])
+
+
+def test_a_client_used_from_many_threads_keeps_few_connections(ws: Workspace) -> None:
+    # a graph framework calls Branch.run from its own pool threads, a new one each time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    b = ws.create("threads")
+    b.run(["true"])
+    before = open_fds()
+    for _ in range(4):
+        with ThreadPoolExecutor(8) as pool:
+            assert all(r.ok for r in pool.map(lambda _: b.run(["true"]), range(8)))
+    b.abort()
+    assert open_fds() <= before + ws.client.IDLE_KEPT
