@@ -17,6 +17,7 @@ _HOMES = {
     "EmbeddedDaemon": "branching.embedded",
     "BranchError": "branching.errors",
     "Branch": "branching.workspace",
+    "BranchRef": "branching.workspace",
     "RunResult": "branching.workspace",
     "Workspace": "branching.workspace",
     "Limits": "cgroups",
@@ -31,6 +32,7 @@ __all__ = [
     "BestOfN",
     "Branch",
     "BranchError",
+    "BranchRef",
     "Call",
     "CandidateError",
     "CandidateResult",
@@ -80,5 +82,5 @@ if TYPE_CHECKING:
         Tournament,
         TreeOfThoughts,
     )
-    from branching.workspace import Branch, RunResult, Workspace
+    from branching.workspace import Branch, BranchRef, RunResult, Workspace
     from cgroups import Limits

@@ -8,6 +8,7 @@ that can change (status, metadata) is asked of the daemon, never cached.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +76,42 @@ class RunResult:
         out["returncode"] = self.returncode
         out["ok"] = self.ok
         return out
+
+
+@dataclass(frozen=True)
+class BranchRef:
+    """A branch as plain data: JSON, msgpack or pickle carry it to another graph step or
+    process, where ``Workspace.open(ref)`` (or ``ref.open()``) gives the ``Branch`` back.
+
+    ``socket`` is the daemon's (an embedded daemon's too, while its owner lives);
+    ``id`` tells a branch from a later one of the same name."""
+
+    workspace: str  # the workspace's directory
+    name: str
+    id: str
+    socket: str
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BranchRef:
+        return cls(str(data["workspace"]), str(data["name"]), str(data["id"]),
+                   str(data["socket"]))
+
+    def open(self) -> Branch:
+        """The branch, through a Workspace shared by every ref to the same daemon and
+        directory in this process (kept open until the process ends)."""
+        key = (self.socket, self.workspace)
+        with _shared_lock:
+            ws = _shared.get(key)
+            if ws is None:
+                ws = _shared[key] = Workspace(self.workspace, daemon=self.socket)
+        return ws.open(self)
+
+
+_shared: dict[tuple[str, str], Workspace] = {}
+_shared_lock = threading.Lock()
 
 
 class Workspace:
@@ -146,6 +183,20 @@ class Workspace:
     def get(self, name: str) -> Branch:
         return Branch(self, self.client.call("info", workspace=self.name, name=name))
 
+    def open(self, ref: BranchRef | dict[str, Any]) -> Branch:
+        """The branch a ``BranchRef`` (or its dict) names; it must be this workspace's and
+        still the same branch (a later branch of the same name is another one)."""
+        if isinstance(ref, dict):
+            ref = BranchRef.from_dict(ref)
+        if Path(ref.workspace) != self.base:
+            raise BranchError("bad-request", f"branch {ref.name} is of workspace "
+                              f"{ref.workspace}, not {self.base}")
+        b = self.get(ref.name)
+        if b.id != ref.id:
+            raise BranchError("not-found", f"branch {ref.name} of {self.base} is another "
+                              "branch now: the one referred to has ended")
+        return b
+
 
 class Branch:
     """A handle on one branch of a workspace."""
@@ -159,6 +210,15 @@ class Branch:
 
     def __repr__(self) -> str:
         return f"Branch({self.name!r}, path={str(self.path)!r})"
+
+    def ref(self) -> BranchRef:
+        """This branch as plain data (see BranchRef)."""
+        return BranchRef(str(self.workspace.base), self.name, self.id,
+                         str(self.workspace.client.socket_path))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as its reference: unpickling opens it again (BranchRef.open)
+        return (BranchRef.open, (self.ref(),))
 
     def _call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
         return self.workspace.client.call(op, fds, workspace=self.workspace.name,
