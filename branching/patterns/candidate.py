@@ -16,6 +16,9 @@ A candidate is given to a pattern as
   to the caller;
 - a ``Command`` or ``Call`` built here, to give it a label.
 
+Patterns that take several candidates take a list of these: a list of strings
+is a list of shell commands; an argv in that list is itself a list.
+
 Every candidate sees ``BRANCHING_ATTEMPT`` (1, 2, ...), ``BRANCHING_SCORE_FILE``
 and, when a pattern passes context forward, ``BRANCHING_FEEDBACK``.
 """
@@ -121,11 +124,12 @@ def as_candidate(obj: CandidateLike) -> Candidate:
 
 
 def as_candidates(objs: CandidateLike | Sequence[CandidateLike]) -> list[Candidate]:
-    """A list of candidates; a single str, argv or callable is one candidate."""
+    """A list of candidates; a single str or callable is one candidate, a list is one
+    candidate per item (so a list of strings is a list of shell commands)."""
     if isinstance(objs, str | Command | Call) or callable(objs):
         return [as_candidate(objs)]  # type: ignore[arg-type]
-    if isinstance(objs, Sequence) and objs and all(isinstance(a, str) for a in objs):
-        raise TypeError("ambiguous candidates: a list of strings; pass [argv] or [Command(...)]")
+    # a list of strings is that many shell commands (the README's Speculate(["git apply
+    # a.diff && pytest -q", ...])); one argv as the only candidate is [argv] or Command(argv)
     return [as_candidate(o) for o in objs]  # type: ignore[union-attr]
 
 
