@@ -329,6 +329,20 @@ def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limit
     return done, text
 
 
+@cli.command()
+@click.option("--workspace", "-w", "workspaces", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="A workspace the tools may reach (repeatable); nothing else is reachable.")
+@click.option("--http", metavar="[HOST:]PORT",
+              help="Serve streamable HTTP on this address instead of stdio.")
+@click.pass_obj
+def mcp(obj: Context, workspaces: tuple[str, ...], http: str | None) -> None:
+    """An MCP server (stdio) with tools for the whole life of a branch and the patterns."""
+    from branching import mcp_server  # the MCP SDK loads only for this command
+
+    mcp_server.main(workspaces, obj.socket, http)
+
+
 def _cwd_in(client: Any, name: str, ws: str | None) -> str | None:
     """Where in the workspace this shell stands, for a run to start there too."""
     b = client.call("info", name=name, workspace=_workspace_name(ws))
