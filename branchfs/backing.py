@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import secrets
 import stat
 import struct
 from collections.abc import Iterator, Sequence
@@ -197,46 +198,79 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
 
 
 def copy_meta(st: os.stat_result, dstdir: int, name: str, xattrs_from: str | None) -> None:
-    """Give the new entry *name* the owner, mode, xattrs and times of *st*."""
-    path = at(dstdir, name)
+    """Give the entry *name* in *dstdir* the owner, mode, xattrs and times of *st*.
+
+    Never through a symlink, not even one swapped in for *name* meanwhile (the
+    daemon, root, works in directories users write): a symlink is changed with
+    the calls that do not follow; anything else is opened with O_NOFOLLOW,
+    checked to be of *st*'s type, and changed through that descriptor."""
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFLNK:
+        if os.geteuid() == 0:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dstdir, follow_symlinks=False)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dstdir,
+                 follow_symlinks=False)
+        return
+    # regular files and directories are opened for real; the others (a fifo would
+    # block, a device must not be opened) by O_PATH, changed through /proc/self/fd/N,
+    # which reaches that fd's inode without walking a name again
+    flags = os.O_RDONLY if kind in (stat.S_IFREG, stat.S_IFDIR) else os.O_PATH
+    if kind == stat.S_IFDIR:
+        flags |= os.O_DIRECTORY
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dstdir)
+    try:
+        if stat.S_IFMT(os.fstat(fd).st_mode) != kind:
+            raise OSError(errno.ESTALE, f"{name} was replaced by another kind of file")
+        set_meta(fd, st, xattrs_from, by_path=flags == os.O_PATH)
+    finally:
+        os.close(fd)
+
+
+def set_meta(fd: int, st: os.stat_result, xattrs_from: str | None, *,
+             by_path: bool = False) -> None:
+    """Owner, mode, xattrs and times of *st* onto the open file *fd* (not a symlink);
+    *by_path*: an O_PATH fd, changed through its /proc/self/fd link."""
+    target: int | str = f"/proc/self/fd/{fd}" if by_path else fd
     if os.geteuid() == 0:
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=dstdir, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(path, stat.S_IMODE(st.st_mode))
-        if xattrs_from is not None:
-            for xname, value in user_xattrs(xattrs_from):
-                try:
-                    os.setxattr(path, xname, value, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                        raise
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dstdir, follow_symlinks=False)
+        os.chown(target, st.st_uid, st.st_gid)  # before the mode: chown clears setuid
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    if xattrs_from is not None:
+        for xname, value in user_xattrs(xattrs_from):
+            try:
+                os.setxattr(target, xname, value)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def copy_entry(srcdir: int, srcname: str, st: os.stat_result, dstdir: int, dstname: str,
                tmpdir: int | None = None) -> None:
     """Copy one non-directory entry (file, symlink, device, fifo, socket) with its
     metadata as *dstname* (only a regular file may replace an existing name).
-    A regular file is written under a temp name in *tmpdir* (same filesystem as
-    *dstdir*; default *dstdir* itself) and renamed into place, so it appears
-    complete or not at all."""
+
+    A regular file is written as an unnamed O_TMPFILE in *tmpdir* (same
+    filesystem as *dstdir*; default *dstdir* itself), given its metadata through
+    its descriptor, then linked under a random name and renamed into place: it
+    appears complete or not at all, and no name of it can be swapped for a
+    symlink before its mode is set (where the filesystem has no O_TMPFILE, the
+    file is created under a random name instead, still changed only by fd)."""
     mode = st.st_mode
     if stat.S_ISREG(mode):
         if tmpdir is None:
             tmpdir = dstdir
-        tmp = f".branchfs-copy.{os.getpid()}.{dstname}"[:250]
         sfd = os.open(srcname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=srcdir)
         try:
-            remove_at(tmpdir, tmp)
-            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=tmpdir)
+            dfd, tmp = _new_file(tmpdir)
             try:
                 copy_data(sfd, dfd)
+                set_meta(dfd, st, at(srcdir, srcname))
+                if tmp is None:
+                    tmp = _link_tmpfile(dfd, tmpdir)
             finally:
                 os.close(dfd)
         finally:
             os.close(sfd)
-        copy_meta(st, tmpdir, tmp, at(srcdir, srcname))
         os.rename(tmp, dstname, src_dir_fd=tmpdir, dst_dir_fd=dstdir)
         return
     if stat.S_ISLNK(mode):
@@ -246,6 +280,34 @@ def copy_entry(srcdir: int, srcname: str, st: os.stat_result, dstdir: int, dstna
     else:
         os.mknod(dstname, mode, st.st_rdev, dir_fd=dstdir)
     copy_meta(st, dstdir, dstname, at(srcdir, srcname))
+
+
+def _temp_name() -> str:
+    return f".branchfs-tmp.{secrets.token_hex(8)}"
+
+
+def _new_file(dirfd: int) -> tuple[int, str | None]:
+    """A new, empty, private file on *dirfd*'s filesystem: an unnamed O_TMPFILE (name
+    None), or where that is not supported, a file under a random name."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    name = _temp_name()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dirfd), name
+
+
+def _link_tmpfile(fd: int, dirfd: int) -> str:
+    """Give the O_TMPFILE *fd* a random name in *dirfd*; that name."""
+    while True:
+        name = _temp_name()
+        try:
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirfd, follow_symlinks=True)
+            return name
+        except FileExistsError:
+            continue
 
 
 class Inotify:

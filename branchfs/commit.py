@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import signal
 import stat
@@ -40,6 +41,8 @@ from .view import Entry, Parts, View
 
 if TYPE_CHECKING:
     from .origins import Check
+
+log = logging.getLogger(__name__)
 
 CRASH_ENV = "BRANCHFS_CRASH_AT"
 
@@ -334,34 +337,50 @@ def _copy_across(sdir: int, name: str, st: os.stat_result, tdir: int) -> None:
 def _copy_tree(sdir: int, name: str, st: os.stat_result, tdir: int, tname: str) -> None:
     os.mkdir(tname, 0o700, dir_fd=tdir)
     sfd = os.open(name, DIR_FLAGS, dir_fd=sdir)
-    dfd = os.open(tname, DIR_FLAGS, dir_fd=tdir)
     try:
-        for child in os.listdir(sfd):
-            cst = lstat_at(sfd, child)
-            if cst is None:
-                continue
-            if stat.S_ISDIR(cst.st_mode):
-                _copy_tree(sfd, child, cst, dfd, child)
-            else:
-                backing.copy_entry(sfd, child, cst, dfd, child, tmpdir=dfd)
+        dfd = os.open(tname, DIR_FLAGS, dir_fd=tdir)  # O_NOFOLLOW: never a symlink swapped in
+        try:
+            for child in os.listdir(sfd):
+                cst = lstat_at(sfd, child)
+                if cst is None:
+                    continue
+                if stat.S_ISDIR(cst.st_mode):
+                    _copy_tree(sfd, child, cst, dfd, child)
+                else:
+                    backing.copy_entry(sfd, child, cst, dfd, child, tmpdir=dfd)
+            # through the directory's own fd, not its name (users write the target)
+            backing.set_meta(dfd, st, at(sdir, name))
+            if backing.is_opaque_at(sdir, name):
+                os.setxattr(dfd, backing.OPAQUE_XATTR, b"y")
+        finally:
+            os.close(dfd)
     finally:
         os.close(sfd)
-        os.close(dfd)
-    backing.copy_meta(st, tdir, tname, at(sdir, name))
-    if backing.is_opaque_at(sdir, name):
-        backing.set_opaque_at(tdir, tname)
 
 
 def _apply_dir_meta(tdir: int, name: str, meta: dict[str, Any]) -> None:
-    path = at(tdir, name)
-    if os.geteuid() == 0:
-        os.chown(name, meta["uid"], meta["gid"], dir_fd=tdir, follow_symlinks=False)
-    os.chmod(path, meta["mode"])
-    want = {k: bytes.fromhex(v) for k, v in meta["xattrs"].items()}
-    have = dict(backing.user_xattrs(path))
-    for k in have.keys() - want.keys():
-        os.removexattr(path, k, follow_symlinks=False)
-    for k, v in want.items():
-        if have.get(k) != v:
-            os.setxattr(path, k, v, follow_symlinks=False)
-    os.utime(name, ns=(meta["atime_ns"], meta["mtime_ns"]), dir_fd=tdir, follow_symlinks=False)
+    """The branch's mode, owner, xattrs and times onto the target directory *name*,
+    through a descriptor opened with O_NOFOLLOW: the target is a directory users may
+    write, and a symlink swapped in for *name* must not get a setuid mode."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=tdir)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+            raise
+        log.warning("commit: %s is no longer a directory (changed during the commit); "
+                    "its metadata is not applied", name)
+        return
+    try:
+        if os.geteuid() == 0:
+            os.chown(fd, meta["uid"], meta["gid"])
+        os.chmod(fd, meta["mode"])
+        want = {k: bytes.fromhex(v) for k, v in meta["xattrs"].items()}
+        have = dict(backing.user_xattrs(at(fd, ".")))
+        for k in have.keys() - want.keys():
+            os.removexattr(fd, k)
+        for k, v in want.items():
+            if have.get(k) != v:
+                os.setxattr(fd, k, v)
+        os.utime(fd, ns=(meta["atime_ns"], meta["mtime_ns"]))
+    finally:
+        os.close(fd)
