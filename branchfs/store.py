@@ -616,28 +616,6 @@ class Store:
         r = self._get(workspace, name)
         return diff.diff(self.view_by_id(r.id), self._parent_view(r))
 
-    def read_file(self, workspace: str, branch: str | None, path: str,
-                  limit: int) -> bytes | None:
-        parts = tuple(p for p in path.split("/") if p)
-        if any(p in (".", "..") or "\0" in p for p in parts):
-            raise BadName(f"path {path!r} may not contain '.', '..' or NUL")
-        v = self.view(workspace, branch)
-        # Regular files only, and never a blocking open: a FIFO (or a device) put in
-        # the file's place would stall the thread that serves the mount.
-        try:
-            e = v.lookup(parts)
-            if e is None or not stat.S_ISREG(e.st.st_mode):
-                return None
-            fd = v.open_read(parts, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the lstat
-                return None
-            return os.pread(fd, limit, 0)
-        finally:
-            os.close(fd)
-
     # -- commit and discard -------------------------------------------------
 
     def commit(self, workspace: str, name: str, *, force: bool = False) -> CommitResult:

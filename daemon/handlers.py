@@ -8,8 +8,8 @@ a protocol error.
 
 from __future__ import annotations
 
-import difflib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 import branchfs
 import cgroups
 from cgroups.spawn import Bind
+from daemon import ascaller, patch
 from daemon.meta import MetaStore
 from daemon.protocol import VERSION
 from daemon.runs import RunTable
@@ -32,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATCH_LIMIT = 256 * 1024  # bytes of each side read for `diff --patch`
 META_LIMIT = 64 * 1024  # bytes of JSON a branch may carry
 # why a run could not start (cgroups.SpawnError.errno) -> error code; else bad-request
 SPAWN_ERRORS = {errno.EACCES: "permission", errno.EPERM: "permission",
@@ -253,34 +255,19 @@ class Handlers:
 
     async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        self._check_access(peer, self.store.workspace(branch.workspace).base)
+        ws = self.store.workspace(branch.workspace)
+        self._check_access(peer, ws.base)
         changes = self.store.diff(branch.workspace, branch.name)
         out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
         if arg(args, "patch", bool, False):
-            out["patch"] = "".join(self._patch(branch, c) for c in changes)
+            old_root = (ws.base if branch.parent is None
+                        else self.path_of(self.store.branch(ws.name, branch.parent)))
+            make = functools.partial(patch.patch, changes, old_root, self.path_of(branch))
+            # off the event loop (the reads go through our own FUSE mount), with the
+            # caller's own permissions: a patch shows only what the caller could read
+            out["patch"] = await trio.to_thread.run_sync(
+                ascaller.call_as, peer.uid, peer.gid, ascaller.groups_of(peer.pid), make)
         return out
-
-    def _patch(self, branch: branchfs.Branch, change: branchfs.Change) -> str:
-        if change.type != "file":
-            return ""
-        old = self.store.read_file(branch.workspace, branch.parent,
-                                   change.old_path or change.path, PATCH_LIMIT)
-        new = self.store.read_file(branch.workspace, branch.name, change.path, PATCH_LIMIT)
-        sides: list[list[str]] = []
-        for data in (old, new):
-            if data is None:
-                sides.append([])
-            elif b"\0" in data:
-                return f"Binary files a/{change.path} and b/{change.path} differ\n"
-            else:
-                sides.append(data.decode("utf-8", "replace").splitlines(keepends=True))
-        lines = difflib.unified_diff(
-            sides[0], sides[1],
-            "/dev/null" if old is None else f"a/{change.old_path or change.path}",
-            "/dev/null" if new is None else f"b/{change.path}",
-        )
-        return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-                       for line in lines)
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)

@@ -1,0 +1,76 @@
+"""Doing file reads for a client with the client's own permissions.
+
+A root daemon reads files for its clients (``diff --patch``); what it reads must
+be what the client itself could read. Linux keeps the filesystem credentials
+(fsuid, fsgid, supplementary groups) per thread, so the reads run on a fresh
+thread that first takes the caller's: the kernel then checks every path
+component and every open as it would for the caller, through FUSE's
+default_permissions, the kernel overlay and the workspace's own filesystem
+alike. The thread ends with the call, so no other work ever runs with those
+credentials. ``setgroups`` goes through ``syscall(2)``: glibc's wrapper changes
+every thread of the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "ppc64le": 81,
+                  "s390x": 206}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def groups_of(pid: int) -> list[int]:
+    """The supplementary groups of process *pid* (SO_PEERCRED has none); [] if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def call_as(uid: int, gid: int, groups: list[int], fn: Callable[[], T]) -> T:
+    """``fn()`` with the filesystem credentials of *uid*/*gid*/*groups* (blocks: call it
+    from a worker thread). The daemon's own uid runs it directly."""
+    if uid == os.geteuid():
+        return fn()
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            _become(uid, gid, groups)
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    t = threading.Thread(target=body, name=f"as-uid-{uid}")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+def _become(uid: int, gid: int, groups: list[int]) -> None:
+    number = _SYS_SETGROUPS.get(platform.machine())
+    if number is None:
+        raise OSError(f"no setgroups syscall number known for {platform.machine()}")
+    arr = (ctypes.c_uint * len(groups))(*groups)
+    if _libc.syscall(number, len(groups), arr) != 0:
+        raise OSError(ctypes.get_errno(), "setgroups for the caller's reads failed")
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    # setfs*id return the previous value and cannot fail loudly: ask again (-1 changes nothing)
+    if _libc.setfsuid(-1 & 0xFFFFFFFF) != uid or _libc.setfsgid(-1 & 0xFFFFFFFF) != gid:
+        raise OSError("could not take the caller's filesystem credentials")
