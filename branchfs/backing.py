@@ -191,10 +191,19 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
                 buf = os.pread(src, min(_CHUNK, end - off), off)
                 if not buf:
                     return
-                os.pwrite(dst, buf, off)
-                off += len(buf)
+                off += _pwrite_all(dst, buf, off)
             return
         off += done
+
+
+def _pwrite_all(fd: int, buf: bytes, off: int) -> int:
+    """Write all of *buf* at *off* (a nearly full disk takes part of a write and
+    refuses the rest with ENOSPC at the next call); returns len(buf)."""
+    view = memoryview(buf)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+    return len(buf)
 
 
 def copy_meta(st: os.stat_result, dstdir: int, name: str, xattrs_from: str | None) -> None:

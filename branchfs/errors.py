@@ -62,6 +62,14 @@ class Stale(BranchFSError):
     errno = _errno.ESTALE
 
 
+class Busy(BranchFSError):
+    """The workspace has a commit that failed half way and is not finished yet: nothing
+    else may happen in it until it is (each request tries to finish it again)."""
+
+    code = "busy"
+    errno = _errno.EBUSY
+
+
 class NoSpace(BranchFSError):
     code = "no-space"
     errno = _errno.ENOSPC

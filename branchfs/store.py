@@ -36,6 +36,7 @@ from . import backing, commit, diff, origins
 from .durable import TMP_SUFFIX, atomic_write, fsync_path, syncfs
 from .errors import (
     BadName,
+    Busy,
     Conflict,
     Exists,
     HasChildren,
@@ -176,6 +177,8 @@ class Store:
         self._dir_fds: dict[str, tuple[int, int]] = {}  # id -> (upper fd, work fd)
         self._views: dict[str, View] = {}
         self._origins: dict[str, origins.Origins] = {}
+        # workspace -> (journal, its path) of a commit that failed half way (finish_pending)
+        self._pending: dict[str, tuple[dict[str, Any], str]] = {}
         self._log_gen = 0
         self._log_fd = -1
         self._log_lines = 0
@@ -237,11 +240,26 @@ class Store:
         self._log_lines = 0
 
     def _log(self, changed: list[_Rec], dropped: tuple[str, ...] = ()) -> None:
-        """Make a change of some branch records durable by appending them to
-        the log (one write, one fdatasync) instead of rewriting state.json."""
+        """Change some branch records: durably first, by appending them to the log
+        (one write, one fdatasync) instead of rewriting state.json, then in memory.
+        A write that fails changes neither (the one way records change)."""
         items = [{"drop": bid} for bid in dropped] + [{"set": vars(r)} for r in changed]
-        os.write(self._log_fd, b"".join(_dumps(i) + b"\n" for i in items))
-        os.fdatasync(self._log_fd)
+        end = os.lseek(self._log_fd, 0, os.SEEK_END)
+        try:
+            data = b"".join(_dumps(i) + b"\n" for i in items)
+            if os.write(self._log_fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write to the state log")
+            os.fdatasync(self._log_fd)
+        except OSError:
+            # nothing of a change that failed stays in the log (a torn line would be
+            # in the middle of it after the next append): the caller has changed nothing
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._log_fd, end)
+            raise
+        for bid in dropped:
+            self._recs.pop(bid, None)
+        for r in changed:
+            self._recs[r.id] = r
         self._log_lines += len(items)
         if self._log_lines > LOG_MAX:
             self._save()
@@ -385,9 +403,14 @@ class Store:
                 msg = (f"removed the journal of the completed commit of branch "
                        f"{journal['name']} in workspace {journal['workspace']}")
             else:
-                self._apply_journal(journal, path)
-                msg = (f"completed the interrupted commit of branch {journal['name']} "
-                       f"in workspace {journal['workspace']}")
+                try:
+                    self._apply_journal(journal, path)
+                    msg = (f"completed the interrupted commit of branch {journal['name']} "
+                           f"in workspace {journal['workspace']}")
+                except OSError as exc:  # still no space, say: finished at a later request
+                    self._pending[journal["workspace"]] = (journal, path)
+                    msg = (f"could not yet complete the interrupted commit of branch "
+                           f"{journal['name']} in workspace {journal['workspace']}: {exc}")
             log.warning("%s", msg)
             self.recovered.append(msg)
         fsync_path(jdir)
@@ -527,6 +550,7 @@ class Store:
 
     def create_branch(self, workspace: str, name: str, parent: str | None = None) -> Branch:
         self.workspace(workspace)
+        self._settled(workspace)
         check_name(name, "branch")
         old = self._find(workspace, name)
         if old is not None and old.status not in ENDED:
@@ -537,10 +561,8 @@ class Store:
             parent_rec = self._get(workspace, parent)
             if parent_rec.status != ACTIVE:
                 raise Stale(f"parent branch {parent} was {parent_rec.status}{parent_rec.note}")
-        if old is not None:
-            if any(c.status not in ENDED for c in self._descendants(old)):
-                raise Exists(f"ended branch {name} still has live children")
-            del self._recs[old.id]
+        if old is not None and any(c.status not in ENDED for c in self._descendants(old)):
+            raise Exists(f"ended branch {name} still has live children")
         dropped = (old.id,) if old is not None else ()
         bid = secrets.token_hex(8)
         root = self._path("branches", bid)
@@ -560,9 +582,12 @@ class Store:
         rec = _Rec(id=bid, name=name, workspace=workspace,
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
                    created=time.time())
-        self._recs[bid] = rec
+        try:
+            self._log([rec], dropped)
+        except OSError as exc:
+            self._to_trash(bid)
+            _raise_os(exc, f"creating branch {name}")
         self._open_fds()
-        self._log([rec], dropped)
         b = self._branch(rec)
         self._emit(Event("branch-created", workspace, b))
         return b
@@ -614,6 +639,7 @@ class Store:
 
     def diff(self, workspace: str, name: str) -> list[Change]:
         r = self._get(workspace, name)
+        self._settled(workspace)
         return diff.diff(self.view_by_id(r.id), self._parent_view(r))
 
     # -- commit and discard -------------------------------------------------
@@ -624,6 +650,7 @@ class Store:
         delete changed in the parent since the branch hid it, unless *force*."""
         t0 = time.monotonic()
         r = self._get(workspace, name)
+        self._settled(workspace)
         if r.status == INVALIDATED:
             raise Stale(f"branch {name} was invalidated{r.note}: its parent changed under it")
         live = [c.name for c in self._children(r) if c.status not in ENDED]
@@ -669,19 +696,67 @@ class Store:
         try:
             self._apply_journal(journal, jpath, few=few)
         except OSError as exc:
-            _raise_os(exc, f"committing {name} (its journal is replayed at the next open)")
+            # the journal is durable: the commit is finished (rolled forward) before
+            # anything else happens in this workspace; once more at once, as the cause
+            # (a full disk) may be gone already
+            self._pending[workspace] = (journal, jpath)
+            log.warning("commit of %s/%s failed half way (%s): finishing it", workspace,
+                        name, exc)
+            try:
+                self._finish(workspace)
+            except OSError:
+                _raise_os(exc, f"committing {name}; nothing else happens in workspace "
+                          f"{workspace} until its commit is finished (each request tries)")
+        return self._committed(journal, time.monotonic() - t0)
+
+    def _committed(self, journal: dict[str, Any], seconds: float) -> CommitResult:
+        """The result of an applied journal, told to the subscribers."""
+        workspace, r = journal["workspace"], self._recs[journal["branch"]]
+        invalidated = [self._recs[c["id"]] for c in journal["records"] if c["id"] != r.id]
+        steps = journal["steps"]
         result = CommitResult(
-            branch=name, workspace=workspace,
+            branch=r.name, workspace=workspace,
             into=self._recs[r.parent_id].name if r.parent_id else None,
             changes=commit.count_changes(steps),
-            invalidated=[s.name for s in invalidated], seconds=time.monotonic() - t0)
-        log.info("committed %s/%s: %d changes, %d branches invalidated", workspace, name,
+            invalidated=[s.name for s in invalidated], seconds=seconds)
+        log.info("committed %s/%s: %d changes, %d branches invalidated", workspace, r.name,
                  result.changes, len(invalidated))
-        self._emit(Event("committed", workspace, self._branch(self._recs[r.id]),
+        self._emit(Event("committed", workspace, self._branch(r),
                          target=r.parent_id, paths=tuple(s[1] for s in steps)))
         for bid in [r.id, *(s.id for s in invalidated)]:
             self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
         return result
+
+    def _finish(self, workspace: str) -> None:
+        journal, jpath = self._pending[workspace]
+        self._apply_journal(journal, jpath)
+        del self._pending[workspace]
+        log.warning("finished the interrupted commit of %s/%s", workspace, journal["name"])
+
+    def finish_pending(self, workspace: str) -> CommitResult | None:
+        """Finish a commit of *workspace* that failed half way, if there is one: its
+        result, None if there was none. Raises Busy while it still cannot be done."""
+        if workspace not in self._pending:
+            return None
+        journal = self._pending[workspace][0]
+        try:
+            self._finish(workspace)
+        except OSError as exc:
+            raise Busy(f"workspace {workspace}: the commit of {journal['name']} failed half "
+                       f"way and cannot be finished yet ({exc.strerror or exc}); nothing "
+                       "else happens in it until it is") from exc
+        return self._committed(journal, 0.0)
+
+    def pending(self, workspace: str) -> bool:
+        """Whether *workspace* has a commit that failed half way (see finish_pending)."""
+        return workspace in self._pending
+
+    def _settled(self, workspace: str) -> None:
+        """Refuse work in a workspace whose commit is not finished (see finish_pending)."""
+        if workspace in self._pending:
+            journal = self._pending[workspace][0]
+            raise Busy(f"workspace {workspace}: the commit of {journal['name']} failed half "
+                       "way and is not finished yet; nothing else happens in it until it is")
 
     def _refuse(self, r: _Rec, paths: list[str]) -> NoReturn:
         where = ("base" if r.parent_id is None
@@ -736,8 +811,6 @@ class Store:
                 os.close(gfd)
             self._trash.put(gname)
         changed = [_Rec(**c) for c in journal["records"]]
-        for c in changed:
-            self._recs[c.id] = c
         self._log(changed)
         commit.crash_point("state")
         for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
@@ -750,10 +823,13 @@ class Store:
 
     def discard(self, workspace: str, name: str) -> list[Branch]:
         r = self._get(workspace, name)
-        gone = [r, *(d for d in self._descendants(r) if d.status not in ENDED)]
-        for g in gone:
-            g.status, g.note = DISCARDED, ""
-        self._log(gone)
+        self._settled(workspace)
+        gone = [dataclasses.replace(g, status=DISCARDED, note="")
+                for g in [r, *(d for d in self._descendants(r) if d.status not in ENDED)]]
+        try:
+            self._log(gone)
+        except OSError as exc:
+            _raise_os(exc, f"discarding {name}")
         for g in gone:
             self._close_branch_fds(g.id)
             self._to_trash(g.id)

@@ -217,6 +217,7 @@ class Handlers:
         else:
             ws = self._workspace(arg(args, "workspace", str))
         self._check_access(peer, ws.base)
+        await self._settle(ws.name)
         if meta:
             self.meta.check(meta, META_LIMIT)
         branch = self.store.create_branch(ws.name, name, parent_name)
@@ -230,6 +231,7 @@ class Handlers:
         workspace = arg(args, "workspace", str, None)
         if workspace is not None:
             workspace = self._workspace(workspace).name
+            await self._settle(workspace)
         ended = bool(arg(args, "all", bool, False))
         branches = self.store.branches(workspace, include_ended=ended)
         await self.overlays.heal(branches)
@@ -237,6 +239,8 @@ class Handlers:
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
+        await self._settle(branch.workspace)
+        branch = self._branch(args)  # as it is now
         await self.overlays.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
@@ -257,6 +261,7 @@ class Handlers:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
         self._check_access(peer, ws.base)
+        await self._settle(ws.name)
         changes = self.store.diff(branch.workspace, branch.name)
         out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
         if arg(args, "patch", bool, False):
@@ -272,6 +277,7 @@ class Handlers:
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         self._check_access(peer, self.store.workspace(branch.workspace).base)
+        await self._settle(branch.workspace)
         if self.runs.kill_branch(branch.id):
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
@@ -280,19 +286,33 @@ class Handlers:
         try:
             result = self.store.commit(branch.workspace, branch.name, force=force)
         except Exception:
-            if self.store.status(branch.id) == "active":  # refused: still the user's
+            # refused: still the user's (but not a half-moved delta: see Store.pending)
+            if (self.store.status(branch.id) == "active"
+                    and not self.store.pending(branch.workspace)):
                 await self.overlays.serve(branch)
             raise
-        invalidated = [self.store.branch(branch.workspace, n) for n in result.invalidated]
-        self.overlays.detach(invalidated)
+        await self._after_commit(result)
+        return result.to_dict()
+
+    async def _settle(self, workspace: str) -> None:
+        """Finish a commit of *workspace* that failed half way before anything else is
+        done there (Store.finish_pending raises Busy while it still cannot be)."""
+        result = self.store.finish_pending(workspace)
+        if result is not None:
+            await self._after_commit(result)
+
+    async def _after_commit(self, result: branchfs.CommitResult) -> None:
+        branch = self.store.branch(result.workspace, result.branch)
+        invalidated = [self.store.branch(result.workspace, n) for n in result.invalidated]
+        self.overlays.detach([branch, *invalidated])  # a finished one may still be served
         if branch.parent is not None:  # its upper dir changed behind the kernel's back
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
         self._ended([branch, *invalidated])
-        return result.to_dict()
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         self._check_access(peer, self.store.workspace(branch.workspace).base)
+        await self._settle(branch.workspace)  # a branch with a journal is never discarded
         self.overlays.detach(self.overlays.subtree(branch))
         removed = self.store.discard(branch.workspace, branch.name)
         self._ended(removed)
@@ -306,6 +326,8 @@ class Handlers:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
         self._check_access(peer, ws.base)
+        await self._settle(ws.name)
+        branch = self._active(self._branch(args))  # as it is now
         await self.overlays.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):

@@ -150,7 +150,8 @@ class Overlays:
     async def serve_all(self) -> None:
         """At start-up: an overlay for every active branch."""
         for b in self.store.branches():
-            if b.status == "active":
+            # not over a delta that a commit still has to move (Store.pending)
+            if b.status == "active" and not self.store.pending(b.workspace):
                 await self.serve(b)
         if self.backend == OVERLAY:
             log.info("%d branches served by overlay", len(self._roots))
