@@ -8,7 +8,9 @@ redo journal; modules ``store``, ``view``, ``commit``, ``diff``, ``backing``,
 
 from .errors import (
     BadName,
+    BaseReplaced,
     BranchFSError,
+    Busy,
     Conflict,
     Exists,
     HasChildren,
@@ -23,7 +25,7 @@ from .mount import serve
 from .store import Event, Store
 
 __all__ = [
-    "BadName", "Branch", "BranchFSError", "Change", "CommitResult", "Conflict", "Event",
-    "Exists", "HasChildren", "NoSpace", "NotFound", "OutsideChange", "PermissionDenied",
-    "Stale", "Store", "Workspace", "serve",
+    "BadName", "BaseReplaced", "Branch", "BranchFSError", "Busy", "Change", "CommitResult",
+    "Conflict", "Event", "Exists", "HasChildren", "NoSpace", "NotFound", "OutsideChange",
+    "PermissionDenied", "Stale", "Store", "Workspace", "serve",
 ]

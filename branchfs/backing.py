@@ -28,6 +28,8 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
 _CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -127,6 +129,26 @@ def rename2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
     if _libc.renameat2(olddir, os.fsencode(old), newdir, os.fsencode(new), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def identity(fd: int) -> str:
+    """Which file *fd* is, as a string that differs from that of a file made later
+    at the same place: (st_dev, st_ino) does not, as ext4 gives a directory made
+    again at once the inode number of the one just removed. The file handle of
+    name_to_handle_at(2) holds the inode's generation too; where a filesystem has
+    none, the inode number is the best there is."""
+    st = os.fstat(fd)
+    h = _FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", ctypes.byref(h), ctypes.byref(mount_id),
+                               AT_EMPTY_PATH) != 0:
+        return f"{st.st_dev}:{st.st_ino}"
+    return f"{st.st_dev}:{h.handle_type}:{bytes(h.f_handle[:h.handle_bytes]).hex()}"
 
 
 def xattr_names(path: str) -> list[str]:

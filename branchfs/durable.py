@@ -8,8 +8,12 @@ restart after a crash) sees the old content or the new one, never a mix.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from collections.abc import Callable
+from typing import Any
+
+from .errors import Corrupt
 
 TMP_SUFFIX = ".tmp"
 
@@ -23,6 +27,23 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_log(path: str | os.PathLike[str]) -> tuple[list[Any], bytes]:
+    """The records of an append-only log of JSON lines (the state log, a branch's
+    origins), and its torn tail: the bytes after the last newline, an append that
+    a crash cut short, which the caller ignores. A complete line that is not JSON
+    is damage, never skipped: Corrupt. One reader, so one rule, for every log."""
+    with open(path, "rb") as f:
+        *lines, tail = f.read().split(b"\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise Corrupt(f"{os.fspath(path)}: line {n} of {len(lines)} is not a record; "
+                          "the log is damaged (a torn last line would be ignored)") from None
+    return records, tail
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *,

@@ -70,6 +70,19 @@ class Busy(BranchFSError):
     errno = _errno.EBUSY
 
 
+class BaseReplaced(BranchFSError):
+    """The branch was made from a directory that is no longer at its workspace's
+    path (removed and made again): its changes never go into the new one."""
+
+    code = "base-replaced"
+    errno = _errno.ESTALE
+
+
+class Corrupt(BranchFSError):
+    """A state file the daemon wrote is damaged (not a torn last append, which is
+    expected after a crash and ignored): nothing is guessed; a person must look."""
+
+
 class NoSpace(BranchFSError):
     code = "no-space"
     errno = _errno.ENOSPC

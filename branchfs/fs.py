@@ -363,7 +363,7 @@ class Operations(pyfuse3.Operations):
             log.warning("kernel cache invalidation after %s is still pending", ev.kind)
 
     def _invalidate_for(self, n: Notifier, ev: Event) -> None:
-        if ev.kind == "workspace-added":
+        if ev.kind in ("workspace-added", "workspace-removed"):
             n.entry(ROOT, ev.workspace)
             return
         b = ev.branch

@@ -54,6 +54,9 @@ class Workspace(_Dict):
     base: str  # absolute real path of the directory the branches fork
     owner: int  # uid
     created: float
+    # which directory that is (backing.identity): one removed and made again at
+    # the same path (rm -rf; git clone) is another directory (Store.refresh)
+    ident: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Branch(_Dict):
     status: str  # active | committed | discarded | invalidated
     created: float
     id: str
+    # forked from a directory that is no longer at the workspace's path: it can be
+    # diffed and discarded, never committed into the new one
+    base_replaced: bool = False
 
 
 @dataclass(frozen=True)

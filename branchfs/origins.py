@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from . import backing
+from .durable import read_log
 from .view import Entry, View
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,8 @@ class Origins:
         self.tracked = os.path.exists(path)
         if not self.tracked:
             return
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        for line in lines[:-1]:  # the part after the last newline is torn or empty
-            item = json.loads(line)
+        items, torn = read_log(path)
+        for item in items:
             if isinstance(item, dict):
                 self.stamp = item["stamp"]
                 continue
@@ -104,9 +103,9 @@ class Origins:
             else:
                 self._set(parts, tuple(item[1:]))
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        if lines[-1]:
+        if torn:
             log.warning("%s: ignored a torn last record", path)
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - len(lines[-1]))
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - len(torn))
 
     @staticmethod
     def create(path: str) -> None:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import backing, commit, diff, origins
-from .durable import TMP_SUFFIX, atomic_write, fsync_path, syncfs
+from .durable import TMP_SUFFIX, atomic_write, fsync_path, read_log, syncfs
 from .errors import (
     BadName,
+    BaseReplaced,
     Busy,
     Conflict,
     Exists,
@@ -74,16 +75,20 @@ LOG_MAX = 1000
 # A commit of at most this many steps fsyncs each entry and directory it
 # moves; a larger one calls syncfs once, which is cheaper than thousands of fsyncs.
 FSYNC_EACH_MAX = 64
+# an empty directory, the stand-in for a replaced workspace directory (Store.refresh)
+EMPTY = "empty"
+# journal/KEPT<name>: a journal that was not replayed, its directory being replaced
+KEPT = "kept-"
 
 
 @dataclass(frozen=True)
 class Event:
     """A change of the branch tree, for subscribers (the FUSE adapter).
 
-    kinds: ``workspace-added``, ``branch-created``, ``branch-ended`` (committed,
-    discarded or invalidated; ``branch`` has the new status) and ``committed``
-    (``target`` is the id of the parent branch whose view changed at ``paths``,
-    None when the changes went into the workspace directory)."""
+    kinds: ``workspace-added``, ``workspace-removed``, ``branch-created``,
+    ``branch-ended`` (committed, discarded or invalidated; ``branch`` has the new
+    status) and ``committed`` (``target`` is the id of the parent branch whose
+    view changed at ``paths``, None when the changes went into the workspace directory)."""
 
     kind: str
     workspace: str
@@ -101,6 +106,9 @@ class _Rec:
     status: str
     created: float
     note: str = ""  # why it ended (" by the commit of x"), for error messages
+    # the workspace directory it forks (Workspace.ident when it was made; a child
+    # has its parent's)
+    base: str = ""
 
 
 class _Trash:
@@ -173,7 +181,9 @@ class Store:
         self._listeners: list[Callable[[Event], None]] = []
         self._ws: dict[str, Workspace] = {}
         self._recs: dict[str, _Rec] = {}
-        self._base_fds: dict[str, int] = {}
+        self._base_fds: dict[str, int] = {}  # workspace -> its directory, as it is now
+        # identity -> a replaced workspace directory that live branches still fork
+        self._old_bases: dict[str, int] = {}
         self._dir_fds: dict[str, tuple[int, int]] = {}  # id -> (upper fd, work fd)
         self._views: dict[str, View] = {}
         self._origins: dict[str, origins.Origins] = {}
@@ -182,10 +192,14 @@ class Store:
         self._log_gen = 0
         self._log_fd = -1
         self._log_lines = 0
-        for sub in ("branches", "journal", "trash"):
+        for sub in ("branches", "journal", "trash", EMPTY):
             os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
+        # what a branch of a replaced directory forks after a restart, when that
+        # directory cannot be opened any more: nothing, so it shows its own changes
+        self._empty_fd = os.open(self._path(EMPTY), backing.DIR_FLAGS)
         self._trash = _Trash(os.path.join(self.state_dir, "trash"))
         self._load()
+        self._check_deltas()
         self._open_fds()
         self._recover()
         self._sweep()
@@ -217,18 +231,16 @@ class Store:
         return self._path(f"{LOG_PREFIX}{self._log_gen}")
 
     def _replay(self, path: str) -> None:
-        """Apply the log's records over the snapshot; a torn last line (a crash
-        in the middle of an append) is ignored."""
+        """Apply the log's records over the snapshot (``durable.read_log``: a torn
+        last line is ignored; the log is folded into a new snapshot at open, so
+        nothing is appended after it)."""
         try:
-            with open(path, "rb") as f:
-                lines = f.read().split(b"\n")
+            items, torn = read_log(path)
         except FileNotFoundError:
             return
-        for line in lines:
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
+        if torn:
+            log.warning("%s: ignored a torn last record", path)
+        for item in items:
             if "set" in item:
                 self._recs[item["set"]["id"]] = _Rec(**item["set"])
             else:
@@ -314,12 +326,14 @@ class Store:
     # -- fds and views ------------------------------------------------------
 
     def _open_fds(self) -> None:
-        for w in self._ws.values():
+        for w in list(self._ws.values()):
             if w.name not in self._base_fds:
                 try:
-                    self._base_fds[w.name] = os.open(w.base, backing.DIR_FLAGS)
+                    fd = self._base_fds[w.name] = os.open(w.base, backing.DIR_FLAGS)
                 except OSError as exc:
                     log.warning("workspace %s: cannot open %s: %s", w.name, w.base, exc)
+                    continue
+                self._identify(w, fd)
         for r in self._recs.values():
             if r.status not in ENDED and r.id not in self._dir_fds:
                 root = self._path("branches", r.id)
@@ -359,7 +373,7 @@ class Store:
             while r is not None:
                 layers.append(self._dir_fds[r.id][0])
                 r = self._recs[r.parent_id] if r.parent_id else None
-            layers.append(self._base_fd(rec.workspace))
+            layers.append(self._base_fd_of(rec))
             v = self._views[bid] = View(layers, work=self._dir_fds[bid][1],
                                         origins=self._origins_of(bid))
         return v
@@ -372,6 +386,65 @@ class Store:
 
     def _base_view(self, ws: str) -> View:
         return View([self._base_fd(ws)])
+
+    def _replaced(self, r: _Rec) -> bool:
+        """Whether *r* forks a directory that is no longer at its workspace's path."""
+        w = self._ws[r.workspace]
+        return r.base != w.ident
+
+    def _base_fd_of(self, r: _Rec) -> int:
+        """The directory *r* forks: the workspace's, or the replaced one it was made
+        from (held since), or after a restart an empty stand-in."""
+        if not self._replaced(r) and r.workspace in self._base_fds:
+            return self._base_fds[r.workspace]
+        return self._old_bases.get(r.base, self._empty_fd)
+
+    def _identify(self, w: Workspace, fd: int) -> None:
+        """Record which directory *fd*, just opened at *w*'s path, is; a new one
+        there (replaced while the daemon was stopped) is said in the log."""
+        ident = backing.identity(fd)
+        if not w.ident:  # state from before identities: its records fork this one
+            for r in self._recs.values():
+                if r.workspace == w.name:
+                    r.base = ident
+        elif w.ident != ident:
+            msg = (f"workspace {w.name}: {w.base} is not the directory it was (removed and "
+                   "made again?): new branches fork the new one; older branches show only "
+                   "their own changes and cannot be committed")
+            log.warning("%s", msg)
+            self.recovered.append(msg)  # told at start-up and by status, as recoveries are
+        self._ws[w.name] = dataclasses.replace(w, ident=ident)
+
+    def refresh(self, name: str) -> Workspace:
+        """The workspace *name*, after a look at its path: a directory removed and
+        made again there (``rm -rf proj; git clone ... proj``) is a new one. New
+        branches fork the new one; branches of the old one keep forking it (its
+        descriptor is held while they live), report ``base_replaced`` and cannot
+        be committed into the new one. A path that is gone or no directory: new
+        branches are refused until a directory is there again."""
+        w = self.workspace(name)
+        try:
+            fd = os.open(w.base, backing.DIR_FLAGS)
+        except OSError:
+            fd = -1
+        if fd >= 0 and name in self._base_fds and backing.identity(fd) == w.ident:
+            os.close(fd)
+            return w
+        old = self._base_fds.pop(name, None)
+        if old is not None:
+            self._old_bases[w.ident] = old
+        if fd >= 0:
+            self._base_fds[name] = fd
+            self._identify(w, fd)
+            self._save()
+        self._drop_unused_bases()
+        return self._ws[name]
+
+    def _drop_unused_bases(self) -> None:
+        """Close the replaced directories that no live branch forks any more."""
+        used = {r.base for r in self._recs.values() if r.status not in ENDED}
+        for ident in [i for i in self._old_bases if i not in used]:
+            os.close(self._old_bases.pop(ident))
 
     def status(self, bid: str) -> str | None:
         """The status of the branch with id *bid* (None if unknown): cheap, for
@@ -389,6 +462,8 @@ class Store:
         jdir = self._path("journal")
         for name in sorted(os.listdir(jdir)):
             path = os.path.join(jdir, name)
+            if name.startswith(KEPT):
+                continue
             if name.endswith(TMP_SUFFIX):
                 os.unlink(path)
                 msg = f"dropped the incomplete journal {name}: that commit never started"
@@ -411,9 +486,32 @@ class Store:
                     self._pending[journal["workspace"]] = (journal, path)
                     msg = (f"could not yet complete the interrupted commit of branch "
                            f"{journal['name']} in workspace {journal['workspace']}: {exc}")
+                except BaseReplaced as exc:
+                    msg = self._keep(journal, path, exc)
             log.warning("%s", msg)
             self.recovered.append(msg)
         fsync_path(jdir)
+
+    def _check_deltas(self) -> None:
+        """A live branch whose delta directory is gone (removed by hand, a state
+        directory restored from an older backup) cannot be served: it, and the
+        branches that fork it, end as discarded, with the reason, and the daemon
+        starts; what they held is lost already."""
+        lost: dict[str, _Rec] = {}
+        for r in self._recs.values():
+            root = self._path("branches", r.id)
+            if r.status not in ENDED and not all(
+                    os.path.isdir(os.path.join(root, d)) for d in ("upper", "work")):
+                lost.update((x.id, x) for x in [r, *self._descendants(r)]
+                            if x.status not in ENDED)
+        if not lost:
+            return
+        note = " at start-up: the delta directory it needs was missing"
+        self._log([dataclasses.replace(r, status=DISCARDED, note=note) for r in lost.values()])
+        for r in lost.values():
+            msg = f"branch {r.name} of workspace {r.workspace} was discarded{note}"
+            log.warning("%s", msg)
+            self.recovered.append(msg)
 
     def _sweep(self) -> None:
         """Empty the trash and the work dirs; trash deltas no live record owns."""
@@ -443,7 +541,9 @@ class Store:
         real = self._resolve_base(base)
         for w in self._ws.values():
             if w.base == real:
-                return w
+                if name is not None and name != w.name:
+                    raise Exists(f"{real} is already workspace {w.name}")
+                return self.refresh(w.name)
         if name is None:
             stem = os.path.basename(real) or "root"
             name, n = stem, 1
@@ -453,14 +553,43 @@ class Store:
         check_name(name, "workspace")
         if name in self._ws:
             raise Exists(f"workspace {name} already exists for {self._ws[name].base}")
-        st = os.stat(real)
+        fd = os.open(real, backing.DIR_FLAGS)
+        st = os.fstat(fd)
         ws = Workspace(name=name, base=real, owner=st.st_uid if owner is None else owner,
-                       created=time.time())
-        self._base_fds[name] = os.open(real, backing.DIR_FLAGS)
+                       created=time.time(), ident=backing.identity(fd))
+        self._base_fds[name] = fd
         self._ws[name] = ws
         self._save()
         self._emit(Event("workspace-added", name))
         return ws
+
+    def remove_workspace(self, name: str, *, force: bool = False) -> list[Branch]:
+        """Forget workspace *name*; its directory is not touched. Refused while it
+        has live branches, unless *force*: then they are discarded first (returned)."""
+        self.workspace(name)
+        self._settled(name)
+        mine = [r for r in self._recs.values() if r.workspace == name]
+        live = [r for r in mine if r.status not in ENDED]
+        if live and not force:
+            raise HasChildren(f"workspace {name} has live branches "
+                              f"({', '.join(sorted(r.name for r in live))}); discard them "
+                              "first, or remove it with --force")
+        gone: list[Branch] = []
+        for r in live:
+            if r.parent_id is None:  # with its descendants
+                gone.extend(self.discard(name, r.name))
+        try:
+            self._log([], tuple(r.id for r in mine))
+        except OSError as exc:
+            _raise_os(exc, f"removing workspace {name}")
+        fd = self._base_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        self._drop_unused_bases()
+        del self._ws[name]
+        self._save()
+        self._emit(Event("workspace-removed", name))
+        return gone
 
     def _resolve_base(self, base: str) -> str:
         cur = self.resolve_path(base)
@@ -518,7 +647,7 @@ class Store:
     def _branch(self, r: _Rec) -> Branch:
         parent = self._recs[r.parent_id].name if r.parent_id else None
         return Branch(name=r.name, workspace=r.workspace, parent=parent, status=r.status,
-                      created=r.created, id=r.id)
+                      created=r.created, id=r.id, base_replaced=self._replaced(r))
 
     def _find(self, ws: str, name: str) -> _Rec | None:
         for r in self._recs.values():
@@ -549,7 +678,7 @@ class Store:
         return out
 
     def create_branch(self, workspace: str, name: str, parent: str | None = None) -> Branch:
-        self.workspace(workspace)
+        self.refresh(workspace)
         self._settled(workspace)
         check_name(name, "branch")
         old = self._find(workspace, name)
@@ -579,9 +708,11 @@ class Store:
             backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
         finally:
             os.close(rfd)
+        w = self._ws[workspace]
         rec = _Rec(id=bid, name=name, workspace=workspace,
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
-                   created=time.time())
+                   created=time.time(),
+                   base=parent_rec.base if parent_rec else w.ident)
         try:
             self._log([rec], dropped)
         except OSError as exc:
@@ -634,7 +765,7 @@ class Store:
 
     def _parent_view(self, r: _Rec) -> View:
         if r.parent_id is None:
-            return self._base_view(r.workspace)
+            return View([self._base_fd_of(r)])
         return self.view_by_id(r.parent_id)
 
     def diff(self, workspace: str, name: str) -> list[Change]:
@@ -649,10 +780,16 @@ class Store:
         ``OutsideChange`` (nothing changed) when a path it would replace or
         delete changed in the parent since the branch hid it, unless *force*."""
         t0 = time.monotonic()
+        self.refresh(workspace)
         r = self._get(workspace, name)
         self._settled(workspace)
         if r.status == INVALIDATED:
             raise Stale(f"branch {name} was invalidated{r.note}: its parent changed under it")
+        if r.parent_id is None and self._replaced(r):
+            ws = self._ws[workspace]
+            raise BaseReplaced(f"branch {name} forks a directory that is no longer at "
+                               f"{ws.base} (removed and made again?): it cannot be committed "
+                               "into the new one; diff or discard it")
         live = [c.name for c in self._children(r) if c.status not in ENDED]
         if live:
             raise HasChildren(f"branch {name} has child branches ({', '.join(sorted(live))}); "
@@ -678,15 +815,16 @@ class Store:
         note = f" by the commit of {name}"
         for s in self._recs.values():
             if (s.workspace == r.workspace and s.parent_id == r.parent_id and s.id != r.id
-                    and s.status == ACTIVE):
+                    and s.status == ACTIVE and not self._replaced(s)):
                 invalidated.append(s)
                 invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
         r_new = dataclasses.replace(r, status=COMMITTED, note="")
         changed = [r_new, *(dataclasses.replace(s, status=INVALIDATED, note=note)
                             for s in invalidated)]
         # the records change once the journal is durable
+        w = self._ws[workspace]
         journal = {"version": 2, "branch": r.id, "name": name, "workspace": workspace,
-                   "target": r.parent_id, "steps": steps,
+                   "target": r.parent_id, "base": w.ident, "steps": steps,
                    "records": [vars(c) for c in changed],
                    "origins": mine.for_parent() if r.parent_id is not None else []}
         jpath = self._path("journal", f"commit-{r.id}.json")
@@ -704,7 +842,7 @@ class Store:
                         name, exc)
             try:
                 self._finish(workspace)
-            except OSError:
+            except (OSError, BaseReplaced):
                 _raise_os(exc, f"committing {name}; nothing else happens in workspace "
                           f"{workspace} until its commit is finished (each request tries)")
         return self._committed(journal, time.monotonic() - t0)
@@ -729,9 +867,21 @@ class Store:
 
     def _finish(self, workspace: str) -> None:
         journal, jpath = self._pending[workspace]
-        self._apply_journal(journal, jpath)
+        try:
+            self._apply_journal(journal, jpath)
+        except BaseReplaced as exc:
+            del self._pending[workspace]
+            log.warning("%s", self._keep(journal, jpath, exc))
+            raise
         del self._pending[workspace]
         log.warning("finished the interrupted commit of %s/%s", workspace, journal["name"])
+
+    def _keep(self, journal: dict[str, Any], path: str, exc: BaseReplaced) -> str:
+        """Set aside a journal that must not be replayed (its directory was
+        replaced); its branch stays active, to be diffed or discarded."""
+        kept = os.path.join(os.path.dirname(path), KEPT + os.path.basename(path))
+        os.rename(path, kept)
+        return f"{exc}: not replayed; the journal is kept as {kept}"
 
     def finish_pending(self, workspace: str) -> CommitResult | None:
         """Finish a commit of *workspace* that failed half way, if there is one: its
@@ -741,6 +891,8 @@ class Store:
         journal = self._pending[workspace][0]
         try:
             self._finish(workspace)
+        except BaseReplaced:
+            return None
         except OSError as exc:
             raise Busy(f"workspace {workspace}: the commit of {journal['name']} failed half "
                        f"way and cannot be finished yet ({exc.strerror or exc}); nothing "
@@ -789,6 +941,8 @@ class Store:
         if upper is not None:
             r = self._recs[bid]
             target = self._parent_view(r)
+            if journal["target"] is None:
+                self._check_base(journal, target.layers[0])
             gname = f"commit-{bid}"
             gpath = self._path("trash", gname)
             os.makedirs(gpath, exist_ok=True)
@@ -819,7 +973,15 @@ class Store:
             v.close()
         self._views.clear()
         self._to_trash(bid)
+        self._drop_unused_bases()
         os.unlink(jpath)  # not fsynced: _recover knows an applied journal by its branch's record
+
+    def _check_base(self, journal: dict[str, Any], fd: int) -> None:
+        """A journal goes into the directory it was written for, never another."""
+        ident = backing.identity(fd)
+        if journal.get("base", ident) != ident:
+            raise BaseReplaced(f"the commit of {journal['name']} was for a directory that "
+                               f"is no longer at the path of workspace {journal['workspace']}")
 
     def discard(self, workspace: str, name: str) -> list[Branch]:
         r = self._get(workspace, name)
@@ -833,6 +995,7 @@ class Store:
         for g in gone:
             self._close_branch_fds(g.id)
             self._to_trash(g.id)
+        self._drop_unused_bases()
         out = [self._branch(g) for g in gone]
         for b in out:
             self._emit(Event("branch-ended", workspace, b))
@@ -841,9 +1004,13 @@ class Store:
     def close(self) -> None:
         for bid in list(self._dir_fds):
             self._close_branch_fds(bid)
-        for fd in self._base_fds.values():
+        for fd in [*self._base_fds.values(), *self._old_bases.values()]:
             os.close(fd)
         self._base_fds.clear()
+        self._old_bases.clear()
+        if self._empty_fd >= 0:
+            os.close(self._empty_fd)
+            self._empty_fd = -1
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1

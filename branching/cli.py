@@ -147,6 +147,20 @@ def workspace_list(obj: Context) -> tuple[dict[str, Any], str]:
     return {"workspaces": wss}, _table([[w["name"], w["base"]] for w in wss], ["NAME", "BASE"])
 
 
+@workspace.command("remove")
+@click.argument("workspace")
+@click.option("--force", is_flag=True, help="Discard its live branches first.")
+@pass_ctx
+@json_option
+def workspace_remove(obj: Context, workspace: str, force: bool) -> tuple[dict[str, Any], str]:
+    """Forget a workspace (by name or path); its directory is not touched."""
+    if "/" in workspace or os.path.isdir(workspace):
+        workspace = os.path.abspath(workspace)
+    out = obj.client.call("workspace-remove", name=workspace, force=force)
+    gone = f" (discarded {', '.join(out['discarded'])})" if out["discarded"] else ""
+    return out, f"removed workspace {out['workspace']}{gone}"
+
+
 @cli.command()
 @click.argument("name")
 @click.option("--workspace", "-w", "ws", type=DIRECTORY,
@@ -184,7 +198,9 @@ def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
 def list_(obj: Context, ws: str | None, show_all: bool) -> tuple[dict[str, Any], str]:
     """List branches."""
     bs = obj.client.call("list", workspace=_workspace_name(ws), all=show_all)["branches"]
-    rows = [[b["name"], b["workspace"], b["parent"] or "-", b["status"], b["path"]] for b in bs]
+    rows = [[b["name"], b["workspace"], b["parent"] or "-",
+             b["status"] + (" (base replaced)" if b.get("base_replaced") else ""), b["path"]]
+            for b in bs]
     header = ["NAME", "WORKSPACE", "PARENT", "STATUS", "PATH"]
     if any(b.get("backend") for b in bs):  # a daemon that serves branches more than one way
         header.insert(4, "BACKEND")

@@ -101,18 +101,19 @@ class Handlers:
     def _branch(self, args: dict[str, Any]) -> branchfs.Branch:
         name = arg(args, "name", str)
         workspace = arg(args, "workspace", str, None)
-        if workspace is None:
-            return self.store.find_branch(name)
-        return self.store.branch(self._workspace(workspace).name, name)
+        ws = (self.store.find_branch(name).workspace if workspace is None
+              else self._workspace(workspace).name)
+        self.store.refresh(ws)  # its base_replaced as it is now
+        return self.store.branch(ws, name)
 
     def _workspace(self, name_or_path: str) -> branchfs.Workspace:
         """A workspace by name, or by the path of its base directory."""
         if "/" not in name_or_path and name_or_path not in (".", ".."):
-            return self.store.workspace(name_or_path)
+            return self.store.refresh(name_or_path)
         real = self.store.resolve_path(name_or_path)  # never os.path.realpath: see there
         for ws in self.store.workspaces():
             if ws.base == real:
-                return ws
+                return self.store.refresh(ws.name)
         raise branchfs.NotFound(f"no workspace with base {real}")
 
     def _active(self, branch: branchfs.Branch) -> branchfs.Branch:
@@ -207,6 +208,19 @@ class Handlers:
     async def op_workspace_list(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         return {"workspaces": [ws.to_dict() for ws in self.store.workspaces()]}
 
+    async def op_workspace_remove(self, peer: Peer, args: dict[str, Any],
+                                  fds: list[int]) -> dict:
+        ws = self._workspace(arg(args, "name", str))
+        self._check_access(peer, ws.base)
+        await self._settle(ws.name)
+        force = bool(arg(args, "force", bool, False))
+        if force:
+            self.overlays.detach([b for b in self.store.branches(ws.name)
+                                  if b.status == "active"])
+        removed = self.store.remove_workspace(ws.name, force=force)
+        self._ended(removed)
+        return {"workspace": ws.name, "discarded": [b.name for b in removed]}
+
     async def op_create(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         name = arg(args, "name", str)
         parent_name = arg(args, "parent", str, None)
@@ -232,6 +246,9 @@ class Handlers:
         if workspace is not None:
             workspace = self._workspace(workspace).name
             await self._settle(workspace)
+        else:
+            for w in self.store.workspaces():
+                self.store.refresh(w.name)
         ended = bool(arg(args, "all", bool, False))
         branches = self.store.branches(workspace, include_ended=ended)
         await self.overlays.heal(branches)

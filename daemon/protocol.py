@@ -32,6 +32,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "status": (),
     "workspace-add": ("path",),
     "workspace-list": (),
+    "workspace-remove": ("name",),
     "create": ("name",),
     "list": (),
     "info": ("name",),
@@ -75,6 +76,7 @@ class ExitCode:
     NO_SPACE = 6  # ENOSPC while copying up or committing
     PERMISSION = 7  # peer or file permission refused
     PROTOCOL = 8  # malformed message or protocol version mismatch
+    BASE_REPLACED = 9  # the branch's workspace directory was removed and made again
     INTERNAL = 70  # a bug: the daemon logged a traceback
 
 
@@ -89,6 +91,7 @@ ERROR_EXIT: dict[str, int] = {
     "busy": ExitCode.CONFLICT,
     "unavailable": ExitCode.UNAVAILABLE,
     "no-space": ExitCode.NO_SPACE,
+    "base-replaced": ExitCode.BASE_REPLACED,
     "permission": ExitCode.PERMISSION,
     "protocol": ExitCode.PROTOCOL,
     "internal": ExitCode.INTERNAL,

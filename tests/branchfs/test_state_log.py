@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from branchfs import Store
+from branchfs import NotFound, Store
 from branchfs import store as store_mod
+from branchfs.errors import Corrupt
 
 REPO = Path(__file__).parent.parent.parent
 
@@ -103,5 +105,47 @@ def test_old_ended_records_are_forgotten(tmp_path: Path, store: Store,
     s2 = Store(tmp_path / "state")  # opening takes a snapshot, which prunes
     try:
         assert [b.name for b in s2.branches(include_ended=True)] == ["e3", "live"]
+    finally:
+        s2.close()
+
+
+def test_a_corrupt_line_in_the_middle_is_an_error(tmp_path: Path, store: Store) -> None:
+    store.create_branch("ws", "a")
+    store.create_branch("ws", "b")
+    store.close()
+    state = tmp_path / "state"
+    [name] = logs(state)
+    lines = (state / name).read_bytes().split(b"\n")
+    lines[0] = b'{"set": {"id": garbage'
+    (state / name).write_bytes(b"\n".join(lines))
+    with pytest.raises(Corrupt, match=f"{name}: line 1 of 2 is not a record"):
+        Store(state)
+
+
+def test_a_corrupt_origins_record_is_an_error(tmp_path: Path, store: Store) -> None:
+    store.create_branch("ws", "a")
+    path = Path(store.delta_dir("ws", "a")).parent / "origins"
+    store.close()
+    with open(path, "ab") as f:
+        f.write(b"[not json\n[\"x\"]\n")
+    with pytest.raises(Corrupt, match="line 2 of 3 is not a record"):
+        Store(tmp_path / "state").view("ws", "a")
+
+
+def test_a_missing_delta_ends_its_branches_and_the_store_opens(tmp_path: Path,
+                                                                store: Store) -> None:
+    store.create_branch("ws", "a")
+    store.create_branch("ws", "kid", parent="a")
+    store.create_branch("ws", "other")
+    gone = Path(store.delta_dir("ws", "a")).parent
+    store.close()
+    shutil.rmtree(gone)
+    s2 = Store(tmp_path / "state")
+    try:
+        status = {b.name: b.status for b in s2.branches(include_ended=True)}
+        assert status == {"a": "discarded", "kid": "discarded", "other": "active"}
+        assert len(s2.recovered) == 2 and "delta directory it needs was missing" in s2.recovered[0]
+        with pytest.raises(NotFound, match="was discarded at start-up"):
+            s2.view("ws", "kid")
     finally:
         s2.close()
