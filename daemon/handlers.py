@@ -24,6 +24,7 @@ import trio
 
 import branchfs
 import cgroups
+from branchfs.model import ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, patch
 from daemon.meta import MetaStore
@@ -155,24 +156,47 @@ class Handlers:
             return
         if need != WORKSPACE:
             raise AssertionError(f"op {op} declares an unknown permission {need!r}")
-        base = self._target(op, args)
-        if base is not None:
-            await self._check_use(peer, base)
+        if op == "workspace-add":  # not resolved as root: whether it exists is the kernel's
+            await self._check_use(peer, os.path.join(os.getcwd(), arg(args, "path", str)))
+            return  # to say, for the caller
+        ws = await self._named(peer, op, args)
+        if ws is not None:
+            await self._check_use(peer, ws.base)
+            args["workspace"] = ws.name  # the handler acts on the workspace checked here
 
-    def _target(self, op: str, args: dict[str, Any]) -> str | None:
-        """The base directory of the workspace a request names; None where it names none
-        (a listing of everything)."""
-        if op == "workspace-add":  # not resolved as root: whether it exists is the caller's
-            return os.path.join(os.getcwd(), arg(args, "path", str))  # kernel's to say
-        if op == "create":
-            parent = arg(args, "parent", str, None)
-            if parent is None:
-                return self._workspace(arg(args, "workspace", str)).base
-            return self._base_of(self._branch({**args, "name": parent}))
-        if "name" in OPS[op].required:
-            return self._base_of(self._branch(args))
+    async def _named(self, peer: Peer, op: str, args: dict[str, Any]
+                     ) -> branchfs.Workspace | None:
+        """The workspace a request names: by name or path, or as the workspace of the
+        branch it names (``parent`` for create); None where it names none (a listing of
+        everything). A branch named without its workspace is looked for among those the
+        caller may use first: another's workspace is not named to them, not even as
+        making the name ambiguous."""
+        key = "parent" if op == "create" else "name"
         workspace = arg(args, "workspace", str, None)
-        return None if workspace is None else self._workspace(workspace).base
+        if workspace is not None:
+            if "/" in workspace or workspace in (".", ".."):  # a path: walked as the caller
+                await self._check_use(peer, os.path.join(os.getcwd(), workspace))
+            return self._workspace(workspace)
+        if key not in OPS[op].required and args.get(key) is None:
+            if op == "create":
+                raise RequestError("bad-request", "create needs a workspace or a parent")
+            return None
+        name = arg(args, key, str)
+        usable = {ws.name for ws in await self._usable(peer)}
+        live: set[str] = set()
+        ended: set[str] = set()
+        for b in self.store.branches(include_ended=True):
+            if b.name == name and b.workspace in usable:
+                (ended if b.status in ENDED else live).add(b.workspace)
+        if len(live) > 1:
+            raise branchfs.Conflict(f"branch name {name} is ambiguous: it exists in "
+                                    f"workspaces {', '.join(sorted(live))}")
+        if live or len(ended) == 1:  # the one that ended: the handler says how
+            return self.store.workspace((live or ended).pop())
+        if any(b.name == name for b in self.store.branches()):  # of a workspace not theirs
+            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use the workspace of "
+                                            f"branch {name}")
+        raise branchfs.NotFound(f"no branch named {name}")
 
     async def _as_caller(self, peer: Peer, fn: Callable[[], Any]) -> Any:
         """``fn()`` off the event loop with the caller's filesystem credentials."""

@@ -259,3 +259,25 @@ def test_no_commit_into_a_directory_the_user_could_not_write(world: World) -> No
     assert done["ok"], done
     assert (world.theirs / "mine").read_text() == "changed\n"
     assert sorted(os.listdir(world.theirs / "sys")) == ["conf"]
+
+
+def test_a_branch_named_alone_is_looked_for_in_their_workspaces_only(world: World) -> None:
+    """Root's workspaces are not named to them, not even as making a name ambiguous."""
+    (world.top / "hidden").mkdir(mode=0o700, exist_ok=True)
+    with Client(world.daemon.socket) as c:
+        c.call("create", name="dup", workspace="rootws")
+    try:
+        assert ask1(world, "create", name="dup", workspace="theirs")["ok"]
+        dup, roots, by_path, hidden = ask(
+            world, ("info", {"name": "dup"}), ("info", {"name": "roots"}),
+            ("info", {"name": "roots", "workspace": str(world.root_ws)}),
+            ("list", {"workspace": str(world.top / "hidden" / "absent")}))
+        assert dup["ok"] and dup["result"]["workspace"] == "theirs", dup
+        assert roots["error"]["code"] == "permission", roots
+        assert "rootws" not in roots["error"]["message"]
+        assert by_path["error"]["code"] == "permission", by_path
+        assert hidden["error"]["code"] == "permission", hidden  # not whether it exists
+    finally:
+        with Client(world.daemon.socket) as c:
+            c.call("discard", name="dup", workspace="rootws")
+            c.call("discard", name="dup", workspace="theirs")
