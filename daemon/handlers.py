@@ -235,10 +235,13 @@ class Handlers:
         target = (ws.base if branch.parent is None
                   else self.path_of(self.store.branch(ws.name, branch.parent)))
         changes = self.store.diff(ws.name, branch.name)
+        made = {c.path for c in changes if c.kind == "added" and c.type == "dir"}
 
         def first_refused() -> str | None:
             for c in changes:
                 for rel in filter(None, (c.path, c.old_path)):
+                    if os.path.dirname(rel) in made:  # in a directory the commit makes theirs
+                        continue
                     if c.kind == "modified" and c.type == "file":  # rewritten in place
                         where, want = os.path.join(target, rel), os.W_OK
                     else:  # an entry made, removed or replaced in its directory

@@ -254,10 +254,16 @@ def test_no_commit_into_a_directory_the_user_could_not_write(world: World) -> No
         assert c.call("info", name="rootw", workspace="theirs")["status"] == "active"
         c.call("discard", name="rootw", workspace="theirs")
     # what they could write themselves, they commit
-    nobody("sh", "-c", f"echo changed > {path}/mine")
+    made = nobody("sh", "-c", f"echo changed > {path}/mine && mkdir -p {path}/new/deeper && "
+                  f"echo x > {path}/new/deeper/x && rm {path}/secret")  # theirs to remove
+    assert made.returncode == 0, made.stderr
     done = ask1(world, "commit", name="writer", workspace="theirs")
     assert done["ok"], done
     assert (world.theirs / "mine").read_text() == "changed\n"
+    assert (world.theirs / "new" / "deeper" / "x").read_text() == "x\n"
+    assert not (world.theirs / "secret").exists()
+    (world.theirs / "secret").write_text(SECRET)  # for the tests after this one
+    (world.theirs / "secret").chmod(0o600)
     assert sorted(os.listdir(world.theirs / "sys")) == ["conf"]
 
 
