@@ -156,7 +156,7 @@ def workspace_remove(obj: Context, workspace: str, force: bool) -> tuple[dict[st
     """Forget a workspace (by name or path); its directory is not touched."""
     if "/" in workspace or os.path.isdir(workspace):
         workspace = os.path.abspath(workspace)
-    out = obj.client.call("workspace-remove", name=workspace, force=force)
+    out = obj.client.call("workspace-remove", workspace=workspace, force=force)
     gone = f" (discarded {', '.join(out['discarded'])})" if out["discarded"] else ""
     return out, f"removed workspace {out['workspace']}{gone}"
 

@@ -24,17 +24,19 @@ import trio
 
 import branchfs
 import cgroups
+from branchfs.model import ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, patch
 from daemon.meta import MetaStore
-from daemon.protocol import VERSION
-from daemon.runs import RunTable
+from daemon.protocol import ADMIN, ANYONE, OPS, RUN, VERSION, WORKSPACE
+from daemon.runs import RunRecord, RunTable
 
 if TYPE_CHECKING:
     from daemon.overlays import Overlays
 
 log = logging.getLogger(__name__)
 
+RWX = os.R_OK | os.W_OK | os.X_OK  # what a caller needs on a workspace's base to use it
 META_LIMIT = 64 * 1024  # bytes of JSON a branch may carry
 # why a run could not start (cgroups.SpawnError.errno) -> error code; else bad-request
 SPAWN_ERRORS = {errno.EACCES: "permission", errno.EPERM: "permission",
@@ -122,13 +124,137 @@ class Handlers:
         code = "stale" if branch.status == "invalidated" else "not-found"
         raise RequestError(code, f"branch {branch.name!r} was {branch.status}")
 
-    def _check_access(self, peer: Peer, base: str) -> None:
-        """Root and the daemon's own uid may use any workspace; anyone else only a
-        directory whose mode bits give them read, write and search."""
-        if peer.uid in (0, os.geteuid()):
+    def _run(self, args: dict[str, Any]) -> RunRecord:
+        run_id = arg(args, "run", str)
+        record = self.runs.get(run_id)
+        if record is None:
+            raise RequestError("not-found", f"no run {run_id!r}")
+        return record
+
+    def _base_of(self, branch: branchfs.Branch) -> str:
+        return self.store.workspace(branch.workspace).base
+
+    # --- who may do what: protocol.OPS declares it, authorize checks it --------------------
+
+    def privileged(self, peer: Peer) -> bool:
+        """Root and the daemon's own uid may do everything, to anyone's workspaces and runs."""
+        return peer.uid in (0, os.geteuid())
+
+    async def authorize(self, peer: Peer, op: str, args: dict[str, Any]) -> None:
+        """The one check of who may ask for *op* (daemon.server calls it before the op's
+        handler): the permission protocol.OPS declares for it, against the workspace or
+        the run that the request names. What a listing shows is filtered by the same
+        rule (``_usable``, ``_visible``)."""
+        need = OPS[op].permission
+        if need == ANYONE or self.privileged(peer):
             return
-        if not _may(os.stat(base), peer, os.R_OK | os.W_OK | os.X_OK):
-            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use {base}")
+        if need == ADMIN:
+            raise branchfs.PermissionDenied(f"only root or the daemon's owner may {op}")
+        if need == RUN:
+            record = self._run(args)
+            if record.uid != peer.uid:
+                raise branchfs.PermissionDenied(f"run {record.id} is not uid {peer.uid}'s")
+            return
+        if need != WORKSPACE:
+            raise AssertionError(f"op {op} declares an unknown permission {need!r}")
+        if op == "workspace-add":  # not resolved as root: whether it exists is the kernel's
+            await self._check_use(peer, os.path.join(os.getcwd(), arg(args, "path", str)))
+            return  # to say, for the caller
+        ws = await self._named(peer, op, args)
+        if ws is not None:
+            await self._check_use(peer, ws.base)
+            args["workspace"] = ws.name  # the handler acts on the workspace checked here
+
+    async def _named(self, peer: Peer, op: str, args: dict[str, Any]
+                     ) -> branchfs.Workspace | None:
+        """The workspace a request names: by name or path, or as the workspace of the
+        branch it names (``parent`` for create); None where it names none (a listing of
+        everything). A branch named without its workspace is looked for among those the
+        caller may use first: another's workspace is not named to them, not even as
+        making the name ambiguous."""
+        key = "parent" if op == "create" else "name"
+        workspace = arg(args, "workspace", str, None)
+        if workspace is not None:
+            if "/" in workspace or workspace in (".", ".."):  # a path: walked as the caller
+                await self._check_use(peer, os.path.join(os.getcwd(), workspace))
+            return self._workspace(workspace)
+        if key not in OPS[op].required and args.get(key) is None:
+            if op == "create":
+                raise RequestError("bad-request", "create needs a workspace or a parent")
+            return None
+        name = arg(args, key, str)
+        usable = {ws.name for ws in await self._usable(peer)}
+        live: set[str] = set()
+        ended: set[str] = set()
+        for b in self.store.branches(include_ended=True):
+            if b.name == name and b.workspace in usable:
+                (ended if b.status in ENDED else live).add(b.workspace)
+        if len(live) > 1:
+            raise branchfs.Conflict(f"branch name {name} is ambiguous: it exists in "
+                                    f"workspaces {', '.join(sorted(live))}")
+        if live or len(ended) == 1:  # the one that ended: the handler says how
+            return self.store.workspace((live or ended).pop())
+        if any(b.name == name for b in self.store.branches()):  # of a workspace not theirs
+            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use the workspace of "
+                                            f"branch {name}")
+        raise branchfs.NotFound(f"no branch named {name}")
+
+    async def _as_caller(self, peer: Peer, fn: Callable[[], Any]) -> Any:
+        """``fn()`` off the event loop with the caller's filesystem credentials."""
+        return await trio.to_thread.run_sync(
+            ascaller.call_as, peer.uid, peer.gid, ascaller.groups_of(peer.pid), fn)
+
+    async def _check_use(self, peer: Peer, base: str) -> None:
+        """The caller may use a workspace whose base the kernel lets them read, write and
+        search, reaching it by its path as they would themselves."""
+        err = await self._as_caller(peer, functools.partial(ascaller.access_error, base, RWX))
+        if err in (errno.ENOENT, errno.ENOTDIR):  # the caller could see that much
+            raise branchfs.NotFound(f"{base} does not exist")
+        if err:
+            raise branchfs.PermissionDenied(f"uid {peer.uid} may not use {base}: "
+                                            f"{os.strerror(err)}")
+
+    async def _usable(self, peer: Peer) -> list[branchfs.Workspace]:
+        """The workspaces the caller may use: all that a listing shows them."""
+        workspaces = self.store.workspaces()
+        if self.privileged(peer):
+            return workspaces
+        return await self._as_caller(peer, lambda: [
+            ws for ws in workspaces if ascaller.access_error(ws.base, RWX) == 0])
+
+    def _visible(self, peer: Peer, record: RunRecord) -> bool:
+        return self.privileged(peer) or record.uid == peer.uid
+
+    async def _check_writable(self, peer: Peer, branch: branchfs.Branch) -> None:
+        """A commit writes as root: each of its changes must land where the caller could
+        have made it themselves (a directory they may write, a file they may rewrite),
+        or a user allowed into a workspace would write, through a branch of someone
+        else's, into its directories that are not theirs."""
+        if self.privileged(peer) or self.store.status(branch.id) != "active":
+            return  # (the store refuses a commit of an ended branch)
+        ws = self.store.workspace(branch.workspace)
+        target = (ws.base if branch.parent is None
+                  else self.path_of(self.store.branch(ws.name, branch.parent)))
+        changes = self.store.diff(ws.name, branch.name)
+        made = {c.path for c in changes if c.kind == "added" and c.type == "dir"}
+
+        def first_refused() -> str | None:
+            for c in changes:
+                for rel in filter(None, (c.path, c.old_path)):
+                    if os.path.dirname(rel) in made:  # in a directory the commit makes theirs
+                        continue
+                    if c.kind == "modified" and c.type == "file":  # rewritten in place
+                        where, want = os.path.join(target, rel), os.W_OK
+                    else:  # an entry made, removed or replaced in its directory
+                        where, want = os.path.join(target, os.path.dirname(rel)), os.W_OK | os.X_OK
+                    if ascaller.access_error(where, want):
+                        return rel
+            return None
+
+        refused = await self._as_caller(peer, first_refused)
+        if refused is not None:
+            raise branchfs.PermissionDenied(f"uid {peer.uid} could not change {refused} in "
+                                            f"{target} themselves: nothing committed")
 
     def runs_at(self) -> str:
         """Where runs see their branch, and why, in words (for status and the log)."""
@@ -163,7 +289,10 @@ class Handlers:
         return {"version": VERSION, "pid": os.getpid()}
 
     async def op_status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The daemon's state; the counts are of what the caller may see."""
         manager = self.runs.manager
+        usable = {ws.name for ws in await self._usable(peer)}
+        mine = self.privileged(peer)
         return {
             "version": VERSION,
             "pid": os.getpid(),
@@ -172,15 +301,16 @@ class Handlers:
             "socket": str(self.socket_path),
             **self._who_may_connect(),
             "state_dir": str(self.store.state_dir),
-            "workspaces": len(self.store.workspaces()),
-            "branches": len(self.store.branches()),
-            "runs_active": self.runs.active(),
+            "workspaces": len(usable),
+            "branches": sum(1 for b in self.store.branches() if b.workspace in usable),
+            "runs_active": sum(1 for r in self.runs.runs.values()
+                               if r.result is None and self._visible(peer, r)),
             "backend": self.overlays.backend,
             "backend_reason": self.overlays.reason,
             "runs_at": self.runs_at(),
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
-            "recovered": list(self.store.recovered),
+            "recovered": list(self.store.recovered) if mine else [],  # names others' branches
         }
 
     def _who_may_connect(self) -> dict[str, Any]:
@@ -200,18 +330,16 @@ class Handlers:
 
     async def op_workspace_add(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         path = self.store.resolve_path(arg(args, "path", str))
-        self._check_access(peer, path)
         ws = self.store.add_workspace(path, arg(args, "name", str, None), owner=peer.uid)
         self.on_change()
         return ws.to_dict()
 
     async def op_workspace_list(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
-        return {"workspaces": [ws.to_dict() for ws in self.store.workspaces()]}
+        return {"workspaces": [ws.to_dict() for ws in await self._usable(peer)]}
 
     async def op_workspace_remove(self, peer: Peer, args: dict[str, Any],
                                   fds: list[int]) -> dict:
-        ws = self._workspace(arg(args, "name", str))
-        self._check_access(peer, ws.base)
+        ws = self._workspace(arg(args, "workspace", str))
         await self._settle(ws.name)
         force = bool(arg(args, "force", bool, False))
         if force:
@@ -230,7 +358,6 @@ class Handlers:
             ws = self.store.workspace(parent.workspace)
         else:
             ws = self._workspace(arg(args, "workspace", str))
-        self._check_access(peer, ws.base)
         await self._settle(ws.name)
         if meta:
             self.meta.check(meta, META_LIMIT)
@@ -251,6 +378,9 @@ class Handlers:
                 self.store.refresh(w.name)
         ended = bool(arg(args, "all", bool, False))
         branches = self.store.branches(workspace, include_ended=ended)
+        if workspace is None and not self.privileged(peer):
+            usable = {ws.name for ws in await self._usable(peer)}
+            branches = [b for b in branches if b.workspace in usable]
         await self.overlays.heal(branches)
         return {"branches": [self.describe(b) for b in branches]}
 
@@ -261,7 +391,8 @@ class Handlers:
         await self.overlays.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
-            r.describe() for r in self.runs.runs.values() if r.branch_id == branch.id
+            r.describe() for r in self.runs.runs.values()
+            if r.branch_id == branch.id and self._visible(peer, r)
         ]
         return out
 
@@ -277,7 +408,6 @@ class Handlers:
     async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
-        self._check_access(peer, ws.base)
         await self._settle(ws.name)
         changes = self.store.diff(branch.workspace, branch.name)
         out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
@@ -293,8 +423,8 @@ class Handlers:
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        self._check_access(peer, self.store.workspace(branch.workspace).base)
         await self._settle(branch.workspace)
+        await self._check_writable(peer, branch)
         if self.runs.kill_branch(branch.id):
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
@@ -328,7 +458,6 @@ class Handlers:
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        self._check_access(peer, self.store.workspace(branch.workspace).base)
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
         self.overlays.detach(self.overlays.subtree(branch))
         removed = self.store.discard(branch.workspace, branch.name)
@@ -342,7 +471,6 @@ class Handlers:
         to the workspace's root to start in."""
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
-        self._check_access(peer, ws.base)
         await self._settle(ws.name)
         branch = self._active(self._branch(args))  # as it is now
         await self.overlays.heal([branch])  # the run should get the fast path
@@ -383,22 +511,16 @@ class Handlers:
         return record.describe()
 
     async def op_wait(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        record = self.runs.get(arg(args, "run", str))
-        if record is None:
-            raise RequestError("not-found", f"no run {args['run']!r}")
+        record = self._run(args)
         await record.done.wait()
         return record.describe()
 
     async def op_kill(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        record = self.runs.get(arg(args, "run", str))
-        if record is None:
-            raise RequestError("not-found", f"no run {args['run']!r}")
+        record = self._run(args)
         record.run.kill()
         return {"run": record.id}
 
     async def op_shutdown(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
-        if peer.uid not in (0, os.geteuid()):
-            raise branchfs.PermissionDenied("only the daemon's owner may shut it down")
         self.shutdown()
         return {}
 
@@ -418,13 +540,3 @@ def _relative(cwd: str) -> str:
                            "without '.', '..' or NUL")
     return "/".join(parts)
 
-
-def _may(st: os.stat_result, peer: Peer, want: int) -> bool:
-    """Unix permission bits of ``st`` for ``peer`` (owner, then group, then other)."""
-    if st.st_uid == peer.uid:
-        bits = (st.st_mode >> 6) & 7
-    elif st.st_gid == peer.gid:
-        bits = (st.st_mode >> 3) & 7
-    else:
-        bits = st.st_mode & 7
-    return bits & want == want and stat.S_ISDIR(st.st_mode)

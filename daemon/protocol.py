@@ -19,31 +19,46 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes per line, either direction
 MAX_DEPTH = 32  # nesting of arrays and objects in a message (meta is the deepest user)
 MAX_DIGITS = 19  # of an integer: ids, counts and limits all fit in 63 bits
 
-# op name -> required argument names (optional ones are documented in the daemon)
-OPS: dict[str, tuple[str, ...]] = {
-    "hello": ("version",),
-    "status": (),
-    "workspace-add": ("path",),
-    "workspace-list": (),
-    "workspace-remove": ("name",),
-    "create": ("name",),
-    "list": (),
-    "info": ("name",),
-    "set-meta": ("name", "meta"),
-    "diff": ("name",),
-    "commit": ("name",),
-    "discard": ("name",),
-    "exec": ("name", "argv"),
-    "wait": ("run",),
-    "kill": ("run",),
-    "shutdown": (),
+# Who may ask for an op: the daemon checks it once, before the op's handler runs
+# (daemon.handlers.Handlers.authorize), against the object the request names.
+ANYONE = "anyone"  # any peer the socket lets in
+WORKSPACE = "workspace"  # the caller may use the workspace named (by path, name or one of
+# its branches): the kernel gives them read, write and search on its base directory;
+# a listing that names no workspace holds only those the caller may use
+RUN = "run"  # the caller started the run; nobody else's runs are shown to them
+ADMIN = "admin"  # root or the daemon's own uid, who may also do everything above
+PERMISSIONS = (ANYONE, WORKSPACE, RUN, ADMIN)
+
+
+class Op(NamedTuple):
+    permission: str
+    required: tuple[str, ...]  # argument names; optional ones are documented in the daemon
+
+
+OPS: dict[str, Op] = {
+    "hello": Op(ANYONE, ("version",)),
+    "status": Op(ANYONE, ()),  # counts only what the caller may see
+    "workspace-add": Op(WORKSPACE, ("path",)),
+    "workspace-list": Op(WORKSPACE, ()),
+    "workspace-remove": Op(WORKSPACE, ("workspace",)),  # also discards its branches (--force)
+    "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's
+    "list": Op(WORKSPACE, ()),
+    "info": Op(WORKSPACE, ("name",)),
+    "set-meta": Op(WORKSPACE, ("name", "meta")),
+    "diff": Op(WORKSPACE, ("name",)),
+    "commit": Op(WORKSPACE, ("name",)),  # and each change where the caller could write it
+    "discard": Op(WORKSPACE, ("name",)),
+    "exec": Op(WORKSPACE, ("name", "argv")),
+    "wait": Op(RUN, ("run",)),
+    "kill": Op(RUN, ("run",)),
+    "shutdown": Op(ADMIN, ()),
 }
 
 
@@ -205,7 +220,7 @@ def decode_request(line: bytes) -> Request:
         raise ProtocolError(f"unknown op {op!r}")
     if not isinstance(args, dict):
         raise ProtocolError("'args' is not an object")
-    missing = [a for a in OPS[op] if a not in args]
+    missing = [a for a in OPS[op].required if a not in args]
     if missing:
         raise ProtocolError(f"op {op!r} is missing {', '.join(missing)}")
     return Request(obj["id"], op, args)

@@ -33,6 +33,7 @@ class RunRecord:
 
     id: str
     branch_id: str
+    uid: int  # who started it: only they (and root) may see, wait for or kill it
     run: cgroups.Run
     record_dir: Path
     captured: bool
@@ -114,7 +115,7 @@ class RunTable:
         finally:
             for fd in opened:
                 os.close(fd)
-        record = RunRecord(run_id, branch_id, run, record_dir, captured=bool(opened))
+        record = RunRecord(run_id, branch_id, uid, run, record_dir, captured=bool(opened))
         self.runs[run_id] = record
         token = trio.lowlevel.current_trio_token()
         # no task or thread waits for a run: its end is called back from the cgroups

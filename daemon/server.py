@@ -190,6 +190,7 @@ class Connection:
             req = protocol.decode_request(line)
             ident = req.id
             fds = self._take_fds(req.args)
+            await self.handlers.authorize(self.peer, req.op, req.args)
             result = await HANDLERS[req.op](self.handlers, self.peer, req.args, fds)
             if req.op == "exec" and not req.args.get("detach"):
                 self.attached.append(result["run"])
