@@ -1,0 +1,113 @@
+"""POSIX as another user, against the kernel: each test runs the same script
+natively, on a plain directory, and in a FUSE branch, as uid 65534 (a real
+process whose uid was switched, so without capabilities) and compares what
+both gave. The mount is served by root, as the daemon is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # the scripts are stdlib only; the venv's is root's
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120), pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root (to play another uid) and a system python uid 65534 may run")]
+OTHER = 1000  # owner of the files that are not nobody's
+
+# What a script gets: ROOT (the directory it works in), ok(fn, *args) -> its
+# result or the errno's name, mode(path) -> its permission bits in octal.
+PRELUDE = """
+import errno, json, os, stat, sys
+ROOT = sys.argv[1]
+def ok(fn, *args):
+    try:
+        r = fn(*args)
+        return "ok" if r is None else r
+    except OSError as e:
+        return errno.errorcode.get(e.errno, e.errno)
+def mode(p):
+    return oct(stat.S_IMODE(os.lstat(os.path.join(ROOT, p)).st_mode))
+def p(*names):
+    return os.path.join(ROOT, *names)
+"""
+
+
+def as_user(root: Path, script: str, *, uid: int = NOBODY, groups: tuple[int, ...] = (),
+            umask: int = 0o022) -> Any:
+    """Run *script* as *uid* (gid *uid*, supplementary *groups*) with *root* as
+    ROOT; what it prints as JSON."""
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", PRELUDE + script, str(root)], user=uid, group=uid,
+        extra_groups=list(groups), umask=umask, cwd="/", capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def fuse_and_plain(public_tmp: Path, mount_factory: Any) -> Iterator[tuple[Path, Path, Path]]:
+    """(base, branch, plain): a workspace served in a FUSE branch whose daemon
+    has the common umask 022, and a plain directory to be made alike. Both are
+    writable by everybody, so uid 65534 can make and move entries in them."""
+    base = public_tmp / "base"
+    base.mkdir()
+    base.chmod(0o777)
+    plain = public_tmp / "plain"
+    plain.mkdir()
+    plain.chmod(0o777)
+    old = os.umask(0o022)
+    try:
+        mount = mount_factory(base, ["b1"], where=public_tmp)
+    finally:
+        os.umask(old)
+    yield base, mount.path("b1"), plain
+
+
+def both(base: Path, plain: Path, make: Any) -> None:
+    """Make the same entries in the base (seen in the branch from below) and in
+    the plain directory."""
+    for root in (base, plain):
+        make(root)
+
+
+LONG = "n" * 255
+CREATE_SCRIPT = f"LONG = {LONG[:-6]!r}\n" + """
+deep = ROOT
+for i in range(5):
+    deep = os.path.join(deep, f"d{i}" + "x" * 200)
+    os.mkdir(deep)
+assert len(os.fsencode(deep)) > 1000
+out = {}
+for label, f in (("short", p("short")), ("255", p(LONG)), ("deep", os.path.join(deep, "f"))):
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o620)
+    os.close(fd)
+    out[label] = mode(f)
+    fd = os.open(f + "s", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o4755)
+    os.close(fd)
+    out[label + " setuid"] = mode(f + "s")
+    os.mkdir(f + ".d", 0o777)
+    out[label + " dir"] = mode(f + ".d")
+    os.mkfifo(f + ".fifo", 0o666)
+    out[label + " fifo"] = mode(f + ".fifo")
+print(json.dumps(out))
+"""  # LONG leaves room for the suffixes: names of 249 to 255 bytes
+
+
+@pytest.mark.parametrize("umask", [0, 0o027, 0o077], ids=lambda m: f"umask{m:03o}")
+@pytest.mark.parametrize("uid", [NOBODY, 0], ids=["nobody", "root"])
+def test_new_entries_get_the_mode_the_kernel_gives(fuse_and_plain: tuple[Path, Path, Path],
+                                                   umask: int, uid: int) -> None:
+    """open(O_CREAT, 0620), mkdir and mkfifo: the mode asked for less the
+    caller's umask, whatever the daemon's own umask (it took 0620 to 0600);
+    short names, 249 to 255-byte names, paths of over 1000 bytes."""
+    _, branch, plain = fuse_and_plain
+    assert as_user(branch, CREATE_SCRIPT, uid=uid, umask=umask) == as_user(
+        plain, CREATE_SCRIPT, uid=uid, umask=umask)
