@@ -111,3 +111,79 @@ def test_new_entries_get_the_mode_the_kernel_gives(fuse_and_plain: tuple[Path, P
     _, branch, plain = fuse_and_plain
     assert as_user(branch, CREATE_SCRIPT, uid=uid, umask=umask) == as_user(
         plain, CREATE_SCRIPT, uid=uid, umask=umask)
+
+
+SETID_MODES = [0o4666, 0o6666, 0o2666, 0o6766, 0o2676, 0o2766, 0o4777, 0o6777]
+WRITES = {
+    "write": "fd = os.open(f, os.O_WRONLY); os.write(fd, b'y'); os.close(fd)",
+    "append": "fd = os.open(f, os.O_WRONLY | os.O_APPEND); os.write(fd, b'y'); os.close(fd)",
+    "trunc-open": "os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))",
+    "truncate": "os.truncate(f, 1)",
+    "ftruncate": "fd = os.open(f, os.O_RDWR); os.ftruncate(fd, 1); os.close(fd)",
+}
+
+
+def _setid_script(names: list[str]) -> str:
+    """For each file ``<mode>-<write>``: its mode, what the write gave, its mode after."""
+    return f"NAMES = {names!r}\nWRITES = {WRITES!r}\n" + """
+out = {}
+for n in NAMES:
+    code = WRITES[n.split("-", 1)[1]]
+    out[n] = [mode(n), ok(exec, code, {"os": os, "f": p(n)}), mode(n)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("groups", [(), (OTHER,)], ids=["outside-the-group", "in-the-group"])
+def test_a_write_by_another_user_clears_set_id_bits_as_the_kernel_does(
+        fuse_and_plain: tuple[Path, Path, Path], groups: tuple[int, ...]) -> None:
+    """A non-owner without CAP_FSETID who may write a set-id file: the write
+    succeeds and clears S_ISUID, and S_ISGID when the file is group-executable
+    or the writer is not in its group. Files from below (copied up by the
+    write) and files made in the branch."""
+    base, branch, plain = fuse_and_plain
+    names = [f"{m:o}-{op}" for m in SETID_MODES for op in WRITES]
+
+    def make(root: Path, names: list[str] = names) -> None:
+        for n in names:
+            f = root / n
+            f.write_text("x\n")
+            os.chown(f, OTHER, OTHER)
+            f.chmod(int(n.split("-")[0], 8))
+
+    both(base, plain, make)
+    (branch / "up").mkdir()
+    (plain / "up").mkdir()
+    make(branch / "up")
+    make(plain / "up")
+    script = _setid_script(names)
+    for sub in ("", "up"):
+        native = as_user(plain / sub, script, groups=groups)
+        fuse = as_user(branch / sub, script, groups=groups)
+        assert fuse == native, sub or "from below"
+        # the modes seen afterwards by someone else, past any cache of the kernel's
+        assert {n: oct(os.stat(branch / sub / n).st_mode) for n in names} == {
+            n: oct(os.stat(plain / sub / n).st_mode) for n in names}
+
+
+def test_a_write_by_the_owner_or_root_clears_what_the_kernel_clears(
+        fuse_and_plain: tuple[Path, Path, Path]) -> None:
+    """The owner without CAP_FSETID loses S_ISUID too (a truncating open
+    kept it); root keeps every bit."""
+    _, branch, plain = fuse_and_plain
+    names = [f"{m:o}-{op}" for m in SETID_MODES for op in WRITES]
+
+    def make(root: Path, owner: int) -> None:
+        for n in names:
+            f = root / n
+            f.write_text("x\n")
+            os.chown(f, owner, owner)
+            f.chmod(int(n.split("-")[0], 8))
+
+    script = _setid_script(names)
+    for who in (NOBODY, 0):
+        for root in (branch, plain):
+            (root / str(who)).mkdir()
+            make(root / str(who), who)
+        assert as_user(branch / str(who), script, uid=who) == as_user(
+            plain / str(who), script, uid=who)
