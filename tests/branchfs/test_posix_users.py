@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,61 @@ def test_a_write_by_the_owner_or_root_clears_what_the_kernel_clears(
             make(root / str(who), who)
         assert as_user(branch / str(who), script, uid=who) == as_user(
             plain / str(who), script, uid=who)
+
+
+RENAME_SCRIPT = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+def renameat2(a, b, flags):
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+out = []
+out.append(ok(os.rename, p("top", "src"), p("top", "dst", "src")))  # new parent: '..' changes
+out.append(ok(os.rename, p("top", "src"), p("top", "dst", "empty")))  # over an empty dir
+out.append(ok(renameat2, p("top", "src"), p("top", "dst", "new"), 1))  # RENAME_NOREPLACE
+out.append(ok(renameat2, p("top", "src"), p("top", "dst", "empty"), 2))  # RENAME_EXCHANGE
+out.append(ok(renameat2, p("top", "dst", "sub"), p("top", "dst", "empty"), 2))
+out.append(ok(os.rename, p("top", "src"), p("top", "src2")))  # same parent: allowed
+out.append(ok(os.rename, p("top", "src2"), p("top", "src")))
+out.append(ok(os.rename, p("top", "dst", "sub"), p("top", "sub")))  # a dir of its own
+out.append(ok(os.rename, p("top", "sub"), p("top", "dst", "sub")))
+out.append([sorted(os.listdir(p(*d))) for d in (("top",), ("top", "dst"), ("top", "src"))])
+out.append(ok(os.rmdir, p("top", "dst", "src")))
+out.append(ok(os.unlink, p("top", "src", "f")))  # not its own directory
+out.append(ok(os.rmdir, p("top", "src")))  # not empty
+out.append([sorted(os.listdir(p(*d))) for d in (("top",), ("top", "dst"), ("top", "src"))])
+print(json.dumps(out))
+"""
+
+
+def test_moving_a_directory_needs_write_permission_on_it(
+        fuse_and_plain: tuple[Path, Path, Path]) -> None:
+    """Linux refuses (EACCES) to move a directory to another parent unless the
+    caller may write the directory itself (its '..' is rewritten); after
+    that, both trees hold the same names: the names the kernel refused to
+    move are still there to remove, the new ones are not. Directories from
+    below and made in the branch. (Matched the kernel before this test too.)"""
+    base, branch, plain = fuse_and_plain
+
+    def make(root: Path) -> None:
+        (root / "top" / "src").mkdir(parents=True)
+        (root / "top" / "dst" / "sub").mkdir(parents=True)
+        (root / "top" / "dst" / "empty").mkdir()
+        (root / "top" / "src" / "f").write_text("f\n")
+        (root / "top").chmod(0o777)
+        (root / "top" / "dst").chmod(0o777)
+        (root / "top" / "src").chmod(0o755)  # root's, not writable by nobody
+        os.chown(root / "top" / "dst" / "sub", NOBODY, NOBODY)
+
+    both(base, plain, make)
+    from_below = as_user(branch, RENAME_SCRIPT)
+    native = as_user(plain, RENAME_SCRIPT)
+    assert from_below == native
+    assert native[:4] == ["EACCES"] * 4
+    shutil.rmtree(plain / "top")
+    for root in (branch / "made", plain):
+        root.mkdir(exist_ok=True)
+        root.chmod(0o777)
+        make(root)
+    assert as_user(branch / "made", RENAME_SCRIPT) == as_user(plain, RENAME_SCRIPT)
