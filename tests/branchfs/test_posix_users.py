@@ -246,3 +246,60 @@ def test_moving_a_directory_needs_write_permission_on_it(
         root.chmod(0o777)
         make(root)
     assert as_user(branch / "made", RENAME_SCRIPT) == as_user(plain, RENAME_SCRIPT)
+
+
+PERMISSION_SCRIPT = """
+def st(*names):
+    s = os.lstat(p(*names))
+    return [oct(s.st_mode), s.st_uid, s.st_gid]
+out = {}
+for f in ("r600", "r644", "r666", "o644", "n600"):
+    out[f + " read"] = ok(lambda: os.close(os.open(p("perm", f), os.O_RDONLY)))
+    out[f + " write"] = ok(lambda: os.close(os.open(p("perm", f), os.O_WRONLY)))
+    out[f + " chmod"] = ok(os.chmod, p("perm", f), 0o640)
+    out[f + " chown to self"] = ok(os.chown, p("perm", f), os.getuid(), os.getgid())
+    out[f + " touch now"] = ok(os.utime, p("perm", f), None)
+    out[f + " set times"] = ok(os.utime, p("perm", f), (1, 2))
+    out[f + " xattr"] = ok(os.setxattr, p("perm", f), "user.x", b"1")
+    out[f + " after"] = st("perm", f)
+for d in ("d700", "d711", "d755", "d777", "sticky", "sgid"):
+    out[d + " list"] = ok(lambda: sorted(os.listdir(p("perm", d))))
+    out[d + " stat inside"] = ok(lambda: st("perm", d, "f"))
+    out[d + " create"] = ok(lambda: os.close(os.open(p("perm", d, "new"), os.O_CREAT, 0o666)))
+    out[d + " mkdir"] = ok(os.mkdir, p("perm", d, "newdir"), 0o777)
+    out[d + " unlink others'"] = ok(os.unlink, p("perm", d, "f"))
+    for n in ("new", "newdir"):
+        out[d + " " + n] = ok(lambda: st("perm", d, n))
+print(json.dumps(out))
+"""
+
+
+def test_permission_checks_match_the_kernel(fuse_and_plain: tuple[Path, Path, Path]) -> None:
+    """default_permissions: the kernel checks modes and owners; the entries
+    uid 65534 makes get its owner, its umask, and a setgid directory's group."""
+    base, branch, plain = fuse_and_plain
+
+    def make(root: Path) -> None:
+        d = root / "perm"
+        d.mkdir()
+        d.chmod(0o755)
+        for name, owner, mode in (("r600", 0, 0o600), ("r644", 0, 0o644), ("r666", 0, 0o666),
+                                  ("o644", OTHER, 0o644), ("n600", NOBODY, 0o600)):
+            (d / name).write_text("x\n")
+            os.chown(d / name, owner, owner)
+            (d / name).chmod(mode)
+        for name, mode in (("d700", 0o700), ("d711", 0o711), ("d755", 0o755), ("d777", 0o777),
+                           ("sticky", 0o1777), ("sgid", 0o2777)):
+            (d / name).mkdir()
+            (d / name / "f").write_text("x\n")
+            os.chown(d / name, 0, OTHER)
+            (d / name).chmod(mode)
+
+    both(base, plain, make)
+    for where, umask in (("from below", 0o022), ("made in the branch", 0o002)):
+        if where == "made in the branch":
+            for root in (branch, plain):
+                shutil.rmtree(root / "perm")
+                make(root)
+        got = as_user(branch, PERMISSION_SCRIPT, umask=umask)
+        assert got == as_user(plain, PERMISSION_SCRIPT, umask=umask), where
