@@ -51,6 +51,7 @@ ROOT = pyfuse3.ROOT_INODE
 ENTRY_TIMEOUT = 10.0  # seconds the kernel may trust a name; commit/discard invalidate
 ATTR_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 1.0  # longest wait for the kernel after a Store change (see _on_event)
+CAP_FSETID = 4  # linux/capability.h
 
 
 @dataclass
@@ -79,6 +80,44 @@ class Handle:
     ino: int
     fd: int
     upper: bool  # opened on the branch's own copy (else a lower layer's, read-only)
+    # (uid, gid, pid) of a caller other than root that opened it for writing:
+    # its writes may clear set-id bits (see Operations._kill_privs)
+    writer: tuple[int, int, int] | None = None
+
+
+def _writer(ctx: pyfuse3.RequestContext) -> tuple[int, int, int] | None:
+    """Who may have set-id bits cleared by its writes; None for root (taken to
+    hold CAP_FSETID, as it does unless it dropped it)."""
+    return None if ctx.uid == 0 else (ctx.uid, ctx.gid, ctx.pid)
+
+
+def _killed_bits(st: os.stat_result, writer: tuple[int, int, int]) -> int:
+    """The set-id bits the kernel clears when *writer* writes to or truncates a
+    regular file without CAP_FSETID: S_ISUID, and S_ISGID when the file is
+    group-executable or the writer is not in its group. The FUSE client sends
+    a chmod for less (fuse_setattr knows nothing of the caller's groups): a
+    writer outside the group left a setgid file setgid. The writer's
+    capabilities and groups are read from its /proc entry, only for a set-id
+    file; one gone already counts as having neither."""
+    mode = st.st_mode
+    if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return 0
+    _, gid, pid = writer
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "CapEff" and int(value, 16) & (1 << CAP_FSETID):
+                    return 0
+                if key == "Groups":
+                    groups.update(int(g) for g in value.split())
+    except (OSError, ValueError):
+        pass
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or st.st_gid not in groups):
+        kill |= stat.S_ISGID
+    return kill
 
 
 class Notifier:
@@ -514,6 +553,11 @@ class Operations(pyfuse3.Operations):
                 times = (attr.st_atime_ns if fields.update_atime else None,
                          attr.st_mtime_ns if fields.update_mtime else None)
             mode = attr.st_mode if fields.update_mode else None
+            if fields.update_size and (writer := _writer(ctx)) is not None:
+                cur = view.stat(parts)  # a truncate clears set-id bits as a write does
+                kill = _killed_bits(cur, writer)
+                if kill:
+                    mode = (cur.st_mode if mode is None else mode) & ~kill
             if size is None and mode is None and owner is None and times is None:
                 st = view.stat(parts)  # nothing to copy up for
             else:
@@ -632,7 +676,8 @@ class Operations(pyfuse3.Operations):
             uid, gid, mode = self._owner(view, parts, ctx, mode)
             fd = view.create(parts, flags, mode, uid, gid)
             attr = self._made(parent, parts[-1], view, parts)
-            return self._handle(self.nodes[attr.st_ino], fd, upper=True), attr
+            writer = _writer(ctx) if flags & os.O_ACCMODE != os.O_RDONLY else None
+            return self._handle(self.nodes[attr.st_ino], fd, upper=True, writer=writer), attr
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -716,10 +761,10 @@ class Operations(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------
 
-    def _handle(self, node: Node, fd: int, upper: bool,
-                keep_cache: bool = True) -> pyfuse3.FileInfo:
+    def _handle(self, node: Node, fd: int, upper: bool, keep_cache: bool = True,
+                writer: tuple[int, int, int] | None = None) -> pyfuse3.FileInfo:
         fh = next(self._fhs)
-        self.handles[fh] = Handle(node.ino, fd, upper)
+        self.handles[fh] = Handle(node.ino, fd, upper, writer)
         node.handles.add(fh)
         if upper and node.xattrs is None:
             # The kernel asks for security.capability before the first write:
@@ -743,14 +788,19 @@ class Operations(pyfuse3.Operations):
             if not node.links and node.handles:  # unlinked, still open: share its file
                 fd = os.open(f"/proc/self/fd/{self.handles[next(iter(node.handles))].fd}",
                              flags | os.O_CLOEXEC)
-                return self._handle(node, fd, upper=True)
+                return self._handle(node, fd, upper=True,
+                                    writer=_writer(ctx) if write else None)
             parts = self._parts(node)
             if write:
                 fd = view.open_write(parts, flags)
                 self._refresh_handles(node, view)
+                fi = self._handle(node, fd, upper=True, writer=_writer(ctx))
                 if flags & os.O_TRUNC:
+                    h = self.handles[fi.fh]
+                    if h.writer is not None:
+                        self._kill_privs(h, node)  # a truncating open is a write
                     self._changed(node, parts, name_changed=False)
-                return self._handle(node, fd, upper=True)
+                return fi
             fd, e = view.open_top(parts, flags & ~os.O_TRUNC)
             return self._handle(node, fd, upper=e.layer == 0,
                                 keep_cache=not self._volatile(view, e))
@@ -769,10 +819,24 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         with self._boundary():
             h, node = self._fh(fh, write=True)
+            if h.writer is not None:
+                self._kill_privs(h, node)
             n = os.pwrite(h.fd, buf, off)
             if node.links and node.bid in self._descendants:
                 self._changed(node, self._parts(node), name_changed=False)
             return n
+
+    def _kill_privs(self, h: Handle, node: Node) -> None:
+        """Clear the set-id bits the kernel clears when *h*'s writer writes or
+        truncates (see _killed_bits)."""
+        assert h.writer is not None
+        st = os.fstat(h.fd)
+        kill = _killed_bits(st, h.writer)
+        if kill:
+            os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~kill)
+            node.xattrs = None
+            if self.notifier is not None:
+                self.notifier.inode(node.ino)  # the kernel's cached mode is stale now
 
     # flush is not implemented: every write already reached the upper file, and
     # the ENOSYS (pyfuse3's default) makes the kernel stop sending one per close.

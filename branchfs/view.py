@@ -581,6 +581,23 @@ class View:
         if uid is not None and os.geteuid() == 0:
             os.chown(name, uid, -1 if gid is None else gid, dir_fd=dirfd, follow_symlinks=False)
 
+    @staticmethod
+    def _exact_mode(dirfd: int, name: str, mode: int, fd: int | None = None) -> None:
+        """Give a new entry exactly *mode*: the caller's umask was applied by the
+        kernel already, and the daemon's own umask must not take more bits away
+        (O_CREAT 0620 gave 0600 under umask 022). After _own: a chown clears the
+        set-id bits of a file. Through a descriptor, never a name a user could
+        have swapped for a symlink meanwhile."""
+        if fd is not None:
+            os.fchmod(fd, mode & 0o7777)
+            return
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            if not stat.S_ISLNK(os.fstat(pfd).st_mode):
+                os.chmod(f"/proc/self/fd/{pfd}", mode & 0o7777)
+        finally:
+            os.close(pfd)
+
     def create(self, parts: Sequence[str], flags: int, mode: int,
                uid: int | None = None, gid: int | None = None) -> int:
         up, _ = self._new_name(parts)
@@ -589,6 +606,7 @@ class View:
                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777, dir_fd=up)
             self._changed(parts)
             self._own(up, parts[-1], uid, gid)
+            self._exact_mode(up, parts[-1], mode, fd)
             return fd
         finally:
             os.close(up)
@@ -602,6 +620,7 @@ class View:
             if was_whiteout:
                 backing.set_opaque_at(up, parts[-1])
             self._own(up, parts[-1], uid, gid)
+            self._exact_mode(up, parts[-1], mode)
         finally:
             os.close(up)
 
@@ -616,6 +635,7 @@ class View:
                 os.mknod(parts[-1], mode, rdev, dir_fd=up)
             self._changed(parts)
             self._own(up, parts[-1], uid, gid)
+            self._exact_mode(up, parts[-1], mode)
         finally:
             os.close(up)
 

@@ -198,15 +198,24 @@ def test_a_child_sees_what_its_parent_writes_after_the_fork(ws: Workspace) -> No
 
 
 def test_a_lower_directory_rename_is_exdev_and_mv_copies(ws: Workspace, base: Path) -> None:
+    """docs/format.md, Directory renames: no redirect_dir, so EXDEV for a
+    directory with lower content (to a new name or into another directory);
+    one made in the branch renames; mv copies (new inode numbers)."""
     b = ws.create("mv")
-    with pytest.raises(OSError) as err:
-        os.rename(b.path / "src", b.path / "moved")
-    assert err.value.errno == errno.EXDEV
+    (b.path / "fresh").mkdir()
+    (b.path / "fresh" / "f").write_text("f\n")
+    os.rename(b.path / "fresh", b.path / "made")
+    for src, dst in (("src", "moved"), ("src/deep", "made/deep")):
+        with pytest.raises(OSError) as err:
+            os.rename(b.path / src, b.path / dst)
+        assert err.value.errno == errno.EXDEV
+    ino = os.stat(b.path / "src" / "deep" / "x").st_ino
     subprocess.run(["mv", str(b.path / "src"), str(b.path / "moved")], check=True)
     assert (b.path / "moved" / "deep" / "x").read_text() == "x\n"
+    assert os.stat(b.path / "moved" / "deep" / "x").st_ino != ino
     assert not (b.path / "src").exists()
     b.commit()
-    assert sorted(os.listdir(base)) == ["README", "moved"]
+    assert sorted(os.listdir(base)) == ["README", "made", "moved"]
     assert kernel_xattrs(base) == []
 
 
