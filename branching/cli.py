@@ -38,7 +38,7 @@ DIRECTORY = click.Path(file_okay=False, readable=False)
 
 
 class Context:
-    def __init__(self, socket: str | None) -> None:
+    def __init__(self, socket: str | None = None) -> None:
         self.socket = socket
         self._client: Client | None = None
 
@@ -50,6 +50,23 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def _set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # the root's option (and BRANCHD_SOCKET) made the Context
+        ctx.find_root().ensure_object(Context).socket = value
+
+
+def with_socket(cmd: click.Command) -> click.Command:
+    """Give *cmd* (and every command under it) ``--socket`` after its name, as the root
+    has it: ``branchctl list --socket X`` as well as ``branchctl --socket X list``."""
+    if not any(p.name == "socket" for p in cmd.params):
+        cmd.params.append(click.Option(
+            ["--socket"], metavar="PATH", expose_value=False, callback=_set_socket,
+            help="The daemon's control socket [env BRANCHD_SOCKET]."))
+    for sub in getattr(cmd, "commands", {}).values():
+        with_socket(sub)
+    return cmd
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,7 +106,7 @@ class Group(click.Group):
         if name in self.PATTERNS:
             from branching.cli_patterns import COMMANDS
 
-            return next(c for c in COMMANDS if c.name == name)
+            return with_socket(next(c for c in COMMANDS if c.name == name))
         return super().get_command(ctx, name)
 
 
@@ -363,6 +380,10 @@ def _cwd_in(client: Any, name: str, ws: str | None) -> str | None:
     """Where in the workspace this shell stands, for a run to start there too."""
     b = client.call("info", name=name, workspace=_workspace_name(ws))
     return relative_cwd(None, b["base"], b["path"]) or None
+
+
+for _command in cli.commands.values():
+    with_socket(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

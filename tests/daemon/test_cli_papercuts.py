@@ -1,0 +1,54 @@
+"""branchctl's rough edges a new user met: options after the command, nested and
+ambiguous workspaces, what ``list --all`` and ``--progress`` print, and the
+message when no daemon runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from branching.cli import cli as root
+
+from .conftest import CLI
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+
+
+def _commands(group: click.Group, ctx: click.Context,
+              path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    out = []
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
+        out.append(((*path, name), cmd))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, click.Context(cmd, parent=ctx, info_name=name), (*path, name))
+    return out
+
+
+COMMANDS = _commands(root, click.Context(root, info_name="branchctl"))
+# what prints data, and so takes --json
+NO_DATA = {("serve",), ("mcp",), ("workspace",)}
+
+
+@pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
+def test_every_command_takes_socket_after_its_name(path: tuple[str, ...], tmp_path: Path) -> None:
+    cli = CLI(tmp_path / "unused.sock")
+    helptext = cli(*path, "--help").stdout
+    assert "--socket" in helptext
+    if path not in NO_DATA:
+        assert "--json" in helptext
+
+
+def test_socket_after_the_command_is_used(cli: CLI, ws: Path, tmp_path: Path) -> None:
+    wrong = CLI(tmp_path / "none.sock")
+    socket = cli.env["BRANCHD_SOCKET"]
+    wrong("create", "sock1", "-w", str(ws), "--socket", socket)
+    names = {b["name"] for b in wrong.json("list", "--socket", socket)["branches"]}
+    assert "sock1" in names
+    listed = wrong.json("workspace", "list", "--socket", socket)["workspaces"]
+    assert any(w["base"] == str(ws) for w in listed)
+    wrong("exec", "sock1", "--socket", socket, "--", "true")
+    wrong("discard", "sock1", "--socket", socket)
