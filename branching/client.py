@@ -29,8 +29,12 @@ class _Connection:
             self.sock.connect(str(path))
         except OSError as e:
             self.sock.close()
-            code = "permission" if isinstance(e, PermissionError) else "unavailable"
-            raise BranchError(code, f"cannot reach branchd at {path}: {e.strerror}") from None
+            if isinstance(e, PermissionError):
+                raise BranchError("permission",
+                                  f"cannot reach branchd at {path}: {e.strerror}") from None
+            raise BranchError("unavailable", f"cannot reach branchd at {path}: {e.strerror}; "
+                              f"start one with `branchctl serve` or `systemctl start branchd`, "
+                              f"or set BRANCHD_SOCKET to a running one's socket") from None
         self.buf = b""
         self.next_id = 1
         try:

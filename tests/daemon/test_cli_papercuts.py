@@ -10,6 +10,7 @@ import click
 import pytest
 
 from branching.cli import cli as root
+from daemon.protocol import ExitCode
 
 from .conftest import CLI
 
@@ -52,3 +53,10 @@ def test_socket_after_the_command_is_used(cli: CLI, ws: Path, tmp_path: Path) ->
     assert any(w["base"] == str(ws) for w in listed)
     wrong("exec", "sock1", "--socket", socket, "--", "true")
     wrong("discard", "sock1", "--socket", socket)
+
+
+def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    proc = CLI(tmp_path / "none.sock")("list", check=ExitCode.UNAVAILABLE)
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "branchctl serve" in proc.stderr and "systemctl start branchd" in proc.stderr
+    assert "BRANCHD_SOCKET" in proc.stderr
