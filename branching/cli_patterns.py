@@ -30,14 +30,18 @@ if TYPE_CHECKING:
 
 
 class Progress:
-    """Prints one stderr line per candidate event; silent unless stderr is a terminal."""
+    """Prints one stderr line per candidate event; silent unless stderr is a terminal.
+
+    Not on a terminal (a log file, a pipe, CI), a line is never wrapped or cut at
+    rich's default 80 columns: whoever reads it later wants the whole command.
+    """
 
     def __init__(self, enabled: bool) -> None:
         from rich.console import Console
 
         from branching.patterns import outcome as oc
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
         self.marks = {oc.RUNNING: "[cyan]…[/]", oc.PASSED: "[green]✔[/]",
                       oc.CANCELLED: "[dim]–[/]"}
         self.enabled = enabled
@@ -46,12 +50,15 @@ class Progress:
     def __call__(self, kind: str, r: CandidateResult) -> None:
         if not self.enabled:
             return
+        from rich.markup import escape  # a command's "[...]" is text, not markup
+
+        label = escape(r.label)
         if kind == "commit":
-            line = f"[bold green]committed[/] #{r.index + 1} {r.label} ({r.branch})"
+            line = f"[bold green]committed[/] #{r.index + 1} {label} ({r.branch})"
         else:
             mark = self.marks.get(r.status, "[red]✘[/]")
-            what = "running" if kind == "start" else r.describe()
-            line = f"{mark} #{r.index + 1} {r.label}: {what}"
+            what = "running" if kind == "start" else escape(r.describe())
+            line = f"{mark} #{r.index + 1} {label}: {what}"
         with self._lock:
             self.console.print(line)
 
@@ -78,11 +85,19 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _argv(argv: tuple[str, ...]) -> Command:
-    from branching.patterns import Command
-
     if not argv:
         raise click.UsageError("give the command after --")
-    return Command(argv[0] if len(argv) == 1 else list(argv))
+    return _command(argv[0] if len(argv) == 1 else list(argv))
+
+
+def _command(argv: str | list[str]) -> Command:
+    """A candidate's command; its label is the whole command line when stderr is not a
+    terminal (else the patterns' 60-column short form), so that logs name it whole."""
+    from branching.patterns import Command
+
+    if sys.stderr.isatty():
+        return Command(argv)
+    return Command(argv, label=argv if isinstance(argv, str) else " ".join(argv))
 
 
 def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_json: bool,
@@ -134,7 +149,13 @@ def run_cmd(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> int:
     from branching.patterns import Speculate
 
     command = _argv(argv)
-    return _execute(ctx, lambda **kw: Speculate([command], **kw), live=True, **opts)
+
+    def make(**kw: Any) -> Pattern:
+        pattern = Speculate([command], **kw)
+        pattern.kind = "run"  # its branches are run-..., not speculate-...
+        return pattern
+
+    return _execute(ctx, make, live=True, **opts)
 
 
 @click.command("speculate")
@@ -147,9 +168,9 @@ def run_cmd(ctx: click.Context, argv: tuple[str, ...], **opts: Any) -> int:
 def speculate_cmd(ctx: click.Context, candidates: tuple[str, ...], in_order: bool,
                   **opts: Any) -> int:
     """Run every candidate at once in its own branch; the first to succeed is committed."""
-    from branching.patterns import Command, Speculate
+    from branching.patterns import Speculate
 
-    commands = [Command(c) for c in candidates]
+    commands = [_command(c) for c in candidates]
     return _execute(ctx, lambda **kw: Speculate(commands, first_wins=not in_order, **kw),
                     **opts)
 
@@ -186,10 +207,10 @@ def reflexion_cmd(ctx: click.Context, retries: int, critique: str | None,
 
     Each attempt finds the previous one's critique in $BRANCHING_FEEDBACK.
     """
-    from branching.patterns import Command, Reflexion
+    from branching.patterns import Reflexion
 
     command = _argv(argv)
-    critic = Command(critique) if critique else None
+    critic = _command(critique) if critique else None
     return _execute(ctx, lambda **kw: Reflexion(command, max_retries=retries, critique=critic,
                                                 **kw), **opts)
 

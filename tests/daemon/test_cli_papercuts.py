@@ -4,6 +4,7 @@ message when no daemon runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -60,3 +61,17 @@ def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "branchctl serve" in proc.stderr and "systemctl start branchd" in proc.stderr
     assert "BRANCHD_SOCKET" in proc.stderr
+
+
+def test_run_names_its_branch_run(cli: CLI, ws: Path) -> None:
+    out = json.loads(cli("run", "-w", str(ws), "--json", "--", "touch", "ran").stdout)
+    branch = out["candidates"][0]["branch"]
+    assert branch.startswith("run-") and out["winner_branch"] == branch
+    assert (ws / "ran").exists()
+
+
+def test_progress_lines_are_not_wrapped_when_stderr_is_a_pipe(cli: CLI, ws: Path) -> None:
+    long = "true " + " ".join(f"word{i}" for i in range(60))  # far past 80 columns
+    proc = cli("speculate", "-w", str(ws), "--progress", "-c", long)
+    running = [line for line in proc.stderr.splitlines() if "running" in line]
+    assert running == [f"… #1 {long}: running"], proc.stderr
