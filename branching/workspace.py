@@ -233,10 +233,12 @@ class Branch:
         return str(self.info["status"])
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> str | None:
         """What serves the branch now: "overlay" (a kernel overlay mount at ``path``)
-        or "fuse" (the daemon's FUSE mount); asked of the daemon at each use."""
-        return str(self.info.get("backend", "fuse"))
+        or "fuse" (the daemon's FUSE mount), None once it has ended or was invalidated
+        (nothing serves it); asked of the daemon at each use."""
+        backend = self.info.get("backend", "fuse")
+        return None if backend is None else str(backend)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import trio
 
 import branchfs
 import cgroups
-from branchfs.model import ENDED
+from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, patch
 from daemon.meta import MetaStore
@@ -270,7 +270,9 @@ class Handlers:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
         out["base"] = self.store.workspace(branch.workspace).base
-        out["backend"] = self.overlays.backend_of(branch.id)
+        # an ended or invalidated branch is gone from its path: nothing serves it
+        out["backend"] = (self.overlays.backend_of(branch.id)
+                          if branch.status == ACTIVE else None)
         out["meta"] = self.meta.get(branch.id)
         return out
 

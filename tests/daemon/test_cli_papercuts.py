@@ -75,3 +75,20 @@ def test_progress_lines_are_not_wrapped_when_stderr_is_a_pipe(cli: CLI, ws: Path
     proc = cli("speculate", "-w", str(ws), "--progress", "-c", long)
     running = [line for line in proc.stderr.splitlines() if "running" in line]
     assert running == [f"… #1 {long}: running"], proc.stderr
+
+
+def test_list_all_shows_no_backend_for_ended_branches(cli: CLI, ws: Path) -> None:
+    backend = cli.json("status")["backend"]
+    for name in ("end1", "end2", "end3"):
+        cli("create", name, "-w", str(ws))
+    (Path(cli.json("info", "end1")["path"]) / "f").write_text("one\n")
+    cli("commit", "end1")  # end2 and end3 become invalidated
+    cli("discard", "end2")
+    cli("create", "end4", "-w", str(ws))
+    listed = {b["name"]: b for b in cli.json("list", "-w", str(ws), "--all")["branches"]}
+    assert {n: listed[n]["backend"] for n in ("end1", "end2", "end3", "end4")} == {
+        "end1": None, "end2": None, "end3": None, "end4": backend}
+    rows = {line.split()[0]: line.split() for line in
+            cli("list", "-w", str(ws), "--all").stdout.splitlines()[1:]}
+    assert rows["end1"][4] == rows["end2"][4] == rows["end3"][4] == "-"
+    assert rows["end4"][4] == backend
