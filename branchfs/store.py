@@ -544,6 +544,7 @@ class Store:
                 if name is not None and name != w.name:
                     raise Exists(f"{real} is already workspace {w.name}")
                 return self.refresh(w.name)
+        self._refuse_nested(real)
         if name is None:
             stem = os.path.basename(real) or "root"
             name, n = stem, 1
@@ -590,6 +591,18 @@ class Store:
         self._save()
         self._emit(Event("workspace-removed", name))
         return gone
+
+    def _refuse_nested(self, real: str) -> None:
+        """A workspace inside another, or around one, would let one file be reached
+        (and committed) through two workspaces' branches that know nothing of each
+        other: refused, naming the registered directory to use instead."""
+        for w in self._ws.values():
+            if _within(real, w.base):
+                raise BadName(f"{real} is inside the registered workspace {w.base}: "
+                              f"use that one (-w {w.base})")
+            if _within(w.base, real):
+                raise BadName(f"{real} contains the registered workspace {w.base}: "
+                              f"use that one, or remove it first (workspace remove {w.base})")
 
     def _resolve_base(self, base: str) -> str:
         cur = self.resolve_path(base)

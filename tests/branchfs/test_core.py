@@ -53,6 +53,11 @@ def test_workspace_rules(tmp_path: Path, store: Store, base: Path) -> None:
     other2 = tmp_path / "y" / "base"
     other2.mkdir(parents=True)
     assert store.add_workspace(str(other2)).name == "base-2"
+    (base / "inner").mkdir()
+    with pytest.raises(BadName, match="inside the registered workspace"):
+        store.add_workspace(str(base / "inner"))
+    with pytest.raises(BadName, match="contains the registered workspace"):
+        store.add_workspace(str(other.parent))
     with pytest.raises(NotFound):
         store.workspace("nope")
     with pytest.raises(NotFound):

@@ -92,3 +92,15 @@ def test_list_all_shows_no_backend_for_ended_branches(cli: CLI, ws: Path) -> Non
             cli("list", "-w", str(ws), "--all").stdout.splitlines()[1:]}
     assert rows["end1"][4] == rows["end2"][4] == rows["end3"][4] == "-"
     assert rows["end4"][4] == backend
+
+
+def test_a_workspace_inside_or_around_another_is_refused(cli: CLI, ws: Path) -> None:
+    cli("create", "nest1", "-w", str(ws))
+    for nested in (ws / "src", ws.parent):
+        proc = cli("create", "nest2", "-w", str(nested), check=ExitCode.USAGE)
+        assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert f"registered workspace {ws}" in proc.stderr and "use that one" in proc.stderr
+        proc = cli("workspace", "add", str(nested), check=ExitCode.USAGE)
+    bases = [w["base"] for w in cli.json("workspace", "list")["workspaces"]]
+    assert str(ws / "src") not in bases and str(ws.parent) not in bases
+    assert [b["name"] for b in cli.json("list", "-w", str(ws))["branches"]] == ["nest1"]
