@@ -191,13 +191,45 @@ def create(obj: Context, name: str, ws: str | None, parent: str | None) -> tuple
         ws_name = obj.client.call("workspace-add", path=os.path.abspath(ws or "."))["name"]
     else:
         ws_name = _workspace_name(ws)
-    b = obj.client.call("create", name=name, workspace=ws_name, parent=parent)
+    try:
+        b = obj.client.call("create", name=name, workspace=ws_name, parent=parent)
+    except BranchError as e:  # the parent's name is in several workspaces: the one here?
+        here = None if parent is None or ws else _workspace_here(obj.client, parent, e)
+        if here is None:
+            raise
+        b = obj.client.call("create", name=name, workspace=here, parent=parent)
     return b, b["path"]
 
 
 def _workspace_name(ws: str | None) -> str | None:
     """Resolve ``--workspace`` (a path) for commands that name an existing branch."""
     return None if ws is None else os.path.abspath(ws)
+
+
+def _call_named(obj: Context, op: str, name: str, ws: str | None, fds: list[int] | None = None,
+                **args: Any) -> dict[str, Any]:
+    """``op`` on the branch *name*; when no ``--workspace`` was given and the name exists in
+    several workspaces, the one the caller stands in (``_workspace_here``) is meant."""
+    try:
+        return obj.client.call(op, fds, name=name, workspace=_workspace_name(ws), **args)
+    except BranchError as e:
+        here = None if ws is not None else _workspace_here(obj.client, name, e)
+        if here is None:
+            raise
+        return obj.client.call(op, fds, name=name, workspace=here, **args)
+
+
+def _workspace_here(client: Client, name: str, error: BranchError) -> str | None:
+    """After *error* says branch *name* is ambiguous: the workspace among those holding it
+    whose directory, or whose branch *name*'s own path, this process stands in (the
+    daemon, which does not know the caller's directory, answers "ambiguous" only)."""
+    if error.code != "conflict" or "ambiguous" not in str(error):
+        return None
+    cwd = os.getcwd()
+    here = {b["workspace"] for b in client.call("list")["branches"] if b["name"] == name
+            and any(cwd == root or cwd.startswith(root.rstrip("/") + "/")
+                    for root in (b["base"], b["path"]))}
+    return here.pop() if len(here) == 1 else None
 
 
 def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -232,7 +264,7 @@ def list_(obj: Context, ws: str | None, show_all: bool) -> tuple[dict[str, Any],
 @json_option
 def info(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
     """One branch in detail."""
-    b = obj.client.call("info", name=name, workspace=_workspace_name(ws))
+    b = _call_named(obj, "info", name, ws)
     lines = [f"{k}: {v}" for k, v in b.items() if k not in ("runs", "meta")]
     lines += [f"run {r['run']}: {r.get('result', 'running')}" for r in b["runs"]]
     return b, "\n".join(lines)
@@ -245,7 +277,7 @@ def info(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
 @json_option
 def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str, Any], str]:
     """What the branch changed relative to its parent."""
-    d = obj.client.call("diff", name=name, workspace=_workspace_name(ws), patch=patch or None)
+    d = _call_named(obj, "diff", name, ws, patch=patch or None)
     marks = {"added": "A", "modified": "M", "deleted": "D", "renamed": "R"}
     lines = [f"{marks.get(c['kind'], '?')}  {c['old_path'] + ' -> ' if c.get('old_path') else ''}"
              f"{c['path']}" for c in d["changes"]]
@@ -262,7 +294,7 @@ def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str
 @json_option
 def commit(obj: Context, name: str, ws: str | None, force: bool) -> tuple[dict[str, Any], str]:
     """Apply the branch to its parent atomically; its siblings become stale."""
-    r = obj.client.call("commit", name=name, workspace=_workspace_name(ws), force=force or None)
+    r = _call_named(obj, "commit", name, ws, force=force or None)
     into = r["into"] or "the workspace"
     text = f"committed {r['branch']} into {into}: {r['changes']} changes in {r['seconds']:.3f}s"
     if r["invalidated"]:
@@ -276,7 +308,7 @@ def commit(obj: Context, name: str, ws: str | None, force: bool) -> tuple[dict[s
 @json_option
 def discard(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
     """Drop the branch and every branch made from it."""
-    r = obj.client.call("discard", name=name, workspace=_workspace_name(ws))
+    r = _call_named(obj, "discard", name, ws)
     return r, f"discarded {', '.join(r['discarded'])}"
 
 
@@ -338,9 +370,10 @@ def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limit
          at_branch_path: bool, capture: bool) -> tuple[dict, str]:
     fds = None if capture else [0, 1, 2]
     client = obj.client
-    cwd = _cwd_in(client, name, ws)
+    b = _call_named(obj, "info", name, ws)
+    cwd = relative_cwd(None, b["base"], b["path"]) or None  # where this shell stands in it
     with client.connection() as c:  # the run belongs to this connection
-        started = c.call("exec", fds, name=name, workspace=_workspace_name(ws), argv=argv,
+        started = c.call("exec", fds, name=name, workspace=b["workspace"], argv=argv,
                          limits=limits.to_dict(), env=dict(os.environ),
                          at_branch_path=at_branch_path or None, cwd=cwd)
         try:
@@ -374,12 +407,6 @@ def mcp(obj: Context, workspaces: tuple[str, ...], http: str | None) -> None:
     from branching import mcp_server  # the MCP SDK loads only for this command
 
     mcp_server.main(workspaces, obj.socket, http)
-
-
-def _cwd_in(client: Any, name: str, ws: str | None) -> str | None:
-    """Where in the workspace this shell stands, for a run to start there too."""
-    b = client.call("info", name=name, workspace=_workspace_name(ws))
-    return relative_cwd(None, b["base"], b["path"]) or None
 
 
 for _command in cli.commands.values():

@@ -37,8 +37,8 @@ class CLI:
             assert proc.returncode == check, (args, proc.returncode, proc.stdout, proc.stderr)
         return proc
 
-    def json(self, *args: str, check: int = 0) -> dict:
-        return json.loads(self(*args, "--json", check=check).stdout)
+    def json(self, *args: str, check: int = 0, cwd: str | None = None) -> dict:
+        return json.loads(self(*args, "--json", check=check, cwd=cwd).stdout)
 
 
 @pytest.fixture

@@ -104,3 +104,25 @@ def test_a_workspace_inside_or_around_another_is_refused(cli: CLI, ws: Path) -> 
     bases = [w["base"] for w in cli.json("workspace", "list")["workspaces"]]
     assert str(ws / "src") not in bases and str(ws.parent) not in bases
     assert [b["name"] for b in cli.json("list", "-w", str(ws))["branches"]] == ["nest1"]
+
+
+def test_an_ambiguous_name_means_the_workspace_the_caller_stands_in(
+        cli: CLI, ws: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    (other / "deep").mkdir(parents=True)
+    one = Path(cli("create", "amb", "-w", str(ws)).stdout.strip())
+    two = Path(cli("create", "amb", "-w", str(other)).stdout.strip())
+    assert cli("info", "amb", check=ExitCode.CONFLICT, cwd=str(tmp_path)).stderr.count(
+        "ambiguous") == 1
+    assert cli.json("info", "amb", cwd=str(ws / "src"))["base"] == str(ws)
+    assert cli.json("info", "amb", cwd=str(other / "deep"))["base"] == str(other)
+    assert cli.json("info", "amb", cwd=str(one / "src"))["base"] == str(ws)
+    assert cli.json("info", "amb", cwd=str(two))["base"] == str(other)
+    assert cli("exec", "amb", "--", "pwd", cwd=str(ws / "src")).stdout.strip() == str(ws / "src")
+    kid = cli.json("create", "amb-kid", "--from", "amb", cwd=str(other))
+    assert kid["parent"] == "amb" and kid["base"] == str(other)
+    cli("discard", "amb", cwd=str(other))
+    assert cli.json("info", "amb")["base"] == str(ws)  # no longer ambiguous
+    (one / "touched").write_text("x\n")
+    cli("commit", "amb", cwd=str(ws))
+    assert (ws / "touched").read_text() == "x\n"
