@@ -31,18 +31,6 @@ _AT_EACCESS = 0x200
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def groups_of(pid: int) -> list[int]:
-    """The supplementary groups of process *pid* (SO_PEERCRED has none); [] if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return [int(g) for g in line.split()[1:]]
-    except OSError:
-        pass
-    return []
-
-
 def call_as(uid: int, gid: int, groups: list[int], fn: Callable[[], T]) -> T:
     """``fn()`` with the filesystem credentials of *uid*/*gid*/*groups* (blocks: call it
     from a worker thread). The daemon's own uid runs it directly."""

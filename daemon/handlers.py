@@ -53,9 +53,13 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Peer:
+    """A connection's client as the kernel saw it at connect() (daemon.server.peer_of):
+    never looked up again by pid, which another process may have taken since."""
+
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups (SO_PEERGROUPS)
 
 
 Handler = Callable[["Handlers", Peer, dict[str, Any], list[int]], Awaitable[dict[str, Any]]]
@@ -202,7 +206,7 @@ class Handlers:
     async def _as_caller(self, peer: Peer, fn: Callable[[], Any]) -> Any:
         """``fn()`` off the event loop with the caller's filesystem credentials."""
         return await trio.to_thread.run_sync(
-            ascaller.call_as, peer.uid, peer.gid, ascaller.groups_of(peer.pid), fn)
+            ascaller.call_as, peer.uid, peer.gid, list(peer.groups), fn)
 
     async def _check_use(self, peer: Peer, base: str) -> None:
         """The caller may use a workspace whose base the kernel lets them read, write and
@@ -420,7 +424,7 @@ class Handlers:
             # off the event loop (the reads go through our own FUSE mount), with the
             # caller's own permissions: a patch shows only what the caller could read
             out["patch"] = await trio.to_thread.run_sync(
-                ascaller.call_as, peer.uid, peer.gid, ascaller.groups_of(peer.pid), make)
+                ascaller.call_as, peer.uid, peer.gid, list(peer.groups), make)
         return out
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The control server: newline-delimited JSON over a unix socket.
 
 One task per connection; requests on a connection are answered in order. The
-peer's credentials come from SO_PEERCRED; file descriptors (a client's stdio for
-``exec``) arrive as SCM_RIGHTS ancillary data with the request that uses them.
-This module is the protocol's single error boundary: every exception a handler
-raises becomes one error response, and the daemon stays up.
+peer's credentials come from SO_PEERCRED and SO_PEERGROUPS, read once at accept;
+file descriptors (a client's stdio for ``exec``) arrive as SCM_RIGHTS ancillary
+data with the request that uses them. This module is the protocol's single error
+boundary: every exception a handler raises becomes one error response, and the
+daemon stays up.
 
 No client can take the daemon's descriptors: connections per uid and the
 descriptors a connection may hold are capped (the constants below), a
@@ -16,6 +17,7 @@ ending the daemon.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import logging
 import math
@@ -66,9 +68,36 @@ def to_error(exc: BaseException) -> protocol.Error:
     return protocol.Error("internal", f"internal error ({type(exc).__name__}: {exc})")
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python
+NGROUPS_MAX = 65536
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def peer_of(sock: trio.socket.SocketType) -> Peer:
+    """Who connected, as the kernel saw them at connect(): uid, gid and pid
+    (SO_PEERCRED), and the supplementary groups (SO_PEERGROUPS). Read once, here:
+    the process may be gone, or have changed its groups, by the time a request
+    comes, and its pid may be another process's by then."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", creds))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid, peer_groups(sock))
+
+
+def peer_groups(sock: trio.socket.SocketType | socket.socket) -> tuple[int, ...]:
+    """SO_PEERGROUPS: the peer's supplementary groups at connect(), an array of gid_t.
+    Through libc: Python's getsockopt takes at most 1024 bytes (256 groups). When the
+    buffer is too small the kernel says ERANGE and how many bytes it needs."""
+    n = 64
+    while True:
+        buf = (ctypes.c_uint32 * n)()
+        size = ctypes.c_uint32(ctypes.sizeof(buf))  # socklen_t
+        if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
+                            ctypes.byref(size)) == 0:
+            return tuple(buf[:size.value // 4])
+        err = ctypes.get_errno()
+        if err != errno.ERANGE or n >= NGROUPS_MAX:
+            raise OSError(err, f"SO_PEERGROUPS: {os.strerror(err)}")
+        n = min(NGROUPS_MAX, max(size.value // 4, 2 * n))
 
 
 class Connection:
