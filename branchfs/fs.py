@@ -421,7 +421,7 @@ class Operations(pyfuse3.Operations):
             for node in list(self.nodes.values()):
                 if node.bid == b.id and (everything or node.handles or node.is_dir):
                     n.inode(node.ino)
-        elif ev.kind == "committed" and ev.target is not None:
+        elif ev.kind in ("committed", "rebased") and ev.target is not None:
             self._invalidate_paths(ev.target, ev.paths)
 
     def _invalidate_paths(self, bid: str, paths: Sequence[str]) -> None:

@@ -70,6 +70,12 @@ class Branch(_Dict):
     # forked from a directory that is no longer at the workspace's path: it can be
     # diffed and discarded, never committed into the new one
     base_replaced: bool = False
+    # what a sibling's commit does to it: "rebase" (carry on over the new state of
+    # the parent, merging where both changed a path) or "invalidate" (it ends)
+    on_sibling_commit: str = "rebase"
+    # paths where its changes and its parent's (a sibling's commit, or a change
+    # made outside) could not be merged: its commit is refused until resolved
+    conflicts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,7 @@ class CommitResult(_Dict):
     changes: int
     invalidated: list[str]
     seconds: float
+    # siblings that carried on over the commit (on_sibling_commit "rebase"), and
+    # those of them left with conflicts
+    rebased: list[str] = dataclasses.field(default_factory=list)
+    conflicted: list[str] = dataclasses.field(default_factory=list)

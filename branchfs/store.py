@@ -28,11 +28,12 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import backing, commit, diff, origins
+from . import backing, commit, diff, merge, origins
+from .commit import Step
 from .durable import TMP_SUFFIX, atomic_write, fsync_path, read_log, syncfs
 from .errors import (
     BadName,
@@ -79,6 +80,11 @@ FSYNC_EACH_MAX = 64
 EMPTY = "empty"
 # journal/KEPT<name>: a journal that was not replayed, its directory being replaced
 KEPT = "kept-"
+# journal/MERGE<id>.json: results of three-way merges being written into a branch
+MERGE = "merge-"
+# what a sibling's commit does to a branch (Branch.on_sibling_commit)
+REBASE, INVALIDATE = "rebase", "invalidate"
+POLICIES = (REBASE, INVALIDATE)
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,10 @@ class Event:
 
     kinds: ``workspace-added``, ``workspace-removed``, ``branch-created``,
     ``branch-ended`` (committed, discarded or invalidated; ``branch`` has the new
-    status) and ``committed`` (``target`` is the id of the parent branch whose
-    view changed at ``paths``, None when the changes went into the workspace directory)."""
+    status), ``rebased`` (``target``, the branch's own id, whose view changed at
+    ``paths``: a sibling's commit merged in, a conflict resolved) and
+    ``committed`` (``target`` is the id of the parent branch whose view changed
+    at ``paths``, None when the changes went into the workspace directory)."""
 
     kind: str
     workspace: str
@@ -109,6 +117,8 @@ class _Rec:
     # the workspace directory it forks (Workspace.ident when it was made; a child
     # has its parent's)
     base: str = ""
+    on_sibling_commit: str = "rebase"  # REBASE or INVALIDATE (Branch.on_sibling_commit)
+    conflicts: list[str] = dataclasses.field(default_factory=list)
 
 
 class _Trash:
@@ -197,6 +207,9 @@ class Store:
         # what a branch of a replaced directory forks after a restart, when that
         # directory cannot be opened any more: nothing, so it shows its own changes
         self._empty_fd = os.open(self._path(EMPTY), backing.DIR_FLAGS)
+        # the root of a kernel mount serving a branch, if any (the daemon's overlays
+        # say): merges into a branch are written through it, for the kernel's view
+        self.served: Callable[[str], int | None] = lambda bid: None
         self._trash = _Trash(os.path.join(self.state_dir, "trash"))
         self._load()
         self._check_deltas()
@@ -472,6 +485,13 @@ class Store:
                 continue
             with open(path, "rb") as f:
                 journal = json.load(f)
+            if name.startswith(MERGE):
+                self._apply_merge(journal, path)
+                msg = (f"completed the interrupted merge into branch {journal['name']} in "
+                       f"workspace {journal['workspace']}")
+                log.warning("%s", msg)
+                self.recovered.append(msg)
+                continue
             done = self._recs.get(journal["branch"])
             if done is None or done.status == COMMITTED:
                 os.unlink(path)  # applied; only its removal was not durable yet
@@ -660,7 +680,8 @@ class Store:
     def _branch(self, r: _Rec) -> Branch:
         parent = self._recs[r.parent_id].name if r.parent_id else None
         return Branch(name=r.name, workspace=r.workspace, parent=parent, status=r.status,
-                      created=r.created, id=r.id, base_replaced=self._replaced(r))
+                      created=r.created, id=r.id, base_replaced=self._replaced(r),
+                      on_sibling_commit=r.on_sibling_commit, conflicts=tuple(r.conflicts))
 
     def _find(self, ws: str, name: str) -> _Rec | None:
         for r in self._recs.values():
@@ -690,10 +711,14 @@ class Store:
                 todo.append(c)
         return out
 
-    def create_branch(self, workspace: str, name: str, parent: str | None = None) -> Branch:
+    def create_branch(self, workspace: str, name: str, parent: str | None = None, *,
+                      on_sibling_commit: str = REBASE) -> Branch:
         self.refresh(workspace)
         self._settled(workspace)
         check_name(name, "branch")
+        if on_sibling_commit not in POLICIES:
+            raise BadName(f"on_sibling_commit must be one of {', '.join(POLICIES)}, "
+                          f"not {on_sibling_commit!r}")
         old = self._find(workspace, name)
         if old is not None and old.status not in ENDED:
             raise Exists(f"branch {name} already exists in workspace {workspace}"
@@ -725,7 +750,8 @@ class Store:
         rec = _Rec(id=bid, name=name, workspace=workspace,
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
                    created=time.time(),
-                   base=parent_rec.base if parent_rec else w.ident)
+                   base=parent_rec.base if parent_rec else w.ident,
+                   on_sibling_commit=on_sibling_commit)
         try:
             self._log([rec], dropped)
         except OSError as exc:
@@ -803,6 +829,11 @@ class Store:
             raise BaseReplaced(f"branch {name} forks a directory that is no longer at "
                                f"{ws.base} (removed and made again?): it cannot be committed "
                                "into the new one; diff or discard it")
+        if r.conflicts:
+            raise OutsideChange(
+                f"branch {name} has unresolved conflicts with its parent at "
+                f"{', '.join(r.conflicts)}: resolve each (branchctl resolve {name} PATH "
+                "--ours|--theirs|--file F) or discard the branch", list(r.conflicts))
         live = [c.name for c in self._children(r) if c.status not in ENDED]
         if live:
             raise HasChildren(f"branch {name} has child branches ({', '.join(sorted(live))}); "
@@ -825,12 +856,22 @@ class Store:
         except OSError as exc:
             _raise_os(exc, f"planning the commit of {name}")
         invalidated: list[_Rec] = []
+        rebased: list[_Rec] = []
         note = f" by the commit of {name}"
         for s in self._recs.values():
             if (s.workspace == r.workspace and s.parent_id == r.parent_id and s.id != r.id
                     and s.status == ACTIVE and not self._replaced(s)):
-                invalidated.append(s)
-                invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
+                if s.on_sibling_commit == INVALIDATE:
+                    invalidated.append(s)
+                    invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
+                else:
+                    rebased.append(s)
+        try:  # the parent's versions of the files both changed: bases of three-way merges
+            for s in rebased:
+                merge.capture(self._path("branches", s.id, merge.DIR), _paths(steps), target,
+                              self.view_by_id(s.id))
+        except OSError as exc:
+            _raise_os(exc, f"keeping the parent's files for the siblings of {name}")
         r_new = dataclasses.replace(r, status=COMMITTED, note="")
         changed = [r_new, *(dataclasses.replace(s, status=INVALIDATED, note=note)
                             for s in invalidated)]
@@ -839,6 +880,7 @@ class Store:
         journal = {"version": 2, "branch": r.id, "name": name, "workspace": workspace,
                    "target": r.parent_id, "base": w.ident, "steps": steps,
                    "records": [vars(c) for c in changed],
+                   "rebase": [s.id for s in rebased],
                    "origins": mine.for_parent() if r.parent_id is not None else []}
         jpath = self._path("journal", f"commit-{r.id}.json")
         atomic_write(jpath, _dumps(journal),
@@ -865,18 +907,166 @@ class Store:
         workspace, r = journal["workspace"], self._recs[journal["branch"]]
         invalidated = [self._recs[c["id"]] for c in journal["records"] if c["id"] != r.id]
         steps = journal["steps"]
+        paths = _paths(steps)
+        self._emit(Event("committed", workspace, self._branch(r),
+                         target=r.parent_id, paths=paths))
+        for bid in [r.id, *(s.id for s in invalidated)]:
+            self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
+        rebased, conflicted = [], []
+        for bid in journal.get("rebase", []):
+            s = self._recs.get(bid)
+            if s is None or s.status != ACTIVE:
+                continue
+            try:
+                _, conflicts = self._rebase(s, steps)
+            except OSError as exc:  # r is committed all the same; s is as before the merge
+                log.warning("merging the commit of %s into sibling %s failed: %s (its "
+                            "commit is checked as after any outside change; branchctl "
+                            "rebase tries again)", r.name, s.name, exc)
+                conflicts = ["?"]
+            rebased.append(s.name)
+            if conflicts:
+                conflicted.append(s.name)
         result = CommitResult(
             branch=r.name, workspace=workspace,
             into=self._recs[r.parent_id].name if r.parent_id else None,
             changes=commit.count_changes(steps),
-            invalidated=[s.name for s in invalidated], seconds=seconds)
-        log.info("committed %s/%s: %d changes, %d branches invalidated", workspace, r.name,
-                 result.changes, len(invalidated))
-        self._emit(Event("committed", workspace, self._branch(r),
-                         target=r.parent_id, paths=tuple(s[1] for s in steps)))
-        for bid in [r.id, *(s.id for s in invalidated)]:
-            self._emit(Event("branch-ended", workspace, self._branch(self._recs[bid])))
+            invalidated=[s.name for s in invalidated], seconds=seconds,
+            rebased=rebased, conflicted=conflicted)
+        log.info("committed %s/%s: %d changes, %d branches invalidated, %d carried on "
+                 "(%d with conflicts)", workspace, r.name, result.changes, len(invalidated),
+                 len(rebased), len(conflicted))
         return result
+
+    # -- siblings that carry on: rebase and resolve --------------------------
+
+    def rebase(self, workspace: str, name: str) -> tuple[list[str], list[str]]:
+        """Bring branch *name* onto its parent's current state (also after changes
+        made to the base outside branchd): every path it changed that its parent
+        changed since is merged (text, three-way where the parent's earlier version
+        was kept) or becomes a conflict. Returns (merged paths, all conflicts)."""
+        r = self._get(workspace, name)
+        self._settled(workspace)
+        if self._replaced(r):
+            raise BaseReplaced(f"branch {name} forks a directory that is no longer at "
+                               f"{self._ws[workspace].base}: there is nothing to rebase onto")
+        return self._rebase(r, ())
+
+    def _rebase(self, r: _Rec, steps: Sequence[Step]) -> tuple[list[str], list[str]]:
+        """Merge what changed in *r*'s parent into *r* where both changed a path
+        (*steps*: those of the sibling's commit that changed it, if that is why).
+        Where both did is what origins.Check says (as for r's own commit: that
+        also finds changes made outside) and, from the steps, what no origin
+        record tells of (a kernel overlay's copy-up).
+        Journaled: the results are written first, then a journal naming them, then
+        into the branch (replayed from the journal after a crash)."""
+        mine = self._origins_of(r.id)
+        upper = self._dir_fds[r.id][0]
+        parent = self._parent_view(r)
+        check = origins.Check(mine, parent, upper)
+        if mine.tracked:  # a branch older than origin records has its steps' overlaps only
+            commit.plan(upper, parent, r.parent_id is None, check)
+        changed = _paths(steps)
+        mdir = self._path("branches", r.id, merge.DIR)
+        view = self.view_by_id(r.id)
+        results: list[list[str]] = []
+        conflicts = [p for p in r.conflicts]
+        for path in dict.fromkeys([*check.conflicts, *merge.overlaps(upper, steps, parent)]):
+            if path in conflicts:
+                continue
+            out = merge.attempt(mdir, path, parent, view)
+            if out is None:
+                conflicts.append(path)
+            else:
+                results.append([path, out])
+        journal = {"branch": r.id, "name": r.name, "workspace": r.workspace,
+                   "results": results, "conflicts": sorted(conflicts)}
+        jpath = self._path("journal", f"{MERGE}{r.id}.json")
+        atomic_write(jpath, _dumps(journal),
+                     before_replace=lambda: commit.crash_point("merge-journal-tmp"))
+        commit.crash_point("merge-journal")
+        self._apply_merge(journal, jpath)
+        merged = [p for p, _ in results]
+        self._emit(Event("rebased", r.workspace, self._branch(self._recs[r.id]), target=r.id,
+                         paths=tuple(dict.fromkeys([*changed, *merged, *conflicts]))))
+        for d in self._descendants(r):  # they see the parent's changes through r
+            if d.status == ACTIVE and changed:
+                self._emit(Event("rebased", r.workspace, self._branch(d), target=d.id,
+                                 paths=tuple(changed)))
+        if merged or conflicts:
+            log.info("branch %s/%s carried on over its parent: merged %s; conflicts %s",
+                     r.workspace, r.name, merged or "-", conflicts or "-")
+        return merged, sorted(conflicts)
+
+    def _apply_merge(self, journal: dict[str, Any], jpath: str) -> None:
+        """Write a merge journal's results into its branch, take the parent's
+        present entries as what the branch hid there, then its conflicts into its
+        record. Idempotent (a replay writes the same results again)."""
+        r = self._recs.get(journal["branch"])
+        if r is not None and r.status not in ENDED:
+            view, parent = self.view_by_id(r.id), self._parent_view(r)
+            mine = self._origins_of(r.id)
+            mdir = self._path("branches", r.id, merge.DIR)
+            for path, result in journal["results"]:
+                parts = path.split("/")
+                if os.path.exists(result):
+                    merge.write_in_place(view, path, result, self.served(r.id))
+                    commit.crash_point("merge-step")
+                mine.note(parts, parent.lookup(parts))
+                merge.forget(mdir, path)
+            syncfs(self._dir_fds[r.id][0])
+            self._log([dataclasses.replace(self._recs[r.id], conflicts=journal["conflicts"])])
+        os.unlink(jpath)
+
+    def resolve(self, workspace: str, name: str, path: str, how: str) -> list[str]:
+        """Settle a conflict of branch *name* at *path*: ``ours`` keeps the branch's
+        file as it is now (also after an edit), ``theirs`` takes the parent's (the
+        branch's own entry goes), ``markers`` writes git's conflict markers into the
+        branch's file and leaves the conflict open for an edit. Returns the
+        conflicts left."""
+        r = self._get(workspace, name)
+        self._settled(workspace)
+        if path not in r.conflicts:
+            raise NotFound(f"branch {name} has no conflict at {path!r}"
+                           + (f" (it has: {', '.join(r.conflicts)})" if r.conflicts else ""))
+        parts = path.split("/")
+        view, parent = self.view_by_id(r.id), self._parent_view(r)
+        mdir = self._path("branches", r.id, merge.DIR)
+        try:
+            if how == "markers":
+                out = merge.attempt(mdir, path, parent, view, markers=True)
+                if out is None:
+                    raise Conflict(f"{path} is not a text file on both sides: no markers; "
+                                   "resolve it --ours or --theirs")
+                merge.write_in_place(view, path, out, self.served(r.id))
+                self._emit(Event("rebased", workspace, self._branch(r), target=r.id,
+                                 paths=(path,)))
+                return list(r.conflicts)
+            if how == "theirs":
+                try:  # its entry (a file, a whiteout, a tree) goes: the parent's shows
+                    dfd = backing.open_dir(self._dir_fds[r.id][0], parts[:-1])
+                except (FileNotFoundError, NotADirectoryError):
+                    dfd = -1
+                if dfd >= 0:
+                    try:
+                        backing.remove_at(dfd, parts[-1])
+                    finally:
+                        os.close(dfd)
+                self._views.pop(r.id).close()  # rebuilt without the cached entry
+                self._origins_of(r.id).forget(parts)
+            elif how == "ours":
+                self._origins_of(r.id).note(parts, parent.lookup(parts))
+            else:
+                raise BadName(f"resolve: how must be ours, theirs or markers, not {how!r}")
+            syncfs(self._dir_fds[r.id][0])
+            left = [p for p in r.conflicts if p != path]
+            self._log([dataclasses.replace(r, conflicts=left)])
+        except OSError as exc:
+            _raise_os(exc, f"resolving {path} in {name}")
+        merge.forget(mdir, path)
+        self._emit(Event("rebased", workspace, self._branch(self._recs[r.id]), target=r.id,
+                         paths=(path,)))
+        return left
 
     def _finish(self, workspace: str) -> None:
         journal, jpath = self._pending[workspace]
@@ -1028,6 +1218,11 @@ class Store:
             os.close(self._log_fd)
             self._log_fd = -1
         self._trash.close()
+
+
+def _paths(steps: Sequence[Step]) -> tuple[str, ...]:
+    """The paths a commit's steps change, in order."""
+    return tuple(s[1] for s in steps)
 
 
 def _sync_sources(upper: int, steps: list[commit.Step]) -> bool:

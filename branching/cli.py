@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -183,21 +184,28 @@ def workspace_remove(obj: Context, workspace: str, force: bool) -> tuple[dict[st
 @click.option("--workspace", "-w", "ws", type=DIRECTORY,
               help="The workspace directory (default: the current directory).")
 @click.option("--from", "parent", help="Branch from this branch instead of the workspace.")
+@click.option("--on-sibling-commit", "policy", type=click.Choice(["rebase", "invalidate"]),
+              default="rebase", show_default=True,
+              help="When a sibling commits: carry on over it (merging where both changed "
+                   "a file), or end as invalidated (first commit wins).")
 @pass_ctx
 @json_option
-def create(obj: Context, name: str, ws: str | None, parent: str | None) -> tuple[dict, str]:
+def create(obj: Context, name: str, ws: str | None, parent: str | None,
+           policy: str) -> tuple[dict, str]:
     """Create a branch and print its path."""
     if parent is None:
         ws_name = obj.client.call("workspace-add", path=os.path.abspath(ws or "."))["name"]
     else:
         ws_name = _workspace_name(ws)
     try:
-        b = obj.client.call("create", name=name, workspace=ws_name, parent=parent)
+        b = obj.client.call("create", name=name, workspace=ws_name, parent=parent,
+                            on_sibling_commit=policy)
     except BranchError as e:  # the parent's name is in several workspaces: the one here?
         here = None if parent is None or ws else _workspace_here(obj.client, parent, e)
         if here is None:
             raise
-        b = obj.client.call("create", name=name, workspace=here, parent=parent)
+        b = obj.client.call("create", name=name, workspace=here, parent=parent,
+                            on_sibling_commit=policy)
     return b, b["path"]
 
 
@@ -247,15 +255,21 @@ def _named(fn: Callable[..., Any]) -> Callable[..., Any]:
 def list_(obj: Context, ws: str | None, show_all: bool) -> tuple[dict[str, Any], str]:
     """List branches."""
     bs = obj.client.call("list", workspace=_workspace_name(ws), all=show_all)["branches"]
-    rows = [[b["name"], b["workspace"], b["parent"] or "-",
-             b["status"] + (" (base replaced)" if b.get("base_replaced") else ""), b["path"]]
-            for b in bs]
+    rows = [[b["name"], b["workspace"], b["parent"] or "-", _status(b), b["path"]] for b in bs]
     header = ["NAME", "WORKSPACE", "PARENT", "STATUS", "PATH"]
     if any(b.get("backend") for b in bs):  # a daemon that serves branches more than one way
         header.insert(4, "BACKEND")
         for row, b in zip(rows, bs, strict=True):
             row.insert(4, b.get("backend") or "-")
     return {"branches": bs}, _table(rows, header)
+
+
+def _status(b: dict[str, Any]) -> str:
+    """A branch's status in words: active ones may be conflicted, or fork a replaced base."""
+    text = b["status"]
+    if b.get("conflicts"):
+        text = f"conflicted ({len(b['conflicts'])})"
+    return text + (" (base replaced)" if b.get("base_replaced") else "")
 
 
 @cli.command()
@@ -293,13 +307,60 @@ def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str
 @pass_ctx
 @json_option
 def commit(obj: Context, name: str, ws: str | None, force: bool) -> tuple[dict[str, Any], str]:
-    """Apply the branch to its parent atomically; its siblings become stale."""
+    """Apply the branch to its parent atomically; siblings carry on over it (or end,
+    those made with --on-sibling-commit invalidate)."""
     r = _call_named(obj, "commit", name, ws, force=force or None)
     into = r["into"] or "the workspace"
     text = f"committed {r['branch']} into {into}: {r['changes']} changes in {r['seconds']:.3f}s"
     if r["invalidated"]:
         text += f"\ninvalidated: {', '.join(r['invalidated'])}"
+    if r.get("conflicted"):
+        text += (f"\nconflicts left in: {', '.join(r['conflicted'])} "
+                 "(branchctl info NAME lists the paths)")
     return r, text
+
+
+@cli.command()
+@_named
+@pass_ctx
+@json_option
+def rebase(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
+    """Bring the branch onto its parent's current state (also after changes made to
+    the workspace outside branchd), merging where both changed a file; exits 4 when
+    conflicts are left."""
+    r = _call_named(obj, "rebase", name, ws)
+    lines = [f"merged {p}" for p in r["merged"]] + [f"conflict {p}" for p in r["conflicts"]]
+    if r["conflicts"]:
+        r["_exit"] = ExitCode.CONFLICT
+    return r, "\n".join(lines) or f"{name} is up to date with its parent"
+
+
+@cli.command()
+@_named
+@click.argument("path")
+@click.option("--ours", "how", flag_value="ours",
+              help="Keep the branch's file as it is now (also after you edited it).")
+@click.option("--theirs", "how", flag_value="theirs", help="Take the parent's version.")
+@click.option("--markers", "how", flag_value="markers",
+              help="Write conflict markers into the branch's file; resolve --ours after "
+                   "editing it.")
+@click.option("--file", "source", type=click.Path(exists=True, dir_okay=False),
+              help="Put this file's content in the branch, and keep it.")
+@pass_ctx
+@json_option
+def resolve(obj: Context, name: str, ws: str | None, path: str, how: str | None,
+            source: str | None) -> tuple[dict[str, Any], str]:
+    """Settle a conflict of the branch at PATH (relative to the workspace root)."""
+    if (how is None) == (source is None):
+        raise click.UsageError("give one of --ours, --theirs, --markers or --file F")
+    if source is not None:  # written as the caller, through the branch's own path
+        b = _call_named(obj, "info", name, ws)
+        with open(source, "rb") as f, open(os.path.join(b["path"], path), "wb") as out:
+            shutil.copyfileobj(f, out)
+        how = "ours"
+    r = _call_named(obj, "resolve", name, ws, path=path, how=how)
+    left = r["conflicts"]
+    return r, (f"conflicts left: {', '.join(left)}" if left else f"{name} has no conflicts")
 
 
 @cli.command()

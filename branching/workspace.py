@@ -153,12 +153,17 @@ class Workspace:
             self._embedded = None
 
     def create(self, name: str | None = None, *, parent: Branch | str | None = None,
-               meta: dict[str, Any] | None = None) -> Branch:
-        """A new branch of the workspace (or of ``parent``), created in O(1)."""
+               meta: dict[str, Any] | None = None,
+               on_sibling_commit: str = "rebase") -> Branch:
+        """A new branch of the workspace (or of ``parent``), created in O(1). When a
+        sibling commits, it carries on over the sibling's changes (``"rebase"``,
+        merging where both changed a file; ``Branch.conflicts`` lists what did not
+        merge) or ends (``"invalidate"``: first commit wins)."""
         name = name or f"b-{uuid.uuid4().hex[:10]}"
         parent_name = parent.name if isinstance(parent, Branch) else parent
         info = self.client.call("create", workspace=self.name, name=name,
-                                parent=parent_name, meta=meta)
+                                parent=parent_name, meta=meta,
+                                on_sibling_commit=on_sibling_commit)
         return Branch(self, info)
 
     @contextmanager
@@ -291,6 +296,20 @@ class Branch:
 
     def abort(self) -> None:
         self._call("discard")
+
+    @property
+    def conflicts(self) -> list[str]:
+        """Paths where this branch's changes and its parent's did not merge."""
+        return list(self.info.get("conflicts", []))
+
+    def rebase(self) -> dict[str, Any]:
+        """Onto the parent's current state: ``{"merged": [...], "conflicts": [...]}``."""
+        return self._call("rebase")
+
+    def resolve(self, path: str, how: str = "ours") -> list[str]:
+        """Settle the conflict at *path* (``"ours"``, ``"theirs"`` or ``"markers"``);
+        returns the conflicts left."""
+        return list(self._call("resolve", path=path, how=how)["conflicts"])
 
     def diff(self, patch: bool = False) -> list[dict[str, Any]]:
         return list(self._call("diff", patch=patch or None)["changes"])

@@ -367,7 +367,9 @@ class Handlers:
         await self._settle(ws.name)
         if meta:
             self.meta.check(meta, META_LIMIT)
-        branch = self.store.create_branch(ws.name, name, parent_name)
+        policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
+        branch = self.store.create_branch(ws.name, name, parent_name,
+                                          on_sibling_commit=policy)
         if meta:
             self.meta.set(branch.id, meta)
         await self.overlays.serve(branch)
@@ -461,6 +463,24 @@ class Handlers:
         if branch.parent is not None:  # its upper dir changed behind the kernel's back
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
         self._ended([branch, *invalidated])
+
+    async def op_rebase(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._active(self._branch(args))
+        await self._settle(branch.workspace)
+        # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
+        # written in place (the kernel reads the file it has), and a new mount would
+        # leave its running processes on the old one, blind to what is written later
+        merged, conflicts = self.store.rebase(branch.workspace, branch.name)
+        return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
+
+    async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        branch = self._active(self._branch(args))
+        await self._settle(branch.workspace)
+        how = arg(args, "how", str)
+        left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str), how)
+        if how == "theirs":  # an entry of its upper dir went behind the kernel's back
+            await self.overlays.remount(branch)
+        return {"branch": branch.name, "conflicts": left}
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)

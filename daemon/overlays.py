@@ -74,6 +74,7 @@ class Overlays:
         self.reason = reason
         self._roots: dict[str, int] = {}
         self._limiter = trio.CapacityLimiter(4)
+        store.served = self._roots.get
 
     def backend_of(self, bid: str) -> str:
         return OVERLAY if bid in self._roots else FUSE

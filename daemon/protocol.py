@@ -55,6 +55,8 @@ OPS: dict[str, Op] = {
     "diff": Op(WORKSPACE, ("name",)),
     "commit": Op(WORKSPACE, ("name",)),  # and each change where the caller could write it
     "discard": Op(WORKSPACE, ("name",)),
+    "rebase": Op(WORKSPACE, ("name",)),
+    "resolve": Op(WORKSPACE, ("name", "path", "how")),
     "exec": Op(WORKSPACE, ("name", "argv")),
     "wait": Op(RUN, ("run",)),
     "kill": Op(RUN, ("run",)),

@@ -140,7 +140,9 @@ class Session:
             parent = self._live.get(result.parent) if result.parent else None
             if result.parent and parent is None:
                 raise BranchError("not-found", f"parent branch {result.parent} is gone")
-            branch = self.ws.create(name, parent=parent)
+            # first commit wins among candidates (the pattern ends the rest anyway);
+            # branches outside the pattern carry on over its commit (rebase)
+            branch = self.ws.create(name, parent=parent, on_sibling_commit="invalidate")
         except BranchError as e:
             return self._failed_to_start(result, e)
         with self._lock:

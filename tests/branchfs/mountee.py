@@ -25,7 +25,8 @@ import branchfs
 def run(store: branchfs.Store, ws: str, cmd: dict[str, Any]) -> Any:
     op = cmd["op"]
     if op == "create":
-        return store.create_branch(ws, cmd["name"], cmd.get("parent")).to_dict()
+        return store.create_branch(ws, cmd["name"], cmd.get("parent"), on_sibling_commit=cmd.get(
+            "on_sibling_commit", "rebase")).to_dict()
     if op == "commit":
         return store.commit(ws, cmd["name"], force=cmd.get("force", False)).to_dict()
     if op == "discard":

@@ -316,7 +316,7 @@ def test_nested_commit_keeps_overlay_semantics(store: Store, base: Path) -> None
 
 def test_siblings_invalidated_first_commit_wins(store: Store) -> None:
     for n in ("x1", "x10", "x2"):
-        store.create_branch("ws", n)
+        store.create_branch("ws", n, on_sibling_commit="invalidate")
     store.create_branch("ws", "x10c", parent="x10")
     store.create_branch("ws", "x1c", parent="x1")
     store.discard("ws", "x1c")
@@ -339,9 +339,10 @@ def test_nested_commit_invalidates_only_siblings(store: Store) -> None:
     store.create_branch("ws", "p")
     store.create_branch("ws", "other")
     store.create_branch("ws", "c1", parent="p")
-    store.create_branch("ws", "c2", parent="p")
+    store.create_branch("ws", "c2", parent="p", on_sibling_commit="invalidate")
+    store.create_branch("ws", "c3", parent="p")
     res = store.commit("ws", "c1")
-    assert res.invalidated == ["c2"]
+    assert res.invalidated == ["c2"] and res.rebased == ["c3"]
     assert store.branch("ws", "p").status == "active"
     assert store.branch("ws", "other").status == "active"
 
@@ -427,10 +428,12 @@ def test_subscribe_events(store: Store) -> None:
     seen: list[tuple[str, str | None]] = []
     store.subscribe(lambda ev: seen.append((ev.kind, ev.branch.name if ev.branch else None)))
     store.create_branch("ws", "a1")
-    store.create_branch("ws", "a2")
+    store.create_branch("ws", "a2", on_sibling_commit="invalidate")
+    store.create_branch("ws", "a3")
     store.commit("ws", "a1")
-    assert seen == [("branch-created", "a1"), ("branch-created", "a2"), ("committed", "a1"),
-                    ("branch-ended", "a1"), ("branch-ended", "a2")]
+    assert seen == [("branch-created", "a1"), ("branch-created", "a2"),
+                    ("branch-created", "a3"), ("committed", "a1"),
+                    ("branch-ended", "a1"), ("branch-ended", "a2"), ("rebased", "a3")]
 
 
 # -- the journal ---------------------------------------------------------------
@@ -503,7 +506,7 @@ def test_commit_timing_is_reported(store: Store) -> None:
     res = store.commit("ws", "b1")
     assert 0 <= res.seconds <= time.monotonic() - t + 0.001
     assert set(res.to_dict()) == {"branch", "workspace", "into", "changes", "invalidated",
-                                  "seconds"}
+                                  "seconds", "rebased", "conflicted"}
 
 
 def test_commit_across_filesystems(tmp_path: Path, base: Path) -> None:

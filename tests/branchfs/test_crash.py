@@ -41,7 +41,7 @@ def scenario(tmp: Path, nested: bool) -> tuple[Store, str]:
         s.create_branch("ws", name, parent="p")
     else:
         s.create_branch("ws", name)
-        s.create_branch("ws", "sibling")
+        s.create_branch("ws", "sibling", on_sibling_commit="invalidate")
     v = s.view("ws", name)
     w(v, "a", b"new a")
     v.unlink(("gone",))

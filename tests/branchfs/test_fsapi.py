@@ -194,7 +194,9 @@ async def test_private_xattrs(ops: Operations) -> None:
 
 
 @pytest.mark.trio
-async def test_commit_makes_siblings_stale(ops: Operations, store: Store) -> None:
+async def test_commit_makes_invalidated_siblings_stale(ops: Operations, store: Store) -> None:
+    store.discard("ws", "b2")
+    store.create_branch("ws", "b2", on_sibling_commit="invalidate")
     a1 = await path(ops, "ws", "b1", "a")
     a2 = await path(ops, "ws", "b2", "a")
     fi = await ops.open(a2, os.O_RDONLY, CTX)

@@ -296,7 +296,10 @@ def test_missing_names_appear_after_a_commit_into_the_branch(mount: Any) -> None
     assert os.listdir(p).count("mine") == 1 and (p / "mine").read_text() == "m"
 
 
-def test_commit_into_base_and_siblings_get_estale(mount: Any) -> None:
+def test_commit_into_base_and_invalidated_siblings_get_estale(mount: Any) -> None:
+    for name in ("b1", "b2"):  # first commit wins among these
+        mount.cmd("discard", name=name)
+        mount.cmd("create", name=name, on_sibling_commit="invalidate")
     b1, b2 = mount.path("b1"), mount.path("b2")
     (b1 / "a").write_text("winner\n")
     held = open(b2 / "a", "rb")  # noqa: SIM115

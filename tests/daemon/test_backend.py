@@ -44,7 +44,8 @@ def test_branches_report_the_backend_the_run_asked_for(cli: CLI, ws: Path) -> No
 
 def test_an_invalidated_sibling_is_gone_from_its_path(cli: CLI, ws: Path) -> None:
     p1 = Path(cli("create", "st1", "-w", str(ws)).stdout.strip())
-    p2 = Path(cli("create", "st2", "-w", str(ws)).stdout.strip())
+    p2 = Path(cli("create", "st2", "-w", str(ws), "--on-sibling-commit",
+                  "invalidate").stdout.strip())
     (p2 / "mine").write_text("two\n")
     (p1 / "f").write_text("one\n")
     cli("commit", "st1")

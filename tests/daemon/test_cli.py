@@ -71,8 +71,9 @@ def test_nested_branch_commits_into_its_parent_then_the_workspace(cli: CLI, ws: 
 
 
 def test_first_commit_wins_and_the_sibling_is_stale(cli: CLI, ws: Path) -> None:
-    p1 = Path(cli("create", "r1", "-w", str(ws)).stdout.strip())
-    p2 = Path(cli("create", "r2", "-w", str(ws)).stdout.strip())
+    first_wins = ("--on-sibling-commit", "invalidate")
+    p1 = Path(cli("create", "r1", "-w", str(ws), *first_wins).stdout.strip())
+    p2 = Path(cli("create", "r2", "-w", str(ws), *first_wins).stdout.strip())
     (p1 / "f").write_text("one\n")
     (p2 / "f").write_text("two\n")
     assert "r2" in cli.json("commit", "r1")["invalidated"]

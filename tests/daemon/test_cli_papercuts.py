@@ -80,7 +80,7 @@ def test_progress_lines_are_not_wrapped_when_stderr_is_a_pipe(cli: CLI, ws: Path
 def test_list_all_shows_no_backend_for_ended_branches(cli: CLI, ws: Path) -> None:
     backend = cli.json("status")["backend"]
     for name in ("end1", "end2", "end3"):
-        cli("create", name, "-w", str(ws))
+        cli("create", name, "-w", str(ws), "--on-sibling-commit", "invalidate")
     (Path(cli.json("info", "end1")["path"]) / "f").write_text("one\n")
     cli("commit", "end1")  # end2 and end3 become invalidated
     cli("discard", "end2")

@@ -140,6 +140,8 @@ OUTSIDER: dict[str, tuple[Any, str | None]] = {
     "diff": (lambda w: roots_(patch=True), "permission"),
     "commit": (lambda w: roots_(), "permission"),
     "discard": (lambda w: roots_(), "permission"),
+    "rebase": (lambda w: roots_(), "permission"),
+    "resolve": (lambda w: roots_(path="x", how="ours"), "permission"),
     "exec": (lambda w: roots_(argv=["true"]), "permission"),
     "wait": (lambda w: {"run": w.root_run}, "permission"),
     "kill": (lambda w: {"run": w.root_run}, "permission"),
