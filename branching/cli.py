@@ -286,17 +286,35 @@ def info(obj: Context, name: str, ws: str | None) -> tuple[dict[str, Any], str]:
 
 @cli.command()
 @_named
+@click.argument("paths", nargs=-1)
 @click.option("--patch", "-p", is_flag=True, help="Show a unified diff of text files.")
+@click.option("--stat", "stat_only", is_flag=True, help="Only count the changes by kind.")
 @pass_ctx
 @json_option
-def diff(obj: Context, name: str, ws: str | None, patch: bool) -> tuple[dict[str, Any], str]:
-    """What the branch changed relative to its parent."""
-    d = _call_named(obj, "diff", name, ws, patch=patch or None)
+def diff(obj: Context, name: str, ws: str | None, paths: tuple[str, ...], patch: bool,
+         stat_only: bool) -> tuple[dict[str, Any], str]:
+    """What the branch changed relative to its parent (at or below PATHS, relative to
+    the workspace root, if given). Fetched page by page: any number of changes."""
+    args: dict[str, Any] = {"paths": list(paths) or None, "patch": patch or None}
+    if stat_only:
+        d = _call_named(obj, "diff", name, ws, stat=True, **args)
+        text = "  ".join(f"{k} {v}" for k, v in d["stat"].items()) + f"  total {d['total']}"
+        return d, text
+    d = {"changes": [], "patch": ""}
+    offset: int | None = 0
+    while offset is not None:
+        page = _call_named(obj, "diff", name, ws, offset=offset, **args)
+        d["stat"], d["total"] = page["stat"], page["total"]
+        d["changes"] += page["changes"]
+        d["patch"] += page.get("patch", "")
+        offset = page["next"]
+    if not patch:
+        del d["patch"]
     marks = {"added": "A", "modified": "M", "deleted": "D", "renamed": "R"}
     lines = [f"{marks.get(c['kind'], '?')}  {c['old_path'] + ' -> ' if c.get('old_path') else ''}"
              f"{c['path']}" for c in d["changes"]]
     if patch:
-        lines.append(d.get("patch", "").rstrip("\n"))
+        lines.append(d["patch"].rstrip("\n"))
     return d, "\n".join(lines)
 
 

@@ -159,12 +159,17 @@ def server(tools: Tools) -> MCPServer:
         }
 
     @tool
-    def diff(branch: str, patch: bool = False, workspace: str | None = None) -> dict[str, Any]:
-        """What the branch changed against its parent: the paths added, modified and
-        deleted, and with ``patch`` a unified diff of text files (cut at 64 KiB)."""
+    def diff(branch: str, patch: bool = False, paths: list[str] | None = None,
+             offset: int = 0, workspace: str | None = None) -> dict[str, Any]:
+        """What the branch changed against its parent: counts by kind (``stat``), then
+        one page of the paths added, modified and deleted from ``offset`` (``next``: the
+        offset of the next page, null after the last), only at or below ``paths`` if
+        given; with ``patch`` a unified diff of that page's text files (cut at 64 KiB)."""
         ws = tools.workspace(workspace)
-        reply = ws.client.call("diff", workspace=ws.name, name=branch, patch=patch or None)
-        out: dict[str, Any] = {"changes": reply["changes"]}
+        reply = ws.client.call("diff", workspace=ws.name, name=branch, patch=patch or None,
+                               paths=paths, offset=offset)
+        out: dict[str, Any] = {"stat": reply["stat"], "total": reply["total"],
+                               "changes": reply["changes"], "next": reply["next"]}
         if patch:
             text = reply.get("patch", "")
             out["patch"] = text[:PATCH_LIMIT]

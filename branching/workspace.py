@@ -311,8 +311,25 @@ class Branch:
         returns the conflicts left."""
         return list(self._call("resolve", path=path, how=how)["conflicts"])
 
-    def diff(self, patch: bool = False) -> list[dict[str, Any]]:
-        return list(self._call("diff", patch=patch or None)["changes"])
+    def diff(self, paths: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every change against the parent (at or below *paths*), fetched in pages."""
+        return [c for page in self._diff_pages(paths, False) for c in page["changes"]]
+
+    def patch(self, paths: list[str] | None = None) -> str:
+        """A unified diff of the changed text files (each reply's part is size-bounded:
+        a line says which files did not fit; ask for fewer *paths* then)."""
+        return "".join(page.get("patch", "") for page in self._diff_pages(paths, True))
+
+    def diff_stat(self, paths: list[str] | None = None) -> dict[str, int]:
+        """How many paths were added, modified and deleted."""
+        return dict(self._call("diff", stat=True, paths=paths)["stat"])
+
+    def _diff_pages(self, paths: list[str] | None, patch: bool) -> Iterator[dict[str, Any]]:
+        offset: int | None = 0
+        while offset is not None:
+            page = self._call("diff", offset=offset, paths=paths, patch=patch or None)
+            yield page
+            offset = page["next"]
 
     def _finish(self, action: str) -> None:
         if action == "commit":

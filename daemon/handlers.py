@@ -26,7 +26,7 @@ import branchfs
 import cgroups
 from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
-from daemon import ascaller, patch
+from daemon import ascaller, diffpage, patch
 from daemon.meta import MetaStore
 from daemon.protocol import ADMIN, ANYONE, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
@@ -417,12 +417,20 @@ class Handlers:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
         await self._settle(ws.name)
-        changes = self.store.diff(branch.workspace, branch.name)
-        out: dict[str, Any] = {"changes": [c.to_dict() for c in changes]}
+        paths = arg(args, "paths", list, None)
+        if paths is not None and not all(isinstance(p, str) for p in paths):
+            raise RequestError("bad-request", "'paths' must be a list of strings")
+        changes = diffpage.select(self.store.diff(branch.workspace, branch.name), paths)
+        out: dict[str, Any] = {"stat": diffpage.stat(changes), "total": len(changes)}
+        if arg(args, "stat", bool, False):
+            return out
+        page, out["next"] = diffpage.page(changes, arg(args, "offset", int, 0))
+        out["changes"] = [c.to_dict() for c in page]
         if arg(args, "patch", bool, False):
             old_root = (ws.base if branch.parent is None
                         else self.path_of(self.store.branch(ws.name, branch.parent)))
-            make = functools.partial(patch.patch, changes, old_root, self.path_of(branch))
+            make = functools.partial(patch.patch, page, old_root, self.path_of(branch),
+                                     diffpage.PATCH_BYTES)
             # off the event loop (the reads go through our own FUSE mount), with the
             # caller's own permissions: a patch shows only what the caller could read
             out["patch"] = await trio.to_thread.run_sync(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import json
 import os
 import stat
 
@@ -23,8 +24,22 @@ class Unreadable(Exception):
     """The caller may not read this side of a change."""
 
 
-def patch(changes: list[Change], old_root: str, new_root: str) -> str:
-    return "".join(_one(c, old_root, new_root) for c in changes)
+def patch(changes: list[Change], old_root: str, new_root: str, limit: int) -> str:
+    """The patch of *changes*, whole files only, at most *limit* bytes once in JSON;
+    a last line says which files did not fit."""
+    out: list[str] = []
+    size = 0
+    for i, c in enumerate(changes):
+        one = _one(c, old_root, new_root)
+        size += len(json.dumps(one))
+        if size > limit:
+            rest = len(changes) - i
+            out.append(f"# {rest} more file{'s' if rest > 1 else ''} not shown, from "
+                       f"{c.path} on: the patch is cut at {limit} bytes; ask for fewer "
+                       "paths (diff --patch NAME PATH...)\n")
+            break
+        out.append(one)
+    return "".join(out)
 
 
 def _one(change: Change, old_root: str, new_root: str) -> str:
