@@ -123,8 +123,17 @@ class _Trash:
         self.path = path
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._waiting: set[str] = set()  # names put and not yet through an rm
+
+    def waiting(self) -> set[str]:
+        """The names queued or being removed now (fsck: any other entry is stuck)."""
+        with self._lock:
+            return set(self._waiting)
 
     def put(self, name: str) -> None:
+        with self._lock:
+            self._waiting.add(name)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="branchfs-trash", daemon=True)
             self._thread.start()
@@ -140,6 +149,8 @@ class _Trash:
             names = [n for n in got if n is not None]
             if names:
                 self._remove([os.path.join(self.path, n) for n in names])
+                with self._lock:
+                    self._waiting.difference_update(names)
 
     @staticmethod
     def _remove(paths: list[str]) -> None:
@@ -229,6 +240,10 @@ class Store:
 
     def _log_path(self) -> str:
         return self._path(f"{LOG_PREFIX}{self._log_gen}")
+
+    def log_path(self) -> str:
+        """The state log appended to now (fsck reads it back)."""
+        return self._log_path()
 
     def _replay(self, path: str) -> None:
         """Apply the log's records over the snapshot (``durable.read_log``: a torn
@@ -525,6 +540,33 @@ class Store:
         for _, work in self._dir_fds.values():
             for name in os.listdir(work):
                 backing.remove_at(work, name)
+
+    def trash_orphan(self, bid: str) -> bool:
+        """Move ``branches/<bid>``, a delta no live record owns, to the trash (as the
+        next start would); False for a live branch's, which is never touched."""
+        r = self._recs.get(bid)
+        if (r is not None and r.status not in ENDED) or bid in self._dir_fds:
+            return False
+        self._to_trash(bid)
+        return True
+
+    def trash_waiting(self) -> set[str]:
+        """The entries of trash/ being deleted now; any other one is stuck."""
+        return self._trash.waiting()
+
+    def empty_trash(self) -> list[str]:
+        """Queue again the entries of trash/ that nothing is deleting: the names."""
+        waiting = self._trash.waiting()
+        names = [n for n in os.listdir(self._path("trash")) if n not in waiting]
+        for name in names:
+            self._trash.put(name)
+        return names
+
+    def has_directory(self, workspace: str) -> bool:
+        """Whether the workspace's directory is open (``refresh`` first): False when
+        its path is gone or is no directory."""
+        self.workspace(workspace)
+        return workspace in self._base_fds
 
     def _to_trash(self, bid: str) -> None:
         src = self._path("branches", bid)
@@ -902,6 +944,26 @@ class Store:
     def pending(self, workspace: str) -> bool:
         """Whether *workspace* has a commit that failed half way (see finish_pending)."""
         return workspace in self._pending
+
+    def pending_journals(self) -> set[str]:
+        """The paths of the journals of commits that failed half way (finish_pending):
+        every other ``journal/commit-*.json`` is a leftover."""
+        return {jpath for _, jpath in self._pending.values()}
+
+    def remove_done_journal(self, path: str) -> bool:
+        """Remove a leftover journal whose commit is done (its branch is committed or
+        forgotten), as a restart would; False (kept) for any other."""
+        if path in self.pending_journals():
+            return False
+        with open(path, "rb") as f:
+            journal = json.load(f)
+        done = self._recs.get(journal["branch"])
+        if done is not None and done.status != COMMITTED:
+            return False
+        os.unlink(path)
+        log.warning("removed the leftover journal %s of the completed commit of %s/%s",
+                    path, journal["workspace"], journal["name"])
+        return True
 
     def _settled(self, workspace: str) -> None:
         """Refuse work in a workspace whose commit is not finished (see finish_pending)."""

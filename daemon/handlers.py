@@ -26,7 +26,7 @@ import branchfs
 import cgroups
 from branchfs.model import ENDED
 from cgroups.spawn import Bind
-from daemon import ascaller, patch
+from daemon import ascaller, fsck, patch
 from daemon.meta import MetaStore
 from daemon.protocol import ADMIN, ANYONE, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
@@ -519,6 +519,17 @@ class Handlers:
         record = self._run(args)
         record.run.kill()
         return {"run": record.id}
+
+    async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Check the state against the disk and the kernel (daemon.fsck); ``repair``
+        puts right what can be without losing anything."""
+        check = fsck.Fsck(self.store, self.overlays, self.runs,
+                          mountpoint=str(self.mountpoint),
+                          repair=bool(arg(args, "repair", bool, False)))
+        findings = await check.run()
+        return {"findings": [f.to_dict() for f in findings],
+                "open": sum(1 for f in findings if f.open),
+                "cgroup_dirs": self.runs.manager.base_dirs}  # where its runs' cgroups go
 
     async def op_shutdown(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         self.shutdown()
