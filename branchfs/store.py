@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -735,21 +736,28 @@ class Store:
         if old is not None and any(c.status not in ENDED for c in self._descendants(old)):
             raise Exists(f"ended branch {name} still has live children")
         dropped = (old.id,) if old is not None else ()
+        below = (self.view_by_id(parent_rec.id) if parent_rec is not None
+                 else self._base_view(workspace))  # NotFound when its directory is gone
+        root_st = below.lookup(())
+        assert root_st is not None
         bid = secrets.token_hex(8)
         root = self._path("branches", bid)
         os.mkdir(root, 0o700)
-        os.mkdir(os.path.join(root, "work"), 0o700)
-        os.mkdir(os.path.join(root, "upper"), 0o700)
-        origins.Origins.create(os.path.join(root, origins.FILE))
-        below = (self.view_by_id(parent_rec.id) if parent_rec is not None
-                 else self._base_view(workspace))
-        root_st = below.lookup(())
-        assert root_st is not None
-        rfd = os.open(root, backing.DIR_FLAGS)
         try:
-            backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
-        finally:
-            os.close(rfd)
+            os.mkdir(os.path.join(root, "work"), 0o700)
+            os.mkdir(os.path.join(root, "upper"), 0o700)
+            origins.Origins.create(os.path.join(root, origins.FILE))
+            rfd = os.open(root, backing.DIR_FLAGS)
+            try:
+                backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
+            finally:
+                os.close(rfd)
+        except BaseException as exc:
+            # a branch never made leaves no delta behind (a full disk: ENOSPC here)
+            shutil.rmtree(root, ignore_errors=True)
+            if isinstance(exc, OSError):
+                _raise_os(exc, f"creating branch {name}")
+            raise
         w = self._ws[workspace]
         rec = _Rec(id=bid, name=name, workspace=workspace,
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
