@@ -459,8 +459,16 @@ class Handlers:
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
-        self.overlays.detach(self.overlays.subtree(branch))
-        removed = self.store.discard(branch.workspace, branch.name)
+        subtree = self.overlays.subtree(branch)
+        self.overlays.detach(subtree)
+        try:
+            removed = self.store.discard(branch.workspace, branch.name)
+        except Exception:
+            # refused (a full disk): the branches stay, and so does their fast path
+            for b in subtree:
+                if self.store.status(b.id) == "active":
+                    await self.overlays.serve(b)
+            raise
         self._ended(removed)
         return {"discarded": [b.name for b in removed]}
 
