@@ -182,6 +182,9 @@ class Fsck:
 
     def trash(self) -> None:
         waiting = self.store.trash_waiting()
+        # the graveyard of a commit that failed half way is emptied once it is finished
+        waiting |= {os.path.basename(p).removesuffix(".json")
+                    for p in self.store.pending_journals()}
         stuck = [n for n in sorted(os.listdir(self._state("trash"))) if n not in waiting]
         if not stuck:
             return
