@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from branching import EmbeddedDaemon
+from branching.client import Client
 from daemon.protocol import ExitCode
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
@@ -74,8 +75,10 @@ def shared_daemon() -> Iterator[EmbeddedDaemon]:
 
 
 @pytest.fixture
-def dirs() -> Iterator[tuple[Path, Path]]:
-    """A workspace only root may use (0700) and one that nobody owns."""
+def dirs(shared_daemon: EmbeddedDaemon) -> Iterator[tuple[Path, Path]]:
+    """A workspace only root may use (0700) and one that nobody owns; forgotten by the
+    shared daemon before they go (a workspace whose directory is gone is what fsck
+    reports when the daemon stops)."""
     top = Path(tempfile.mkdtemp(prefix="branchd-ws-"))
     top.chmod(0o755)
     private, theirs = top / "private", top / "theirs"
@@ -88,6 +91,10 @@ def dirs() -> Iterator[tuple[Path, Path]]:
     try:
         yield private, theirs
     finally:
+        with Client(shared_daemon.socket) as c:
+            for ws in c.call("workspace-list")["workspaces"]:
+                if ws["base"] in (str(private), str(theirs)):
+                    c.call("workspace-remove", workspace=ws["name"], force=True)
         subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
 
 
