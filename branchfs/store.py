@@ -1122,7 +1122,16 @@ def _sync_dirs(root: int, steps: list[commit.Step]) -> None:
     dirs = {tuple(s[1].split("/"))[:-1] for s in steps}
     dirs |= {tuple(s[1].split("/")) for s in steps if s[0] == "dir"}
     for parts in dirs:
-        fd = backing.open_dir(root, parts)
+        try:
+            fd = backing.open_dir(root, parts)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            # the steps are applied; someone has moved or swapped a directory since
+            # (a user of the workspace): what we changed is synced by the filesystem
+            # instead, never through the name that is no longer ours
+            syncfs(root)
+            return
         try:
             os.fsync(fd)
         finally:
