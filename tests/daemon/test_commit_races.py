@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from branching import EmbeddedDaemon
+from branching.client import Client
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 
@@ -172,7 +173,9 @@ def test_a_directory_swapped_for_a_symlink_during_commit_is_not_chmodded(
 
 
 @pytest.fixture
-def tmpfs_base(top: Path) -> Iterator[Path]:
+def tmpfs_base(shared: EmbeddedDaemon, top: Path) -> Iterator[Path]:
+    """A tmpfs for workspaces; the shared daemon forgets those on it before it goes (a
+    workspace whose directory is gone is what fsck reports when the daemon stops)."""
     base = top / "tmpfs"
     base.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "race", str(base)],
@@ -180,6 +183,10 @@ def tmpfs_base(top: Path) -> Iterator[Path]:
     try:
         yield base
     finally:
+        with Client(shared.socket) as c:
+            for ws in c.call("workspace-list")["workspaces"]:
+                if ws["base"].startswith(f"{base}/"):
+                    c.call("workspace-remove", workspace=ws["name"], force=True)
         subprocess.run(["umount", "-l", str(base)], check=False)
 
 
