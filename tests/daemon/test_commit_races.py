@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from branching import EmbeddedDaemon
-from branching.client import Client
+
+from .conftest import forget_workspaces
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 
@@ -183,10 +184,7 @@ def tmpfs_base(shared: EmbeddedDaemon, top: Path) -> Iterator[Path]:
     try:
         yield base
     finally:
-        with Client(shared.socket) as c:
-            for ws in c.call("workspace-list")["workspaces"]:
-                if ws["base"].startswith(f"{base}/"):
-                    c.call("workspace-remove", workspace=ws["name"], force=True)
+        forget_workspaces(shared, base)
         subprocess.run(["umount", "-l", str(base)], check=False)
 
 

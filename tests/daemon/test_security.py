@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from branching import EmbeddedDaemon
-from branching.client import Client
 from daemon.protocol import ExitCode
+
+from .conftest import forget_workspaces
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -91,10 +92,7 @@ def dirs(shared_daemon: EmbeddedDaemon) -> Iterator[tuple[Path, Path]]:
     try:
         yield private, theirs
     finally:
-        with Client(shared_daemon.socket) as c:
-            for ws in c.call("workspace-list")["workspaces"]:
-                if ws["base"] in (str(private), str(theirs)):
-                    c.call("workspace-remove", workspace=ws["name"], force=True)
+        forget_workspaces(shared_daemon, private, theirs)
         subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
 
 
