@@ -228,3 +228,17 @@ def test_overlays_unmounted_or_unknown_are_put_right(own: EmbeddedDaemon, ws: Pa
         if overlays_at(path) > 1:
             subprocess.run(["umount", "-l", path], check=False)
     clean(cli)
+
+
+@pytest.mark.daemon_log_allows(r"fsck: warning: missing-delta: branch proj/b1 has no work ")
+def test_a_delta_removed_under_a_running_daemon_is_reported_not_repaired(
+        own: EmbeddedDaemon, ws: Path) -> None:
+    cli = CLI(own.socket)
+    bid = cli.json("create", "b1", "-w", str(ws))["id"]
+    work = own.state_dir / "branches" / bid / "work"
+    shutil.rmtree(work)
+    for args in ((), ("--repair",)):
+        [f] = kinds(cli, *args)["missing-delta"]
+        assert f["level"] == "warning" and f["repaired"] is None
+        assert f["message"].startswith("branch proj/b1 has no work directory")
+    assert (own.state_dir / "branches" / bid / "upper").is_dir()  # nothing of it deleted
