@@ -33,7 +33,7 @@ from cgroups import mounted
 # --- every daemon's log, and an fsck of each daemon as it stops -------------------------
 
 _logs: list[Path] = []  # the log of every EmbeddedDaemon made, in order, once each
-_kept: dict[Path, bytes] = {}  # logs whose directory stop() removed: their text, read first
+_kept: dict[Path, bytes] = {}  # logs as their daemon stopped, read before the file (gone?)
 _fsck_found: list[str] = []  # open fsck findings of daemons as they stopped
 _ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ")
 _BAD_LEVELS = ("ERROR", "CRITICAL")
@@ -64,11 +64,11 @@ def _checked_stop(self: EmbeddedDaemon, timeout: float = 30.0) -> None:
         _stop(self, timeout)
     finally:
         self._own_root = own
+        try:  # read now: a fixture may remove the daemon's directory right after
+            _kept[self.log_path] = self.log_path.read_bytes()
+        except OSError:
+            pass
         if own and self.proc is None and not mounted(str(self.mountpoint)):
-            try:
-                _kept[self.log_path] = self.log_path.read_bytes()
-            except OSError:
-                pass
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -77,14 +77,15 @@ EmbeddedDaemon.stop = _checked_stop  # type: ignore[method-assign]
 
 
 def _read_from(path: Path, offset: int) -> bytes:
-    if path in _kept:
-        return _kept.pop(path)[offset:]
+    """The log from *offset*: the file while it is there (a restarted daemon appends to
+    it), else what it held when its daemon stopped."""
+    kept = _kept.pop(path, b"")
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             return f.read()
     except OSError:
-        return b""
+        return kept[offset:]
 
 
 def _entries(text: str) -> list[str]:
@@ -114,6 +115,7 @@ def _unchecked(allowed: list[re.Pattern[str]]) -> list[str]:
     bad = []
     for path in list(_logs):
         data = _read_from(path, _seen.get(path, 0))
+        data = data[:data.rfind(b"\n") + 1]  # a line being written: the next look's
         _seen[path] = _seen.get(path, 0) + len(data)
         text = data.decode(errors="replace")
         bad += [f"{path}: {e}" for e in _entries(text) if _bad(e)
