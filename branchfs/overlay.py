@@ -109,6 +109,17 @@ def mount_ids() -> set[int]:
     return out
 
 
+def overlay_mounts() -> list[tuple[int, str]]:
+    """(mount id, mount point) of each overlay attached in this mount namespace."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == FSTYPE:
+                out.append((int(fields[0]), _unescape(fields[4])))
+    return out
+
+
 def mount_id(fd: int) -> int:
     """The id of the mount *fd* lies in."""
     with open(f"/proc/self/fdinfo/{fd}") as f:

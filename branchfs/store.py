@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -133,8 +134,17 @@ class _Trash:
         self.path = path
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._waiting: set[str] = set()  # names put and not yet through an rm
+
+    def waiting(self) -> set[str]:
+        """The names queued or being removed now (fsck: any other entry is stuck)."""
+        with self._lock:
+            return set(self._waiting)
 
     def put(self, name: str) -> None:
+        with self._lock:
+            self._waiting.add(name)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="branchfs-trash", daemon=True)
             self._thread.start()
@@ -150,6 +160,8 @@ class _Trash:
             names = [n for n in got if n is not None]
             if names:
                 self._remove([os.path.join(self.path, n) for n in names])
+                with self._lock:
+                    self._waiting.difference_update(names)
 
     @staticmethod
     def _remove(paths: list[str]) -> None:
@@ -242,6 +254,10 @@ class Store:
 
     def _log_path(self) -> str:
         return self._path(f"{LOG_PREFIX}{self._log_gen}")
+
+    def log_path(self) -> str:
+        """The state log appended to now (fsck reads it back)."""
+        return self._log_path()
 
     def _replay(self, path: str) -> None:
         """Apply the log's records over the snapshot (``durable.read_log``: a torn
@@ -546,6 +562,33 @@ class Store:
             for name in os.listdir(work):
                 backing.remove_at(work, name)
 
+    def trash_orphan(self, bid: str) -> bool:
+        """Move ``branches/<bid>``, a delta no live record owns, to the trash (as the
+        next start would); False for a live branch's, which is never touched."""
+        r = self._recs.get(bid)
+        if (r is not None and r.status not in ENDED) or bid in self._dir_fds:
+            return False
+        self._to_trash(bid)
+        return True
+
+    def trash_waiting(self) -> set[str]:
+        """The entries of trash/ being deleted now; any other one is stuck."""
+        return self._trash.waiting()
+
+    def empty_trash(self) -> list[str]:
+        """Queue again the entries of trash/ that nothing is deleting: the names."""
+        waiting = self._trash.waiting()
+        names = [n for n in os.listdir(self._path("trash")) if n not in waiting]
+        for name in names:
+            self._trash.put(name)
+        return names
+
+    def has_directory(self, workspace: str) -> bool:
+        """Whether the workspace's directory is open (``refresh`` first): False when
+        its path is gone or is no directory."""
+        self.workspace(workspace)
+        return workspace in self._base_fds
+
     def _to_trash(self, bid: str) -> None:
         src = self._path("branches", bid)
         if not os.path.lexists(src):
@@ -731,21 +774,28 @@ class Store:
         if old is not None and any(c.status not in ENDED for c in self._descendants(old)):
             raise Exists(f"ended branch {name} still has live children")
         dropped = (old.id,) if old is not None else ()
+        below = (self.view_by_id(parent_rec.id) if parent_rec is not None
+                 else self._base_view(workspace))  # NotFound when its directory is gone
+        root_st = below.lookup(())
+        assert root_st is not None
         bid = secrets.token_hex(8)
         root = self._path("branches", bid)
         os.mkdir(root, 0o700)
-        os.mkdir(os.path.join(root, "work"), 0o700)
-        os.mkdir(os.path.join(root, "upper"), 0o700)
-        origins.Origins.create(os.path.join(root, origins.FILE))
-        below = (self.view_by_id(parent_rec.id) if parent_rec is not None
-                 else self._base_view(workspace))
-        root_st = below.lookup(())
-        assert root_st is not None
-        rfd = os.open(root, backing.DIR_FLAGS)
         try:
-            backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
-        finally:
-            os.close(rfd)
+            os.mkdir(os.path.join(root, "work"), 0o700)
+            os.mkdir(os.path.join(root, "upper"), 0o700)
+            origins.Origins.create(os.path.join(root, origins.FILE))
+            rfd = os.open(root, backing.DIR_FLAGS)
+            try:
+                backing.copy_meta(root_st.st, rfd, "upper", backing.at(below.layers[0], "."))
+            finally:
+                os.close(rfd)
+        except BaseException as exc:
+            # a branch never made leaves no delta behind (a full disk: ENOSPC here)
+            shutil.rmtree(root, ignore_errors=True)
+            if isinstance(exc, OSError):
+                _raise_os(exc, f"creating branch {name}")
+            raise
         w = self._ws[workspace]
         rec = _Rec(id=bid, name=name, workspace=workspace,
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
@@ -1106,6 +1156,26 @@ class Store:
         """Whether *workspace* has a commit that failed half way (see finish_pending)."""
         return workspace in self._pending
 
+    def pending_journals(self) -> set[str]:
+        """The paths of the journals of commits that failed half way (finish_pending):
+        every other ``journal/commit-*.json`` is a leftover."""
+        return {jpath for _, jpath in self._pending.values()}
+
+    def remove_done_journal(self, path: str) -> bool:
+        """Remove a leftover journal whose commit is done (its branch is committed or
+        forgotten), as a restart would; False (kept) for any other."""
+        if path in self.pending_journals():
+            return False
+        with open(path, "rb") as f:
+            journal = json.load(f)
+        done = self._recs.get(journal["branch"])
+        if done is not None and done.status != COMMITTED:
+            return False
+        os.unlink(path)
+        log.warning("removed the leftover journal %s of the completed commit of %s/%s",
+                    path, journal["workspace"], journal["name"])
+        return True
+
     def _settled(self, workspace: str) -> None:
         """Refuse work in a workspace whose commit is not finished (see finish_pending)."""
         if workspace in self._pending:
@@ -1260,7 +1330,16 @@ def _sync_dirs(root: int, steps: list[commit.Step]) -> None:
     dirs = {tuple(s[1].split("/"))[:-1] for s in steps}
     dirs |= {tuple(s[1].split("/")) for s in steps if s[0] == "dir"}
     for parts in dirs:
-        fd = backing.open_dir(root, parts)
+        try:
+            fd = backing.open_dir(root, parts)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            # the steps are applied; someone has moved or swapped a directory since
+            # (a user of the workspace): what we changed is synced by the filesystem
+            # instead, never through the name that is no longer ours
+            syncfs(root)
+            return
         try:
             os.fsync(fd)
         finally:

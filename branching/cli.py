@@ -475,6 +475,25 @@ def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limit
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="Put right what can be without losing data (orphan deltas to the trash, "
+              "overlays mounted again, empty leftover cgroups and journals of done commits "
+              "removed).")
+@pass_ctx
+@json_option
+def fsck(obj: Context, repair: bool) -> tuple[dict[str, Any], str]:
+    """Check the daemon's state against the disk and the kernel; one finding a line.
+    Exits 1 while an error or warning remains (info findings do not count)."""
+    r = obj.client.call("fsck", repair=repair or None)
+    lines = []
+    for f in r["findings"]:
+        done = f" [repaired: {f['repaired']}]" if f.get("repaired") else ""
+        lines.append(f"{f['level']}: {f['kind']}: {f['message']}{done}")
+    r["_exit"] = ExitCode.FAILED if r["open"] else ExitCode.OK
+    return r, "\n".join(lines) if lines else "clean"
+
+
+@cli.command()
 @click.option("--workspace", "-w", "workspaces", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False),
               help="A workspace the tools may reach (repeatable); nothing else is reachable.")

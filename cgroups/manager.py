@@ -160,6 +160,9 @@ class Manager:
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
         self._leftovers: list[Cgroup] = []
+        # names of the cgroups made under the base and not removed yet: those of
+        # waiting entries (made before their run) and of live runs (fsck: strays)
+        self._owned: set[str] = set()
         self._counter = itertools.count(1)
         self._closed = False
         try:
@@ -380,26 +383,77 @@ class Manager:
         usable (warned about at start)."""
         if self._base is None:
             return None
-        node = Cgroup.create(self._base.v2, self._base.v1, self._next_id(),
-                             self._base.v2_controllers)
+        name = self._next_id()
+        with self._lock:
+            self._owned.add(name)  # before the mkdir: fsck never sees it as a stray
+        try:
+            node = Cgroup.create(self._base.v2, self._base.v1, name, self._base.v2_controllers)
+        except BaseException:
+            self._disown(name)
+            raise
         try:
             node.place(pid)
         except CgroupError as exc:
             with contextlib.suppress(CgroupError):
                 node.remove()
+                self._disown(name)
             raise SpawnError(f"cannot place the run in its cgroup: {exc}") from None
         return node
 
-    @staticmethod
-    def _release_entry(node: object) -> None:
+    def _disown(self, name: str) -> None:
+        with self._lock:
+            self._owned.discard(name)
+
+    def _release_entry(self, node: object) -> None:
         assert isinstance(node, Cgroup)
         node.remove()
+        self._disown(os.path.basename(node.dirs[0]))
 
     def _run_done(self, run: Run, leftover: Cgroup | None) -> None:
         with self._lock:
             self._runs.pop(run.id, None)
             if leftover is not None:
                 self._leftovers.append(leftover)
+            elif run.cgroup is not None:
+                self._owned.discard(os.path.basename(run.cgroup.dirs[0]))
+
+    @property
+    def base_dirs(self) -> list[str]:
+        """The directories of this Manager's subtree (one per hierarchy used)."""
+        return self._base.dirs if self._base is not None else []
+
+    def strays(self) -> list[str]:
+        """Cgroup directories under the base that no live run, waiting entry or known
+        leftover owns: left by hand, or by a bug. Listed before the names in use are
+        read, so a run's cgroup made meanwhile is never among them."""
+        found = []
+        for base in self.base_dirs:
+            with contextlib.suppress(FileNotFoundError):
+                found += [os.path.join(base, e.name) for e in os.scandir(base) if e.is_dir()]
+        with self._lock:
+            known = self._owned | {os.path.basename(c.dirs[0]) for c in self._leftovers}
+        return sorted(p for p in found if os.path.basename(p) not in known)
+
+    def leftovers(self) -> list[str]:
+        """Cgroup directories of ended runs whose removal failed (retried by close)."""
+        with self._lock:
+            return [d for c in self._leftovers for d in c.dirs if os.path.isdir(d)]
+
+    def remove_leftovers(self) -> list[str]:
+        """Try again to remove the cgroups of ended runs: the directories removed."""
+        with self._lock:
+            todo, self._leftovers = self._leftovers, []
+        done, kept = [], []
+        for node in todo:
+            try:
+                node.remove()
+                done += node.dirs
+                self._disown(os.path.basename(node.dirs[0]))
+            except CgroupError:
+                kept.append(node)
+        with self._lock:
+            self._leftovers += kept
+        return done
 
     def runs(self, group: str | None = None) -> list[Run]:
         """Runs that have not ended yet (of one group, or all)."""

@@ -26,7 +26,7 @@ import branchfs
 import cgroups
 from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
-from daemon import ascaller, diffpage, patch
+from daemon import ascaller, diffpage, fsck, patch
 from daemon.meta import MetaStore
 from daemon.protocol import ADMIN, ANYONE, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
@@ -493,8 +493,16 @@ class Handlers:
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
-        self.overlays.detach(self.overlays.subtree(branch))
-        removed = self.store.discard(branch.workspace, branch.name)
+        subtree = self.overlays.subtree(branch)
+        self.overlays.detach(subtree)
+        try:
+            removed = self.store.discard(branch.workspace, branch.name)
+        except Exception:
+            # refused (a full disk): the branches stay, and so does their fast path
+            for b in subtree:
+                if self.store.status(b.id) == "active":
+                    await self.overlays.serve(b)
+            raise
         self._ended(removed)
         return {"discarded": [b.name for b in removed]}
 
@@ -553,6 +561,17 @@ class Handlers:
         record = self._run(args)
         record.run.kill()
         return {"run": record.id}
+
+    async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Check the state against the disk and the kernel (daemon.fsck); ``repair``
+        puts right what can be without losing anything."""
+        check = fsck.Fsck(self.store, self.overlays, self.runs,
+                          mountpoint=str(self.mountpoint),
+                          repair=bool(arg(args, "repair", bool, False)))
+        findings = await check.run()
+        return {"findings": [f.to_dict() for f in findings],
+                "open": sum(1 for f in findings if f.open),
+                "cgroup_dirs": self.runs.manager.base_dirs}  # where its runs' cgroups go
 
     async def op_shutdown(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         self.shutdown()

@@ -7,6 +7,7 @@ variable every call is a no-op, so the daemon runs the same everywhere.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -30,9 +31,13 @@ class Notifier:
             try:
                 sock.sendto(message, self.address)
             except OSError as e:
-                # A vanished listener (the embedded launcher stops listening after READY)
-                # must not take the daemon down, nor fill its log: say it once, then stop.
-                log.warning("sd_notify to %r failed: %s; no more notifications", self.address, e)
+                # A vanished listener must not take the daemon down, nor fill its log:
+                # say it once, then stop. One that is gone (no socket, nobody bound) is
+                # the embedded launcher, which stops listening after READY: normal, so
+                # not a warning; anything else (a full queue, a refused peer) is one.
+                gone = e.errno in (errno.ENOENT, errno.ECONNREFUSED)
+                log.log(logging.INFO if gone else logging.WARNING,
+                        "sd_notify to %r failed: %s; no more notifications", self.address, e)
                 self.address = None
 
     def ready(self, status: str) -> None:

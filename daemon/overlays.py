@@ -79,6 +79,11 @@ class Overlays:
     def backend_of(self, bid: str) -> str:
         return OVERLAY if bid in self._roots else FUSE
 
+    def served(self) -> dict[str, int]:
+        """The branches this thinks are served by an overlay, with the id of each
+        one's mount (fsck compares them with the mount table)."""
+        return {bid: overlay.mount_id(root) for bid, root in self._roots.items()}
+
     async def heal(self, branches: Iterable[branchfs.Branch]) -> None:
         """Mount again the overlays of *branches* that were detached behind our
         back (an invalidation of the name one sits on in the FUSE mount, an

@@ -60,6 +60,7 @@ OPS: dict[str, Op] = {
     "exec": Op(WORKSPACE, ("name", "argv")),
     "wait": Op(RUN, ("run",)),
     "kill": Op(RUN, ("run",)),
+    "fsck": Op(ADMIN, ()),  # optional: repair (bool)
     "shutdown": Op(ADMIN, ()),
 }
 

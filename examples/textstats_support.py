@@ -76,8 +76,23 @@ def conclude(workspace: Path, left: list[str], *, show_diff_header: bool = False
     print(f"after: {passed}/{total} tests pass")
     ok = passed == total and not left
     if ok:
+        forget(workspace)
         shutil.rmtree(workspace.parent)
     return 0 if ok else 1
+
+
+def forget(workspace: Path) -> None:
+    """Have the daemon forget the workspace before its directory goes (else it keeps a
+    workspace whose directory is gone, which ``branchctl fsck`` reports); an embedded
+    daemon went with its state when the Workspace closed."""
+    from branching.client import Client
+    from branching.errors import BranchError
+
+    try:
+        with Client() as c:
+            c.call("workspace-remove", workspace=str(workspace))
+    except BranchError:
+        pass
 
 
 def apply_and_score(patch: Path, path: Path) -> float:

@@ -11,6 +11,17 @@ from pathlib import Path
 import pytest
 
 from branching import EmbeddedDaemon
+from branching.client import Client
+
+
+def forget_workspaces(daemon: EmbeddedDaemon, *dirs: Path) -> None:
+    """Have a daemon that outlives a test (a module's) forget the test's workspaces at or
+    under *dirs*, with their branches, before the directories go: else it keeps
+    workspaces whose directory is gone, which fsck reports when it stops."""
+    with Client(daemon.socket) as c:
+        for w in c.call("workspace-list")["workspaces"]:
+            if any(w["base"] == str(d) or w["base"].startswith(f"{d}/") for d in dirs):
+                c.call("workspace-remove", workspace=w["name"], force=True)
 
 
 @pytest.fixture

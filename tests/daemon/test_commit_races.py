@@ -32,6 +32,8 @@ import pytest
 
 from branching import EmbeddedDaemon
 
+from .conftest import forget_workspaces
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 
 NOBODY = 65534
@@ -172,7 +174,9 @@ def test_a_directory_swapped_for_a_symlink_during_commit_is_not_chmodded(
 
 
 @pytest.fixture
-def tmpfs_base(top: Path) -> Iterator[Path]:
+def tmpfs_base(shared: EmbeddedDaemon, top: Path) -> Iterator[Path]:
+    """A tmpfs for workspaces; the shared daemon forgets those on it before it goes (a
+    workspace whose directory is gone is what fsck reports when the daemon stops)."""
     base = top / "tmpfs"
     base.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "race", str(base)],
@@ -180,6 +184,7 @@ def tmpfs_base(top: Path) -> Iterator[Path]:
     try:
         yield base
     finally:
+        forget_workspaces(shared, base)
         subprocess.run(["umount", "-l", str(base)], check=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_without_notify_socket_nothing_is_sent(monkeypatch) -> None:
 
 
 def test_vanished_listener_is_logged_once_not_raised(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.notify")  # gone: normal, so INFO
     n = Notifier(str(tmp_path / "gone"))
     n.status("x")
     n.status("y")

@@ -18,6 +18,8 @@ import pytest
 
 from branching import EmbeddedDaemon
 
+from .conftest import forget_workspaces
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
 NOBODY = 65534
@@ -38,7 +40,7 @@ def shared(request: pytest.FixtureRequest) -> Iterator[EmbeddedDaemon]:
 
 
 @pytest.fixture
-def theirs() -> Iterator[Path]:
+def theirs(shared: EmbeddedDaemon) -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="branchd-patch-ws-"))
     top.chmod(0o755)
     ws = top / "ws"
@@ -53,6 +55,7 @@ def theirs() -> Iterator[Path]:
     try:
         yield ws
     finally:
+        forget_workspaces(shared, ws)
         subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
 
 

@@ -145,6 +145,7 @@ OUTSIDER: dict[str, tuple[Any, str | None]] = {
     "exec": (lambda w: roots_(argv=["true"]), "permission"),
     "wait": (lambda w: {"run": w.root_run}, "permission"),
     "kill": (lambda w: {"run": w.root_run}, "permission"),
+    "fsck": (lambda w: {"repair": True}, "permission"),
     "shutdown": (lambda w: {}, "permission"),
 }
 

@@ -155,6 +155,8 @@ def test_a_journal_is_never_replayed_into_another_directory(
         d.stop()
 
 
+# the workspace's directory stays gone: fsck says so when the daemon stops
+@pytest.mark.daemon_log_allows(r"fsck: warning: workspace-gone: workspace proj: ")
 def test_a_removed_directory_refuses_new_branches(started: EmbeddedDaemon,
                                                   tmp_path: Path) -> None:
     ws = make(tmp_path / "proj", **{"a.txt": "a\n"})

@@ -17,6 +17,8 @@ import pytest
 from branching import EmbeddedDaemon
 from daemon.protocol import ExitCode
 
+from .conftest import forget_workspaces
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
 NOBODY = 65534
@@ -74,8 +76,10 @@ def shared_daemon() -> Iterator[EmbeddedDaemon]:
 
 
 @pytest.fixture
-def dirs() -> Iterator[tuple[Path, Path]]:
-    """A workspace only root may use (0700) and one that nobody owns."""
+def dirs(shared_daemon: EmbeddedDaemon) -> Iterator[tuple[Path, Path]]:
+    """A workspace only root may use (0700) and one that nobody owns; forgotten by the
+    shared daemon before they go (a workspace whose directory is gone is what fsck
+    reports when the daemon stops)."""
     top = Path(tempfile.mkdtemp(prefix="branchd-ws-"))
     top.chmod(0o755)
     private, theirs = top / "private", top / "theirs"
@@ -88,6 +92,7 @@ def dirs() -> Iterator[tuple[Path, Path]]:
     try:
         yield private, theirs
     finally:
+        forget_workspaces(shared_daemon, private, theirs)
         subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
 
 
