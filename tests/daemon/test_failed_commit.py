@@ -3,7 +3,7 @@
 Real disks: the base on an 8 MiB tmpfs, the daemon's state on another
 filesystem (the test's tmp dir), so that the commit copies across filesystems.
 "Another process fills the disk during the commit" is made exact instead of
-timed: when the commit's journal appears, the test stops the daemon process
+timed: when the commit's journal is begun, the test stops the daemon process
 (SIGSTOP), fills the base's disk and lets it go on, so every copy after that
 point gets ENOSPC. The journal is durable by then, so the rule applies: the
 commit is finished before anything else happens in that workspace (Busy, exit 4,
@@ -50,7 +50,7 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 
 
 class FillOnJournal(threading.Thread):
-    """Fills *disk* the moment a commit journal appears in *state*/journal, with the
+    """Fills *disk* the moment a commit journal is begun in *state*/journal, with the
     daemon (*pid*) stopped meanwhile so that it cannot copy on before the disk is full."""
 
     def __init__(self, state: Path, disk: Path, pid: int) -> None:
@@ -71,7 +71,9 @@ class FillOnJournal(threading.Thread):
                     _, _, _, size = struct.unpack_from("iIII", buf, off)
                     name = buf[off + 16: off + 16 + size].split(b"\0", 1)[0].decode()
                     off += 16 + size
-                    if name.startswith("commit-") and name.endswith(".json"):
+                    # its temporary file's creation, the earliest sign: the daemon
+                    # still has the journal's write and fsync to do, not a race to win
+                    if name.startswith("commit-"):
                         os.kill(self.pid, signal.SIGSTOP)
                         try:
                             fill(self.disk / "hog")
