@@ -470,6 +470,8 @@ class Handlers:
         self.overlays.detach([branch, *invalidated])  # a finished one may still be served
         if branch.parent is not None:  # its upper dir changed behind the kernel's back
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
+        for name in result.rebased:  # not served yet if the commit was pending at start-up
+            await self.overlays.serve(self.store.branch(result.workspace, name))
         self._ended([branch, *invalidated])
 
     async def op_rebase(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
