@@ -188,3 +188,12 @@ def test_a_run_of_another_branch_is_not_touched(cli: CLI, ws: Path, client: Clie
     client.call("kill", run=run)
     assert e.finish()[1]["ended_by"] == "kill"
 
+
+
+def test_the_client_going_away(daemon: EmbeddedDaemon, ws: Path, cli: CLI,
+                               client: Client) -> None:
+    cli("create", "kg", "-w", str(ws))
+    with Client(daemon.socket) as gone, gone.connection() as c:  # the run belongs to it
+        run = c.call("exec", workspace=str(ws), name="kg", argv=["sleep", "60"])["run"]
+    result = client.call("wait", run=run)["result"]
+    assert result["ended_by"] == "detached" and result["killed"], result
