@@ -27,7 +27,7 @@ import click
 from branching.client import Client
 from branching.errors import BranchError
 from branching.paths import relative_cwd
-from daemon.protocol import ExitCode
+from daemon.protocol import ExitCode, ended_message
 
 if TYPE_CHECKING:
     from cgroups import Limits
@@ -463,10 +463,9 @@ def _run(obj: Context, name: str, ws: str | None, argv: list[str], limits: Limit
     r = done["result"]
     code = TIMEOUT_EXIT if r["timed_out"] else (
         r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0))
-    if r["timed_out"]:
-        click.echo(f"branchctl: timed out after {limits.timeout}s; process tree killed", err=True)
-    elif r["oom_killed"]:
-        click.echo("branchctl: killed by the memory limit (OOM)", err=True)
+    # never silent: a run that did not end by itself says who ended it (protocol.ENDED_BY)
+    if why := ended_message(done["run"], r, limits.timeout):
+        click.echo(why, err=True)
     done["_exit"] = code
     text = ""
     if capture:

@@ -153,7 +153,8 @@ def server(tools: Tools) -> MCPServer:
         r = b.run(command, limits=limits, timeout=timeout, cwd="")
         return {
             "exit_code": r.returncode, "ok": r.ok, "timed_out": r.timed_out,
-            "oom_killed": r.oom_killed, "duration": round(r.duration, 3),
+            "oom_killed": r.oom_killed, "ended_by": r.ended_by,
+            "duration": round(r.duration, 3),
             "stdout": _tail(r.stdout), "stderr": _tail(r.stderr),
             "stdout_path": str(r.stdout_path), "stderr_path": str(r.stderr_path),
         }

@@ -21,13 +21,18 @@ from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
 from branching.paths import relative_cwd
 from cgroups import Limits
+from daemon.protocol import ended_by as ended_by_of
 
 ACTIONS = ("commit", "abort", "keep")
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run in a branch ended, as the daemon's cgroup accounting saw it."""
+    """How a run in a branch ended, as the daemon's cgroup accounting saw it.
+
+    ``ended_by`` says why (``daemon.protocol.ENDED_BY``): "exit" or "signal" when it
+    ended by itself, else "timeout", "oom", "commit", "discard", "invalidated",
+    "kill", "detached" or "shutdown"."""
 
     run: str
     exit_code: int | None
@@ -40,6 +45,7 @@ class RunResult:
     duration: float
     stdout_path: Path | None = None
     stderr_path: Path | None = None
+    ended_by: str = "exit"
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> RunResult:
@@ -51,6 +57,7 @@ class RunResult:
             cpu_time=r.get("cpu_time"), duration=float(r.get("duration", 0.0)),
             stdout_path=Path(reply["stdout_path"]) if reply.get("stdout_path") else None,
             stderr_path=Path(reply["stderr_path"]) if reply.get("stderr_path") else None,
+            ended_by=ended_by_of(r),
         )
 
     @property

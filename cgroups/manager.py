@@ -27,7 +27,7 @@ from .cgroup import Cgroup, write
 from .errors import CgroupError, SpawnError
 from .layout import V1_CONTROLLERS, Layout, detect
 from .limits import Limits
-from .run import Run
+from .run import KILL, SHUTDOWN, TIMEOUT, Run
 from .spawn import Bind, Entries, User, namespaces, start
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class _Monitor:
         self._poll.register(self._wake_r, select.POLLIN)
         self._by_fd: dict[int, Run] = {}
         self._deadlines: list[tuple[float, int, Run]] = []
-        self._kills: list[Run] = []
+        self._kills: list[tuple[Run, str]] = []
         self._seq = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="cgroups-monitor", daemon=True)
@@ -70,10 +70,10 @@ class _Monitor:
                 heapq.heappush(self._deadlines, (time.monotonic() + timeout, next(self._seq), run))
         self._wake()
 
-    def kill_later(self, run: Run) -> None:
+    def kill_later(self, run: Run, reason: str) -> None:
         """Have the monitor thread kill `run` (kills that wait for the tree to be gone)."""
         with self._lock:
-            self._kills.append(run)
+            self._kills.append((run, reason))
         self._wake()
 
     def _wake(self) -> None:
@@ -114,14 +114,14 @@ class _Monitor:
                 while self._deadlines and self._deadlines[0][0] <= now:
                     due.append(heapq.heappop(self._deadlines)[2])
                 kills, self._kills = self._kills, []
-            for run in kills:
-                self._guarded(functools.partial(run._stop, "killed"), run)
+            for run, reason in kills:
+                self._guarded(functools.partial(run._stop, reason), run)
             for run in due:
                 if run.poll() is None:
                     log.info(
                         "run %s: timeout of %gs reached, killing it", run.id, run.limits.timeout
                     )
-                    self._guarded(functools.partial(run._stop, "timeout"), run)
+                    self._guarded(functools.partial(run._stop, TIMEOUT), run)
 
     @staticmethod
     def _guarded(fn: Callable[[], object], run: Run) -> None:
@@ -366,7 +366,7 @@ class Manager:
                 self._monitor.add(run, limits.timeout)
         if closing:
             # close() began while we started it: it will not see this run
-            run._stop("killed")
+            run._stop(SHUTDOWN)
             run._finish()
             raise CgroupError(f"cgroups manager {self.name} is closed")
         log.debug("run %s: pid %d started: %s", run_id, run.pid, argv)
@@ -460,9 +460,10 @@ class Manager:
         with self._lock:
             return [r for r in self._runs.values() if group is None or r.group == group]
 
-    def kill_group(self, group: str) -> int:
-        """Kill every run of `group` (without waiting: see Run.kill); how many processes."""
-        return sum(r._request_stop("killed") for r in self.runs(group))
+    def kill_group(self, group: str, reason: str = KILL) -> int:
+        """Kill every run of `group` (without waiting: see Run.kill), each result's
+        ``ended_by`` being *reason*; how many processes."""
+        return sum(r._request_stop(reason) for r in self.runs(group))
 
     def close(self) -> None:
         """Kill every run, wait for them to end, remove every cgroup this Manager made."""
@@ -474,7 +475,7 @@ class Manager:
         try:
             for run in self.runs():
                 try:
-                    run._stop("killed")
+                    run._stop(SHUTDOWN)
                 except CgroupError as exc:
                     errors.append(str(exc))
             for run in self.runs():

@@ -22,9 +22,21 @@ from .limits import Limits
 log = logging.getLogger(__name__)
 
 
+# Why a run ended (RunResult.ended_by): on its own, or which of our kills stopped it. A
+# caller of Run.kill / Manager.kill_group may name its own reason (the daemon says
+# "commit", "discard", ...): any short word other than these.
+EXIT = "exit"  # the main process exited with a status
+SIGNAL = "signal"  # it died of a signal that none of our kills sent
+TIMEOUT = "timeout"  # the Manager's timer killed the tree
+OOM = "oom"  # the kernel's OOM killer killed (part of) it at the memory limit
+KILL = "kill"  # kill() / kill_group() without a reason of their own
+SHUTDOWN = "shutdown"  # Manager.close()
+
+
 @dataclass
 class RunResult:
-    """How a run ended. Exactly one of exit_code / signal is set."""
+    """How a run ended. Exactly one of exit_code / signal is set; ``ended_by`` says why
+    (EXIT, SIGNAL, TIMEOUT, OOM, or the reason a kill was given), the first cause only."""
 
     exit_code: int | None
     signal: int | None
@@ -34,6 +46,7 @@ class RunResult:
     peak_memory: int | None  # bytes; None where the host does not account memory
     cpu_time: float | None  # seconds, user + system, the whole tree
     duration: float  # seconds of wall clock from spawn to the main process's exit
+    ended_by: str = EXIT
 
     @property
     def returncode(self) -> int:
@@ -79,7 +92,7 @@ class Run:
     Invariants: `_result` is set once, by `_finish`, after the rest of the tree
     is killed, the main process reaped, the stats read and the cgroup removed,
     and published (`_done`) once the Manager no longer lists the run;
-    `_reason` is the first of "timeout" / "killed" that stopped the tree; the
+    `_reason` is the first of TIMEOUT or a kill's reason that stopped the tree; the
     main pid stays reserved (a zombie at worst) until `_finish` reaps it, so
     signalling it by pid never hits a stranger.
     """
@@ -93,7 +106,7 @@ class Run:
         proc: subprocess.Popen[bytes],
         started: float,
         on_done: Callable[[Run, Cgroup | None], None],
-        kill_later: Callable[[Run], None],
+        kill_later: Callable[[Run, str], None],
     ) -> None:
         self.id = id
         self.group = group
@@ -135,14 +148,15 @@ class Run:
         assert self._result is not None
         fn(self._result)
 
-    def kill(self) -> None:
-        """SIGKILL the whole tree of this run; `wait()` tells when it has ended.
+    def kill(self, reason: str = KILL) -> None:
+        """SIGKILL the whole tree of this run; `wait()` tells when it has ended, and its
+        result's ``ended_by`` is *reason* (unless something else stopped it first).
 
         Never blocks on the processes' exit: an exiting process may need our
         own FUSE session to answer (FLUSH on close), and the caller may be the
         thread that serves it.
         """
-        self._request_stop("killed")
+        self._request_stop(reason)
 
     def freeze(self) -> None:
         """Stop every process of the run (cgroup freezer); `thaw` resumes them."""
@@ -173,7 +187,7 @@ class Run:
                 count = len(self.cgroup.procs())
             else:
                 count = 1 + len(_session(self.pid))
-        self._kill_later(self)
+        self._kill_later(self, reason)  # _stop keeps the first reason
         return count
 
     def _stop(self, reason: str) -> int:
@@ -233,15 +247,18 @@ class Run:
                 # old v1 kernels do not count OOM kills: a SIGKILL we did not send
                 # after the limit was hit is the OOM killer's
                 oom_killed = bool(failcnt) and sig == signal.SIGKILL and self._reason is None
+            # what we did first, else what the kernel did, else the process's own doing
+            ended_by = self._reason or (OOM if oom_killed else SIGNAL if sig else EXIT)
             self._result = RunResult(
                 exit_code=rc if rc >= 0 else None,
                 signal=sig,
                 oom_killed=oom_killed,
-                timed_out=self._reason == "timeout",
-                killed=self._reason == "killed",
+                timed_out=self._reason == TIMEOUT,
+                killed=self._reason not in (None, TIMEOUT),
                 peak_memory=peak,
                 cpu_time=cpu,
                 duration=ended - self._started,
+                ended_by=ended_by,
             )
         # the Manager forgets the run before anyone sees it ended: runs() never lists an ended run
         self._on_done(self, leftover)

@@ -280,10 +280,11 @@ class Handlers:
         out["meta"] = self.meta.get(branch.id)
         return out
 
-    def _ended(self, branches: list[branchfs.Branch]) -> None:
-        """Kill every process of branches that just ended and forget their metadata."""
+    def _ended(self, branches: list[branchfs.Branch], reason: str) -> None:
+        """Kill every process of branches that just ended (their runs ended by *reason*)
+        and forget their metadata."""
         for b in branches:
-            killed = self.runs.kill_branch(b.id)
+            killed = self.runs.kill_branch(b.id, reason)
             if killed:
                 log.info("killed %d processes of ended branch %s", killed, b.name)
             self.meta.drop(b.id)
@@ -352,7 +353,7 @@ class Handlers:
             self.overlays.detach([b for b in self.store.branches(ws.name)
                                   if b.status == "active"])
         removed = self.store.remove_workspace(ws.name, force=force)
-        self._ended(removed)
+        self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
 
     async def op_create(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -441,7 +442,7 @@ class Handlers:
         branch = self._branch(args)
         await self._settle(branch.workspace)
         await self._check_writable(peer, branch)
-        if self.runs.kill_branch(branch.id):
+        if self.runs.kill_branch(branch.id, "commit"):
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
         # The kernel must not write the upper dir while the commit moves it away.
@@ -472,7 +473,8 @@ class Handlers:
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
         for name in result.rebased:  # not served yet if the commit was pending at start-up
             await self.overlays.serve(self.store.branch(result.workspace, name))
-        self._ended([branch, *invalidated])
+        self._ended([branch], "commit")
+        self._ended(invalidated, "invalidated")
 
     async def op_rebase(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
@@ -505,7 +507,7 @@ class Handlers:
                 if self.store.status(b.id) == "active":
                     await self.overlays.serve(b)
             raise
-        self._ended(removed)
+        self._ended(removed, "discard")
         return {"discarded": [b.name for b in removed]}
 
     async def op_exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -561,7 +563,7 @@ class Handlers:
 
     async def op_kill(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         record = self._run(args)
-        record.run.kill()
+        self.runs.kill(record, "kill")
         return {"run": record.id}
 
     async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:

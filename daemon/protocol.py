@@ -65,6 +65,44 @@ OPS: dict[str, Op] = {
 }
 
 
+# Why a run ended: the ``ended_by`` of its result (``exec``/``wait``/``info`` replies),
+# each with what ``branchctl exec`` says of it on stderr (None: it ended by itself).
+# The first four come from cgroups (cgroups.run); the rest name who killed it.
+ENDED_BY: dict[str, str | None] = {
+    "exit": None,  # the command exited with a status
+    "signal": None,  # it died of a signal branchd did not send (returncode 128+N)
+    "timeout": "timed out after {timeout} and was killed",  # --timeout (exit 124)
+    "oom": "killed by the kernel for memory (OOM)",  # at its --memory limit (137)
+    "commit": "killed: its branch was committed",
+    "discard": "killed: its branch was discarded",  # or its workspace removed --force
+    "invalidated": "killed: a sibling's commit invalidated its branch",
+    "kill": "killed on request",  # the kill op (as branchctl exec sends on Ctrl-C)
+    "detached": "killed: the client it belonged to went away",
+    "shutdown": "killed: the daemon is stopping",
+}
+
+
+def ended_by(result: dict[str, Any]) -> str:
+    """A run result's ``ended_by``; from its flags where a daemon from before it sent none."""
+    if why := result.get("ended_by"):
+        return str(why)
+    for flag, why in (("timed_out", "timeout"), ("oom_killed", "oom"), ("killed", "kill"),
+                      ("signal", "signal")):
+        if result.get(flag):
+            return why
+    return "exit"
+
+
+def ended_message(run: str, result: dict[str, Any], timeout: float | None = None) -> str | None:
+    """The line ``branchctl exec`` prints for a run that did not end by itself, else None."""
+    why = ended_by(result)
+    what = ENDED_BY.get(why, "killed ({ended_by})")
+    if what is None:
+        return None
+    limit = f"{timeout:g}s" if timeout is not None else "its time limit"
+    return f"branchctl: run {run} " + what.format(timeout=limit, ended_by=why)
+
+
 def runtime_dir() -> Path:
     """Where the daemon keeps its socket (and, by default, its mountpoint)."""
     if env := os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=

@@ -143,8 +143,14 @@ class RunTable:
     def get(self, run_id: str) -> RunRecord | None:
         return self.runs.get(run_id)
 
-    def kill_branch(self, branch_id: str) -> int:
-        return self.manager.kill_group(branch_id)
+    def kill_branch(self, branch_id: str, reason: str) -> int:
+        """Kill every run of the branch; *reason* (a protocol.ENDED_BY key) becomes their
+        results' ``ended_by``. How many processes there were."""
+        return self.manager.kill_group(branch_id, reason)
+
+    def kill(self, record: RunRecord, reason: str) -> None:
+        """Kill one run; *reason* as for kill_branch."""
+        record.run.kill(reason)
 
     def active(self) -> int:
         return sum(1 for r in self.runs.values() if r.result is None)

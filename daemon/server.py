@@ -156,7 +156,7 @@ class Connection:
                 record = self.handlers.runs.get(run_id)
                 if record is not None and record.result is None:
                     log.info("client of run %s went away: killing it", run_id)
-                    record.run.kill()
+                    self.handlers.runs.kill(record, "detached")
             self.sock.close()
 
     def _deadline(self, greeted: bool, hello_by: float) -> float:

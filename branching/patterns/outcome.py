@@ -49,6 +49,7 @@ class CandidateResult:
     score: float | None = None
     exit_code: int | None = None
     signal: int | None = None
+    ended_by: str | None = None  # why its run ended (RunResult.ended_by); None: no run
     duration: float | None = None
     cpu_time: float | None = None
     peak_memory: int | None = None
@@ -122,6 +123,7 @@ class CandidateResult:
             "score": self.score,
             "exit_code": self.exit_code,
             "signal": self.signal,
+            "ended_by": self.ended_by,
             "duration": self.duration,
             "cpu_time": self.cpu_time,
             "peak_memory": self.peak_memory,

@@ -211,6 +211,7 @@ class Session:
     def _classify(self, result: CandidateResult, candidate: Candidate, run: RunResult,
                   scratch: Path) -> None:
         result.exit_code, result.signal = run.exit_code, run.signal
+        result.ended_by = run.ended_by
         result.duration, result.cpu_time = run.duration, run.cpu_time
         result.peak_memory = run.peak_memory
         result.stdout_path, result.stderr_path = run.stdout_path, run.stderr_path

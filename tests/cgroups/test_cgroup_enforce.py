@@ -42,7 +42,7 @@ def test_memory_hog_is_oom_killed_and_nothing_else(manager: Manager, tmp_path: o
     assert result is not None
     assert result.oom_killed
     assert result.signal == signal.SIGKILL and result.returncode == 128 + 9
-    assert not result.timed_out and not result.killed
+    assert not result.timed_out and not result.killed and result.ended_by == "oom"
     assert result.peak_memory is not None and result.peak_memory <= 64 << 20
     # the sibling run and this process are untouched
     assert sibling.poll() is None

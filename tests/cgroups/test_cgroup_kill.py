@@ -37,9 +37,10 @@ def test_kill_group_kills_double_forked_daemon(
     expected = "freezer" if any_layout.kind == "v1" else "cgroup.kill"
     assert run.cgroup.kill_method == expected
 
-    assert manager.kill_group("branch-a") >= 2
+    assert manager.kill_group("branch-a", "discard") >= 2
     result = run.wait(10)
     assert result is not None and result.killed and result.signal == signal.SIGKILL
+    assert result.ended_by == "discard"
     assert gone(daemon) and gone(run.pid)
     assert manager.runs("branch-a") == []
     # the other group lives on
@@ -54,6 +55,7 @@ def test_run_end_kills_what_it_left_behind(
     run = manager.spawn(py(DOUBLE_FORK) + [pidfile, "leave"], cwd="/")
     result = run.wait(10)
     assert result is not None and result.exit_code == 0 and not result.killed
+    assert result.ended_by == "exit"  # killing what it left is no kill of the run
     daemon = read_pid(pidfile)
     assert gone(daemon)
     assert run.cgroup is not None and not any(os.path.exists(d) for d in run.cgroup.dirs)
@@ -72,6 +74,7 @@ def test_timeout_kills_the_tree(
     assert not gone(daemon)
     result = run.wait(30)
     assert result is not None and result.timed_out and not result.killed
+    assert result.ended_by == "timeout"
     assert result.signal == signal.SIGKILL and result.duration >= 1
     assert gone(daemon)
 
@@ -84,10 +87,29 @@ def test_kill_one_run_spares_its_group(
     b = manager.spawn(["sleep", "60"], cwd="/", group="g")
     a.kill()
     result = a.wait(10)
-    assert result is not None and result.killed
+    assert result is not None and result.killed and result.ended_by == "kill"
     assert b.poll() is None and not gone(b.pid)
     a.kill()  # a no-op once ended
     assert manager.kill_group("g") == 1
+
+
+def test_ended_by_names_the_first_cause(
+    make_manager: Callable[..., Manager], any_layout: Layout
+) -> None:
+    manager = make_manager(any_layout)
+    first = manager.spawn(["sleep", "60"], cwd="/")
+    first.kill("commit")
+    first.kill("discard")  # a later reason does not replace the first
+    result = first.wait(10)
+    assert result is not None and result.killed and result.ended_by == "commit"
+    selfkill = manager.spawn(["sh", "-c", "kill -TERM $$"], cwd="/")
+    result = selfkill.wait(10)
+    assert result is not None and result.signal == signal.SIGTERM
+    assert result.ended_by == "signal" and not result.killed
+    left = manager.spawn(["sleep", "60"], cwd="/")
+    manager.close()
+    result = left.wait(10)
+    assert result is not None and result.killed and result.ended_by == "shutdown"
 
 
 @pytest.mark.timeout(60)

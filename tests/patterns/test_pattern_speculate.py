@@ -32,6 +32,8 @@ def test_first_success_commits_and_the_rest_leave_no_trace(ws: Workspace, base: 
     fails, hung, won = outcome.candidates
     assert fails.status == oc.FAILED and fails.exit_code == 1 and not fails.success
     assert hung.status == oc.CANCELLED and not hung.success  # killed at once, not timed out
+    assert (fails.ended_by, hung.ended_by, won.ended_by) == ("exit", "discard", "exit")
+    assert outcome.to_dict()["candidates"][1]["ended_by"] == "discard"
     assert won.status == oc.PASSED and won.committed and won.exit_code == 0
     assert won.duration is not None and won.stderr_path is not None
     wait_for(lambda: not alive(pids), "the losing candidate's process to die")
@@ -62,12 +64,13 @@ def test_nothing_succeeds_leaves_the_workspace_untouched(ws: Workspace, base: Pa
     assert "ValueError: no luck" in (raised.error or "")
     assert "ValueError: no luck" in raised.log_path.read_text()  # type: ignore[union-attr]
     assert crashed.status == oc.CRASHED and crashed.signal == 11
+    assert crashed.ended_by == "signal"
 
 
 def test_hanging_candidate_times_out(ws: Workspace, base: Path, pids: Path) -> None:
     outcome = Speculate([functools.partial(hang, str(pids))], timeout=1)(ws)
     [hung] = outcome.candidates
-    assert hung.status == oc.TIMED_OUT and not outcome.committed
+    assert hung.status == oc.TIMED_OUT and hung.ended_by == "timeout" and not outcome.committed
     assert not (base / "hanging.txt").exists()
     wait_for(lambda: not alive(pids), "the timed-out candidate's process to die")
 
@@ -78,7 +81,7 @@ def test_memory_hungry_candidate_is_oom_killed(ws: Workspace, base: Path) -> Non
         first_wins=False, resource_limits=Limits(memory="64M"),
     )(ws)
     hog, ok = outcome.candidates
-    assert hog.status == oc.OOM and not hog.success
+    assert hog.status == oc.OOM and hog.ended_by == "oom" and not hog.success
     assert ok.committed and (base / "value.txt").read_text() == "ok\n"
 
 
