@@ -6,12 +6,28 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from branching import EmbeddedDaemon
 from branching.client import Client
+
+
+@contextmanager
+def passable_dir(prefix: str) -> Iterator[Path]:
+    """A new directory every user may pass through (pytest's tmp dirs are 0700), for
+    the tests that act as uid 65534; removed afterwards, never crossing into a mount
+    left below it."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
 def forget_workspaces(daemon: EmbeddedDaemon, *dirs: Path) -> None:

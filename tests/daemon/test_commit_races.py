@@ -22,7 +22,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import pytest
 
 from branching import EmbeddedDaemon
 
-from .conftest import forget_workspaces
+from .conftest import forget_workspaces, passable_dir
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
 
@@ -81,14 +80,10 @@ SWAPPER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def top() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="branchd-race-"))
-    root.chmod(0o755)
-    (root / "flags").mkdir(mode=0o777)
-    (root / "flags").chmod(0o777)  # where the attacker says it is ready
-    try:
+    with passable_dir("branchd-race-") as root:
+        (root / "flags").mkdir(mode=0o777)
+        (root / "flags").chmod(0o777)  # where the attacker says it is ready
         yield root
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
 @pytest.fixture(scope="module")

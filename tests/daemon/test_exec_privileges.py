@@ -25,6 +25,8 @@ import pytest
 from branching import EmbeddedDaemon
 from daemon.protocol import ExitCode
 
+from .conftest import passable_dir
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 
 NOBODY = 65534
@@ -41,12 +43,8 @@ __attribute__((constructor)) static void evil(void) {
 @pytest.fixture(scope="module")
 def top() -> Iterator[Path]:
     """A directory every user may pass through (pytest's tmp dirs are 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="branchd-priv-"))
-    root.chmod(0o755)
-    try:
+    with passable_dir("branchd-priv-") as root:
         yield root
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
 @pytest.fixture(scope="module")

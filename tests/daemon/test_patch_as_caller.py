@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from branching import EmbeddedDaemon
 
-from .conftest import forget_workspaces
+from .conftest import forget_workspaces, passable_dir
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -28,35 +27,31 @@ SECRET = "root's secret\n"
 
 @pytest.fixture(scope="module", params=["fuse", "overlay"])
 def shared(request: pytest.FixtureRequest) -> Iterator[EmbeddedDaemon]:
-    root = Path(tempfile.mkdtemp(prefix="branchd-patch-"))
-    root.chmod(0o755)
-    d = EmbeddedDaemon(root, args=["--allow-uid", str(NOBODY), "--socket-mode", "0666",
-                                   "--backend", request.param]).start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+    with passable_dir("branchd-patch-") as root:
+        d = EmbeddedDaemon(root, args=["--allow-uid", str(NOBODY), "--socket-mode", "0666",
+                                       "--backend", request.param]).start()
+        try:
+            yield d
+        finally:
+            d.stop()
 
 
 @pytest.fixture
 def theirs(shared: EmbeddedDaemon) -> Iterator[Path]:
-    top = Path(tempfile.mkdtemp(prefix="branchd-patch-ws-"))
-    top.chmod(0o755)
-    ws = top / "ws"
-    ws.mkdir()
-    (ws / "secret").write_text(SECRET)
-    (ws / "secret").chmod(0o600)
-    (ws / "priv").mkdir(mode=0o700)
-    (ws / "priv" / "f").write_text(SECRET)
-    (ws / "mine").write_text("mine\n")
-    os.chown(ws, NOBODY, NOBODY)
-    os.chown(ws / "mine", NOBODY, NOBODY)
-    try:
-        yield ws
-    finally:
-        forget_workspaces(shared, ws)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+    with passable_dir("branchd-patch-ws-") as top:
+        ws = top / "ws"
+        ws.mkdir()
+        (ws / "secret").write_text(SECRET)
+        (ws / "secret").chmod(0o600)
+        (ws / "priv").mkdir(mode=0o700)
+        (ws / "priv" / "f").write_text(SECRET)
+        (ws / "mine").write_text("mine\n")
+        os.chown(ws, NOBODY, NOBODY)
+        os.chown(ws / "mine", NOBODY, NOBODY)
+        try:
+            yield ws
+        finally:
+            forget_workspaces(shared, ws)
 
 
 def nobody(*argv: str, socket: Path | None = None

@@ -16,14 +16,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from branching import Client, EmbeddedDaemon
+
+from .conftest import passable_dir
 
 pytestmark = [
     pytest.mark.mount, pytest.mark.timeout(120),
@@ -62,25 +62,23 @@ print(f.readline().decode().strip())
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[EmbeddedDaemon]:
-    top = Path(tempfile.mkdtemp(prefix="branchd-groups-"))
-    top.chmod(0o755)
-    grpws = top / "grpws"
-    grpws.mkdir()
-    (grpws / "f").write_text("the group's\n")
-    os.chown(grpws, 0, GROUP)
-    grpws.chmod(0o770)
-    (top / "daemon").mkdir(mode=0o755)
-    d = EmbeddedDaemon(top / "daemon", args=["--allow-uid", str(NOBODY),
-                                             "--socket-mode", "0666"])
-    try:
-        d.start()
-        with Client(d.socket) as c:
-            c.call("workspace-add", path=str(grpws), name="grpws")
-            c.call("create", name="g1", workspace="grpws")
-        yield d
-    finally:
-        d.stop()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+    with passable_dir("branchd-groups-") as top:
+        grpws = top / "grpws"
+        grpws.mkdir()
+        (grpws / "f").write_text("the group's\n")
+        os.chown(grpws, 0, GROUP)
+        grpws.chmod(0o770)
+        (top / "daemon").mkdir(mode=0o755)
+        d = EmbeddedDaemon(top / "daemon", args=["--allow-uid", str(NOBODY),
+                                                 "--socket-mode", "0666"])
+        try:
+            d.start()
+            with Client(d.socket) as c:
+                c.call("workspace-add", path=str(grpws), name="grpws")
+                c.call("create", name="g1", workspace="grpws")
+            yield d
+        finally:
+            d.stop()
 
 
 def ask(argv: list[str]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ import pytest
 
 from branching import Client, EmbeddedDaemon
 from daemon import protocol
+
+from .conftest import passable_dir
 
 pytestmark = [
     pytest.mark.mount, pytest.mark.timeout(240),
@@ -89,37 +90,35 @@ def ask1(world: World, op: str, **args: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module", params=["fuse", "overlay"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
-    top = Path(tempfile.mkdtemp(prefix="branchd-perm-"))
-    top.chmod(0o755)
-    root_ws, theirs = top / "rootws", top / "theirs"
-    root_ws.mkdir(mode=0o755)
-    (root_ws / "f").write_text("root's\n")
-    theirs.mkdir()
-    (theirs / "mine").write_text("mine\n")
-    (theirs / "secret").write_text(SECRET)
-    (theirs / "secret").chmod(0o600)
-    (theirs / "sys").mkdir(mode=0o755)
-    (theirs / "sys" / "conf").write_text("root's conf\n")
-    os.chown(theirs, NOBODY, NOBODY)
-    os.chown(theirs / "mine", NOBODY, NOBODY)
-    (top / "daemon").mkdir(mode=0o755)
-    d = EmbeddedDaemon(top / "daemon", args=["--allow-uid", str(NOBODY), "--socket-mode",
-                                             "0666", "--backend", request.param])
-    try:
-        d.start()
-        with Client(d.socket) as c:
-            c.call("workspace-add", path=str(root_ws), name="rootws")
-            c.call("workspace-add", path=str(theirs), name="theirs")
-            roots = c.call("create", name="roots", workspace="rootws", meta={"kv": "root's"})
-            run = c.call("exec", name="roots", workspace="rootws", argv=["sleep", "300"],
-                         detach=True)["run"]
-            rootb = c.call("create", name="rootb", workspace="theirs")
-            runb = c.call("exec", name="rootb", workspace="theirs", argv=["sleep", "300"],
-                          detach=True)["run"]
-        yield World(d, top, root_ws, theirs, roots, run, rootb, runb)
-    finally:
-        d.stop()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+    with passable_dir("branchd-perm-") as top:
+        root_ws, theirs = top / "rootws", top / "theirs"
+        root_ws.mkdir(mode=0o755)
+        (root_ws / "f").write_text("root's\n")
+        theirs.mkdir()
+        (theirs / "mine").write_text("mine\n")
+        (theirs / "secret").write_text(SECRET)
+        (theirs / "secret").chmod(0o600)
+        (theirs / "sys").mkdir(mode=0o755)
+        (theirs / "sys" / "conf").write_text("root's conf\n")
+        os.chown(theirs, NOBODY, NOBODY)
+        os.chown(theirs / "mine", NOBODY, NOBODY)
+        (top / "daemon").mkdir(mode=0o755)
+        d = EmbeddedDaemon(top / "daemon", args=["--allow-uid", str(NOBODY), "--socket-mode",
+                                                 "0666", "--backend", request.param])
+        try:
+            d.start()
+            with Client(d.socket) as c:
+                c.call("workspace-add", path=str(root_ws), name="rootws")
+                c.call("workspace-add", path=str(theirs), name="theirs")
+                roots = c.call("create", name="roots", workspace="rootws", meta={"kv": "root's"})
+                run = c.call("exec", name="roots", workspace="rootws", argv=["sleep", "300"],
+                             detach=True)["run"]
+                rootb = c.call("create", name="rootb", workspace="theirs")
+                runb = c.call("exec", name="rootb", workspace="theirs", argv=["sleep", "300"],
+                              detach=True)["run"]
+            yield World(d, top, root_ws, theirs, roots, run, rootb, runb)
+        finally:
+            d.stop()
 
 
 def roots_(**more: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from branching import EmbeddedDaemon
 from daemon.protocol import ExitCode
 
-from .conftest import forget_workspaces
+from .conftest import forget_workspaces, passable_dir
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -27,14 +26,12 @@ NOBODY = 65534
 @pytest.fixture(scope="module")
 def open_daemon() -> Iterator[EmbeddedDaemon]:
     """A daemon whose directory other users may traverse (pytest's tmp dirs are 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="branchd-sec-"))
-    root.chmod(0o755)
-    d = EmbeddedDaemon(root).start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+    with passable_dir("branchd-sec-") as root:
+        d = EmbeddedDaemon(root).start()
+        try:
+            yield d
+        finally:
+            d.stop()
 
 
 def as_nobody(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -64,15 +61,13 @@ def test_peer_credentials_refuse_other_uids(open_daemon: EmbeddedDaemon) -> None
 @pytest.fixture(scope="module")
 def shared_daemon() -> Iterator[EmbeddedDaemon]:
     """A daemon that lets uid 65534 connect (as a socket group would: mode 0666 here)."""
-    root = Path(tempfile.mkdtemp(prefix="branchd-shared-"))
-    root.chmod(0o755)
-    d = EmbeddedDaemon(root, args=["--allow-uid", str(NOBODY)]).start()
-    os.chmod(d.socket, 0o666)
-    try:
-        yield d
-    finally:
-        d.stop()
-        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+    with passable_dir("branchd-shared-") as root:
+        d = EmbeddedDaemon(root, args=["--allow-uid", str(NOBODY)]).start()
+        os.chmod(d.socket, 0o666)
+        try:
+            yield d
+        finally:
+            d.stop()
 
 
 @pytest.fixture
@@ -80,20 +75,18 @@ def dirs(shared_daemon: EmbeddedDaemon) -> Iterator[tuple[Path, Path]]:
     """A workspace only root may use (0700) and one that nobody owns; forgotten by the
     shared daemon before they go (a workspace whose directory is gone is what fsck
     reports when the daemon stops)."""
-    top = Path(tempfile.mkdtemp(prefix="branchd-ws-"))
-    top.chmod(0o755)
-    private, theirs = top / "private", top / "theirs"
-    private.mkdir(mode=0o700)
-    (private / "secret").write_text("root's\n")
-    theirs.mkdir()
-    (theirs / "f").write_text("nobody's\n")
-    os.chown(theirs, NOBODY, NOBODY)
-    os.chown(theirs / "f", NOBODY, NOBODY)
-    try:
-        yield private, theirs
-    finally:
-        forget_workspaces(shared_daemon, private, theirs)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=False)
+    with passable_dir("branchd-ws-") as top:
+        private, theirs = top / "private", top / "theirs"
+        private.mkdir(mode=0o700)
+        (private / "secret").write_text("root's\n")
+        theirs.mkdir()
+        (theirs / "f").write_text("nobody's\n")
+        os.chown(theirs, NOBODY, NOBODY)
+        os.chown(theirs / "f", NOBODY, NOBODY)
+        try:
+            yield private, theirs
+        finally:
+            forget_workspaces(shared_daemon, private, theirs)
 
 
 def test_allowed_user_works_in_their_own_workspace(shared_daemon: EmbeddedDaemon,
