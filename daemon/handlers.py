@@ -300,6 +300,7 @@ class Handlers:
         manager = self.runs.manager
         usable = {ws.name for ws in await self._usable(peer)}
         mine = self.privileged(peer)
+        seen = [b for b in self.store.branches() if b.workspace in usable]
         return {
             "version": VERSION,
             "pid": os.getpid(),
@@ -309,7 +310,10 @@ class Handlers:
             **self._who_may_connect(),
             "state_dir": str(self.store.state_dir),
             "workspaces": len(usable),
-            "branches": sum(1 for b in self.store.branches() if b.workspace in usable),
+            "branches": len(seen),
+            # branches whose commit waits for `branchctl resolve`, with the paths
+            "conflicted": [f"{b.workspace}/{b.name}: {', '.join(b.conflicts)}"
+                           for b in seen if b.conflicts],
             "runs_active": sum(1 for r in self.runs.runs.values()
                                if r.result is None and self._visible(peer, r)),
             "backend": self.overlays.backend,

@@ -140,6 +140,7 @@ def test_a_conflict_is_reported_and_resolved_not_punished(cli: CLI, project: Pat
     b = info(cli, "s2", project)
     assert b["status"] == "active" and b["conflicts"] == ["bin.dat", "f.txt", "gone.txt"]
     assert "conflicted (3)" in cli("list", "-w", str(project)).stdout
+    assert f"{b['workspace']}/s2: bin.dat, f.txt, gone.txt" in cli.json("status")["conflicted"]
     # its own versions are untouched
     assert "five by s2\n" in (p2 / "f.txt").read_text()
     assert (p2 / "gone.txt").read_text() == "changed by s2\n"
