@@ -73,7 +73,7 @@ ENDED_BY: dict[str, str | None] = {
     "signal": None,  # it died of a signal branchd did not send (returncode 128+N)
     "timeout": "timed out after {timeout} and was killed",  # --timeout (exit 124)
     "oom": "killed by the kernel for memory (OOM)",  # at its --memory limit (137)
-    "commit": "killed: its branch was committed",
+    "commit": "killed: its branch is being committed (also when that commit is then refused)",
     "discard": "killed: its branch was discarded",  # or its workspace removed --force
     "invalidated": "killed: a sibling's commit invalidated its branch",
     "kill": "killed on request",  # the kill op (as branchctl exec sends on Ctrl-C)

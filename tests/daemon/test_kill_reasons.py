@@ -21,6 +21,7 @@ import pytest
 
 from branching import EmbeddedDaemon
 from branching.client import Client
+from daemon import protocol
 
 from .conftest import CLI
 
@@ -93,7 +94,7 @@ def test_commit_of_its_branch(cli: CLI, ws: Path, client: Client, execs: list[Ex
     rc, result, err = e.finish()
     assert result["ended_by"] == "commit" and result["killed"], result
     assert rc == 137
-    assert killed_line(err, run) == [f"branchctl: run {run} killed: its branch was committed"]
+    assert killed_line(err, run) == [f"branchctl: run {run} {protocol.ENDED_BY['commit']}"]
 
 
 def test_discard(cli: CLI, ws: Path, client: Client, execs: list[Exec]) -> None:
