@@ -76,6 +76,7 @@ class Branch(_Dict):
     # paths where its changes and its parent's (a sibling's commit, or a change
     # made outside) could not be merged: its commit is refused until resolved
     conflicts: tuple[str, ...] = ()
+    owner: int | None = None  # uid of who made it (None: a record from before owners)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ class _Rec:
     # has its parent's)
     base: str = ""
     on_sibling_commit: str = "rebase"  # REBASE or INVALIDATE (Branch.on_sibling_commit)
+    owner: int | None = None  # uid (Branch.owner)
     conflicts: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -724,7 +725,8 @@ class Store:
         parent = self._recs[r.parent_id].name if r.parent_id else None
         return Branch(name=r.name, workspace=r.workspace, parent=parent, status=r.status,
                       created=r.created, id=r.id, base_replaced=self._replaced(r),
-                      on_sibling_commit=r.on_sibling_commit, conflicts=tuple(r.conflicts))
+                      on_sibling_commit=r.on_sibling_commit, conflicts=tuple(r.conflicts),
+                      owner=r.owner)
 
     def _find(self, ws: str, name: str) -> _Rec | None:
         for r in self._recs.values():
@@ -755,7 +757,7 @@ class Store:
         return out
 
     def create_branch(self, workspace: str, name: str, parent: str | None = None, *,
-                      on_sibling_commit: str = REBASE) -> Branch:
+                      on_sibling_commit: str = REBASE, owner: int | None = None) -> Branch:
         self.refresh(workspace)
         self._settled(workspace)
         check_name(name, "branch")
@@ -801,7 +803,7 @@ class Store:
                    parent_id=parent_rec.id if parent_rec else None, status=ACTIVE,
                    created=time.time(),
                    base=parent_rec.base if parent_rec else w.ident,
-                   on_sibling_commit=on_sibling_commit)
+                   on_sibling_commit=on_sibling_commit, owner=owner)
         try:
             self._log([rec], dropped)
         except OSError as exc:

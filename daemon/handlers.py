@@ -28,7 +28,7 @@ from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, diffpage, fsck, patch
 from daemon.meta import MetaStore
-from daemon.protocol import ADMIN, ANYONE, OPS, RUN, VERSION, WORKSPACE
+from daemon.protocol import ADMIN, ANYONE, BRANCH, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class Handlers:
             if record.uid != peer.uid:
                 raise branchfs.PermissionDenied(f"run {record.id} is not uid {peer.uid}'s")
             return
-        if need != WORKSPACE:
+        if need not in (WORKSPACE, BRANCH):
             raise AssertionError(f"op {op} declares an unknown permission {need!r}")
         if op == "workspace-add":  # not resolved as root: whether it exists is the kernel's
             await self._check_use(peer, os.path.join(os.getcwd(), arg(args, "path", str)))
@@ -168,6 +168,19 @@ class Handlers:
         if ws is not None:
             await self._check_use(peer, ws.base)
             args["workspace"] = ws.name  # the handler acts on the workspace checked here
+        if need == BRANCH:
+            assert ws is not None  # every BRANCH op names a branch
+            self._check_owner(peer, [self.store.branch(ws.name, arg(args, "name", str))])
+        elif op == "workspace-remove" and arg(args, "force", bool, False):
+            assert ws is not None
+            self._check_owner(peer, self.store.branches(ws.name))
+
+    def _check_owner(self, peer: Peer, branches: list[branchfs.Branch]) -> None:
+        """Branches made by another user are theirs to change, run in and end."""
+        for b in branches:
+            if b.owner is not None and b.owner != peer.uid:
+                raise branchfs.PermissionDenied(f"branch {b.name} is uid {b.owner}'s: uid "
+                                                f"{peer.uid} may read it, not change it")
 
     async def _named(self, peer: Peer, op: str, args: dict[str, Any]
                      ) -> branchfs.Workspace | None:
@@ -374,7 +387,7 @@ class Handlers:
             self.meta.check(meta, META_LIMIT)
         policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
         branch = self.store.create_branch(ws.name, name, parent_name,
-                                          on_sibling_commit=policy)
+                                          on_sibling_commit=policy, owner=peer.uid)
         if meta:
             self.meta.set(branch.id, meta)
         await self.overlays.serve(branch)

@@ -32,9 +32,11 @@ ANYONE = "anyone"  # any peer the socket lets in
 WORKSPACE = "workspace"  # the caller may use the workspace named (by path, name or one of
 # its branches): the kernel gives them read, write and search on its base directory;
 # a listing that names no workspace holds only those the caller may use
+BRANCH = "branch"  # WORKSPACE, and the branch named is the caller's (they made it): others
+# who may use the workspace may read it (info, diff), not change, run in or end it
 RUN = "run"  # the caller started the run; nobody else's runs are shown to them
 ADMIN = "admin"  # root or the daemon's own uid, who may also do everything above
-PERMISSIONS = (ANYONE, WORKSPACE, RUN, ADMIN)
+PERMISSIONS = (ANYONE, WORKSPACE, BRANCH, RUN, ADMIN)
 
 
 class Op(NamedTuple):
@@ -47,17 +49,17 @@ OPS: dict[str, Op] = {
     "status": Op(ANYONE, ()),  # counts only what the caller may see
     "workspace-add": Op(WORKSPACE, ("path",)),
     "workspace-list": Op(WORKSPACE, ()),
-    "workspace-remove": Op(WORKSPACE, ("workspace",)),  # also discards its branches (--force)
+    "workspace-remove": Op(WORKSPACE, ("workspace",)),  # --force: theirs only to discard
     "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's
     "list": Op(WORKSPACE, ()),
     "info": Op(WORKSPACE, ("name",)),
-    "set-meta": Op(WORKSPACE, ("name", "meta")),
+    "set-meta": Op(BRANCH, ("name", "meta")),
     "diff": Op(WORKSPACE, ("name",)),
-    "commit": Op(WORKSPACE, ("name",)),  # and each change where the caller could write it
-    "discard": Op(WORKSPACE, ("name",)),
-    "rebase": Op(WORKSPACE, ("name",)),
-    "resolve": Op(WORKSPACE, ("name", "path", "how")),
-    "exec": Op(WORKSPACE, ("name", "argv")),
+    "commit": Op(BRANCH, ("name",)),  # and each change where the caller could write it
+    "discard": Op(BRANCH, ("name",)),
+    "rebase": Op(BRANCH, ("name",)),
+    "resolve": Op(BRANCH, ("name", "path", "how")),
+    "exec": Op(BRANCH, ("name", "argv")),
     "wait": Op(RUN, ("run",)),
     "kill": Op(RUN, ("run",)),
     "fsck": Op(ADMIN, ()),  # optional: repair (bool)

@@ -195,10 +195,12 @@ def test_in_a_shared_workspace_roots_runs_stay_roots(world: World) -> None:
     assert info["ok"] and info["result"]["runs"] == [], info
     assert wait["error"]["code"] == "permission" and kill["error"]["code"] == "permission"
     assert [x["name"] for x in listed["result"]["branches"]] == ["rootb"]
-    run = ask1(world, "exec", **b, argv=["sleep", "300"], detach=True)
+    own = {"name": "theirs-own", "workspace": "theirs"}
+    assert ask1(world, "create", **own)["ok"]
+    run = ask1(world, "exec", **own, argv=["sleep", "300"], detach=True)
     assert run["ok"], run
     mine = run["result"]["run"]
-    info, status, kill, wait = ask(world, ("info", b), ("status", {}), ("kill", {"run": mine}),
+    info, status, kill, wait = ask(world, ("info", own), ("status", {}), ("kill", {"run": mine}),
                                    ("wait", {"run": mine}))
     assert [r["run"] for r in info["result"]["runs"]] == [mine]
     assert status["result"]["runs_active"] == 1
@@ -290,3 +292,27 @@ def test_a_branch_named_alone_is_looked_for_in_their_workspaces_only(world: Worl
         with Client(world.daemon.socket) as c:
             c.call("discard", name="dup", workspace="rootws")
             c.call("discard", name="dup", workspace="theirs")
+
+
+def test_in_a_shared_workspace_roots_branch_is_roots_to_change(world: World) -> None:
+    """uid 65534 may use the workspace, so it may read root's branch there (info, diff),
+    but not run in it, change its metadata, rebase, resolve, commit or discard it, nor
+    discard it by removing the workspace; its own branch there is its to do all that."""
+    b = {"name": "rootb", "workspace": "theirs"}
+    refused = ask(world, ("set-meta", {**b, "meta": {"kv": "nobody's"}}),
+                  ("exec", {**b, "argv": ["true"]}), ("rebase", b),
+                  ("resolve", {**b, "path": "x", "how": "ours"}), ("commit", b),
+                  ("discard", b), ("workspace-remove", {"workspace": "theirs", "force": True}))
+    for answer in refused:
+        assert not answer["ok"] and answer["error"]["code"] == "permission", answer
+        assert "uid 0's" in answer["error"]["message"]
+    info, diff = ask(world, ("info", b), ("diff", b))
+    assert info["ok"] and diff["ok"], (info, diff)
+    with Client(world.daemon.socket) as c:
+        assert c.call("info", **b)["status"] == "active" and c.call("info", **b)["meta"] == {}
+    own = {"name": "theirs-own2", "workspace": "theirs"}
+    made, meta, rebase, commit = ask(world, ("create", own),
+                                     ("set-meta", {**own, "meta": {"kv": "mine"}}),
+                                     ("rebase", own), ("commit", own))
+    assert all(a["ok"] for a in (made, meta, rebase, commit)), (made, meta, rebase, commit)
+    assert made["result"]["owner"] == NOBODY
