@@ -3,6 +3,12 @@
 A Workspace is a directory registered with a daemon (a running branchd, or an
 embedded one started on demand). Branches are handles by name: every property
 that can change (status, metadata) is asked of the daemon, never cached.
+
+Every call that asks the daemon has an async twin named with an ``a`` in front
+(``acreate``, ``abranch``, ``arun``, ``acommit``, ...) for asyncio and trio: it
+speaks the same protocol through ``branching.aclient``, waiting on the event
+loop, so concurrent ``arun``s are concurrent runs, not threads. Both build their
+requests with the same helpers here, so they send the same thing.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from branching.aclient import AsyncClient
 from branching.client import Client
 from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
@@ -127,6 +136,7 @@ class Workspace:
             daemon = self._embedded
         socket_path = daemon.socket if isinstance(daemon, EmbeddedDaemon) else daemon
         self.client = Client(socket_path)
+        self.aclient = AsyncClient(socket_path)  # opens nothing until used
         try:
             info = self.client.call("workspace-add", path=str(Path(path).expanduser().absolute()))
             status = self.client.call("status")
@@ -148,6 +158,7 @@ class Workspace:
 
     def close(self) -> None:
         self.client.close()
+        self.aclient.close()
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
@@ -159,12 +170,21 @@ class Workspace:
         sibling commits, it carries on over the sibling's changes (``"rebase"``,
         merging where both changed a file; ``Branch.conflicts`` lists what did not
         merge) or ends (``"invalidate"``: first commit wins)."""
-        name = name or f"b-{uuid.uuid4().hex[:10]}"
-        parent_name = parent.name if isinstance(parent, Branch) else parent
-        info = self.client.call("create", workspace=self.name, name=name,
-                                parent=parent_name, meta=meta,
-                                on_sibling_commit=on_sibling_commit)
-        return Branch(self, info)
+        return Branch(self, self.client.call(
+            "create", **self._create_args(name, parent, meta, on_sibling_commit)))
+
+    async def acreate(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      meta: dict[str, Any] | None = None,
+                      on_sibling_commit: str = "rebase") -> Branch:
+        """``create``, awaited."""
+        return Branch(self, await self.aclient.call(
+            "create", **self._create_args(name, parent, meta, on_sibling_commit)))
+
+    def _create_args(self, name: str | None, parent: Branch | str | None,
+                     meta: dict[str, Any] | None, on_sibling_commit: str) -> dict[str, Any]:
+        return {"workspace": self.name, "name": name or f"b-{uuid.uuid4().hex[:10]}",
+                "parent": parent.name if isinstance(parent, Branch) else parent,
+                "meta": meta, "on_sibling_commit": on_sibling_commit}
 
     @contextmanager
     def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
@@ -181,12 +201,36 @@ class Workspace:
             raise
         b._finish(on_success)
 
+    @asynccontextmanager
+    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      on_success: str = "commit", on_error: str = "abort",
+                      meta: dict[str, Any] | None = None) -> AsyncIterator[Branch]:
+        """``branch`` for ``async with``: committed on success, discarded on error (and
+        when the block is cancelled: the discard is shielded from the cancellation)."""
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = await self.acreate(name, parent=parent, meta=meta)
+        try:
+            yield b
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await b._afinish(on_error)
+            raise
+        await b._afinish(on_success)
+
     def branches(self) -> list[Branch]:
         reply = self.client.call("list", workspace=self.name)
         return [Branch(self, info) for info in reply["branches"]]
 
+    async def abranches(self) -> list[Branch]:
+        reply = await self.aclient.call("list", workspace=self.name)
+        return [Branch(self, info) for info in reply["branches"]]
+
     def get(self, name: str) -> Branch:
         return Branch(self, self.client.call("info", workspace=self.name, name=name))
+
+    async def aget(self, name: str) -> Branch:
+        return Branch(self, await self.aclient.call("info", workspace=self.name, name=name))
 
     def open(self, ref: BranchRef | dict[str, Any]) -> Branch:
         """The branch a ``BranchRef`` (or its dict) names; it must be this workspace's and
@@ -229,9 +273,17 @@ class Branch:
         return self.workspace.client.call(op, fds, workspace=self.workspace.name,
                                           name=self.name, **args)
 
+    async def _acall(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        return await self.workspace.aclient.call(op, fds, workspace=self.workspace.name,
+                                                 name=self.name, **args)
+
     @property
     def info(self) -> dict[str, Any]:
         return self._call("info")
+
+    async def ainfo(self) -> dict[str, Any]:
+        """``info``, awaited (a method: a property cannot be awaited)."""
+        return await self._acall("info")
 
     @property
     def status(self) -> str:
@@ -252,11 +304,20 @@ class Branch:
     def set_meta(self, key: str, value: Any) -> None:
         self._call("set-meta", meta={key: value})
 
+    async def aset_meta(self, key: str, value: Any) -> None:
+        await self._acall("set-meta", meta={key: value})
+
     def create(self, name: str | None = None, **kw: Any) -> Branch:
         return self.workspace.create(name, parent=self, **kw)
 
+    async def acreate(self, name: str | None = None, **kw: Any) -> Branch:
+        return await self.workspace.acreate(name, parent=self, **kw)
+
     def branch(self, name: str | None = None, **kw: Any) -> Any:
         return self.workspace.branch(name, parent=self, **kw)
+
+    def abranch(self, name: str | None = None, **kw: Any) -> Any:
+        return self.workspace.abranch(name, parent=self, **kw)
 
     def run(self, argv: list[str] | str, *, limits: Limits | None = None,
             timeout: float | None = None, env: dict[str, str] | None = None,
@@ -270,6 +331,35 @@ class Branch:
         starts in ``cwd`` (a path in the workspace or the branch, or relative to
         the workspace's root), by default the caller's own directory where that
         is inside the workspace or the branch, else the workspace's root."""
+        args, fds = self._exec_args(argv, limits, timeout, env, stdin, capture,
+                                    at_branch_path, cwd)
+        # one connection for the run's start and its end: the daemon kills a run whose
+        # connection goes away (a client that died)
+        with self.workspace.client.connection() as c:
+            reply = c.call("exec", fds, **args)
+            return RunResult.from_reply(c.call("wait", run=reply["run"]))
+
+    async def arun(self, argv: list[str] | str, *, limits: Limits | None = None,
+                   # the run's limit, as run's: the daemon kills it and says timed_out
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   env: dict[str, str] | None = None,
+                   stdin: int | None = None, capture: bool = True,
+                   at_branch_path: bool = False,
+                   cwd: str | os.PathLike[str] | None = None) -> RunResult:
+        """``run``, awaited: the run is the daemon's, the wait for it the event loop's.
+        Cancelling the awaiting task closes the run's connection, and the daemon kills
+        the run."""
+        args, fds = self._exec_args(argv, limits, timeout, env, stdin, capture,
+                                    at_branch_path, cwd)
+        async with self.workspace.aclient.connection() as c:
+            reply = await c.call("exec", fds, **args)
+            return RunResult.from_reply(await c.call("wait", run=reply["run"]))
+
+    def _exec_args(self, argv: list[str] | str, limits: Limits | None, timeout: float | None,
+                   env: dict[str, str] | None, stdin: int | None, capture: bool,
+                   at_branch_path: bool, cwd: str | os.PathLike[str] | None,
+                   ) -> tuple[dict[str, Any], list[int] | None]:
+        """The ``exec`` request of ``run`` and ``arun``: its arguments, the fds passed."""
         if isinstance(argv, str):
             argv = ["/bin/sh", "-c", argv]
         limits = limits or Limits()
@@ -278,24 +368,31 @@ class Branch:
         fds = None
         if not capture:
             fds = [stdin if stdin is not None else 0, 1, 2]
-        # one connection for the run's start and its end: the daemon kills a run whose
-        # connection goes away (a client that died)
-        with self.workspace.client.connection() as c:
-            reply = c.call(
-                "exec", fds, workspace=self.workspace.name, name=self.name, argv=list(argv),
-                limits=limits.to_dict(), env=dict(os.environ if env is None else env),
-                at_branch_path=at_branch_path or None,
-                cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
-            )
-            return RunResult.from_reply(c.call("wait", run=reply["run"]))
+        args = dict(
+            workspace=self.workspace.name, name=self.name, argv=list(argv),
+            limits=limits.to_dict(), env=dict(os.environ if env is None else env),
+            at_branch_path=at_branch_path or None,
+            cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
+        )
+        return args, fds
 
     def commit(self, *, force: bool = False) -> dict[str, Any]:
         """Apply the branch to its parent; refused (code "conflict") if a path it would
         replace changed in the parent since, unless ``force``."""
         return self._call("commit", force=force or None)
 
+    async def acommit(self, *, force: bool = False) -> dict[str, Any]:
+        """``commit``, awaited."""
+        return await self._acall("commit", force=force or None)
+
     def abort(self) -> None:
         self._call("discard")
+
+    async def aabort(self) -> None:
+        """``abort``, awaited."""
+        await self._acall("discard")
+
+    adiscard = aabort  # the daemon's (and the MCP tools') word for it
 
     @property
     def conflicts(self) -> list[str]:
@@ -314,6 +411,9 @@ class Branch:
     def diff(self, patch: bool = False) -> list[dict[str, Any]]:
         return list(self._call("diff", patch=patch or None)["changes"])
 
+    async def adiff(self, patch: bool = False) -> list[dict[str, Any]]:
+        return list((await self._acall("diff", patch=patch or None))["changes"])
+
     def _finish(self, action: str) -> None:
         if action == "commit":
             self.commit()
@@ -322,4 +422,14 @@ class Branch:
                 self.abort()
             except BranchError as e:
                 if e.code != "not-found":  # already gone is what abort wants
+                    raise
+
+    async def _afinish(self, action: str) -> None:
+        if action == "commit":
+            await self.acommit()
+        elif action == "abort":
+            try:
+                await self.aabort()
+            except BranchError as e:
+                if e.code != "not-found":
                     raise
