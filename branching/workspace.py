@@ -24,8 +24,8 @@ from typing import Any
 
 import anyio
 
-from branching.aclient import AsyncClient
-from branching.client import Client
+from branching.aclient import AsyncCalls, AsyncClient
+from branching.client import Calls, Client
 from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
 from branching.paths import relative_cwd
@@ -218,6 +218,36 @@ class Workspace:
             raise
         await b._afinish(on_success)
 
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Branches for the ``with`` block that do not outlive it unless it succeeds:
+        those created through the session (``s.create``, ``s.branch``, and their
+        ``b.create``) are discarded when the block raises, and by the daemon itself
+        when this process dies holding them (they are tied to one connection, which
+        the session holds open). ``keep=True`` makes a branch that outlives both.
+        After a block that succeeds, what it left uncommitted is the caller's."""
+        with self.client.connection() as calls:
+            s = Session(self, calls)
+            try:
+                yield s
+            except BaseException:
+                s._end(discard=True)
+                raise
+            s._end(discard=False)
+
+    @asynccontextmanager
+    async def asession(self) -> AsyncIterator[AsyncSession]:
+        """``session`` for ``async with`` (``await s.acreate()``, ``s.abranch()``)."""
+        async with self.aclient.connection() as calls:
+            s = AsyncSession(self, calls)
+            try:
+                yield s
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await s._aend(discard=True)
+                raise
+            await s._aend(discard=False)
+
     def branches(self) -> list[Branch]:
         reply = self.client.call("list", workspace=self.name)
         return [Branch(self, info) for info in reply["branches"]]
@@ -247,11 +277,111 @@ class Workspace:
         return b
 
 
-class Branch:
-    """A handle on one branch of a workspace."""
+class Session:
+    """Branches tied to one daemon connection (``Workspace.session()``): while it is
+    open the daemon holds them for this process; when it closes without the session
+    ended (the process died) the daemon discards them. Thread-safe."""
 
-    def __init__(self, workspace: Workspace, info: dict[str, Any]) -> None:
+    def __init__(self, workspace: Workspace, calls: Calls) -> None:
         self.workspace = workspace
+        self._calls = calls
+        self._lock = threading.Lock()
+        self.branches: list[Branch] = []  # created through it, keep=True ones excepted
+
+    def create(self, name: str | None = None, *, parent: Branch | str | None = None,
+               meta: dict[str, Any] | None = None, on_sibling_commit: str = "rebase",
+               keep: bool = False) -> Branch:
+        """``Workspace.create`` in the session; ``keep`` opts out of it (the branch
+        outlives the session and this process)."""
+        ws = self.workspace
+        args = ws._create_args(name, parent, meta, on_sibling_commit)
+        if keep:
+            return Branch(ws, ws.client.call("create", **args))
+        with self._lock:
+            b = Branch(ws, self._calls.call("create", session=True, **args), session=self)
+            self.branches.append(b)
+        return b
+
+    @contextmanager
+    def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
+               on_success: str = "commit", on_error: str = "abort",
+               meta: dict[str, Any] | None = None, keep: bool = False) -> Iterator[Branch]:
+        """``Workspace.branch`` in the session."""
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = self.create(name, parent=parent, meta=meta, keep=keep)
+        try:
+            yield b
+        except BaseException:
+            b._finish(on_error)
+            raise
+        b._finish(on_success)
+
+    def _end(self, discard: bool) -> None:
+        try:
+            with self._lock:
+                self._calls.call("session-end", discard=discard or None)
+        except BranchError:
+            if not discard:
+                raise
+            # the connection is lost: the daemon discards them as it sees it close
+
+
+class AsyncSession:
+    """``Session`` for async code (``Workspace.asession()``); one event loop's."""
+
+    def __init__(self, workspace: Workspace, calls: AsyncCalls) -> None:
+        self.workspace = workspace
+        self._calls = calls
+        self._lock = anyio.Lock()  # one request at a time on the connection
+        self.branches: list[Branch] = []
+
+    async def acreate(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      meta: dict[str, Any] | None = None, on_sibling_commit: str = "rebase",
+                      keep: bool = False) -> Branch:
+        ws = self.workspace
+        args = ws._create_args(name, parent, meta, on_sibling_commit)
+        if keep:
+            return Branch(ws, await ws.aclient.call("create", **args))
+        async with self._lock:
+            info = await self._calls.call("create", session=True, **args)
+        b = Branch(ws, info, session=self)
+        self.branches.append(b)
+        return b
+
+    @asynccontextmanager
+    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      on_success: str = "commit", on_error: str = "abort",
+                      meta: dict[str, Any] | None = None,
+                      keep: bool = False) -> AsyncIterator[Branch]:
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = await self.acreate(name, parent=parent, meta=meta, keep=keep)
+        try:
+            yield b
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await b._afinish(on_error)
+            raise
+        await b._afinish(on_success)
+
+    async def _aend(self, discard: bool) -> None:
+        try:
+            async with self._lock:
+                await self._calls.call("session-end", discard=discard or None)
+        except BranchError:
+            if not discard:
+                raise
+
+
+class Branch:
+    """A handle on one branch of a workspace (and of a session, if made in one: the
+    branches it creates are the session's too)."""
+
+    def __init__(self, workspace: Workspace, info: dict[str, Any], *,
+                 session: Session | AsyncSession | None = None) -> None:
+        self.workspace = workspace
+        self.session = session
         self.name: str = info["name"]
         self.parent: str | None = info.get("parent")
         self.path = Path(info["path"])
@@ -308,15 +438,23 @@ class Branch:
         await self._acall("set-meta", meta={key: value})
 
     def create(self, name: str | None = None, **kw: Any) -> Branch:
+        if isinstance(self.session, Session):
+            return self.session.create(name, parent=self, **kw)
         return self.workspace.create(name, parent=self, **kw)
 
     async def acreate(self, name: str | None = None, **kw: Any) -> Branch:
+        if isinstance(self.session, AsyncSession):
+            return await self.session.acreate(name, parent=self, **kw)
         return await self.workspace.acreate(name, parent=self, **kw)
 
     def branch(self, name: str | None = None, **kw: Any) -> Any:
+        if isinstance(self.session, Session):
+            return self.session.branch(name, parent=self, **kw)
         return self.workspace.branch(name, parent=self, **kw)
 
     def abranch(self, name: str | None = None, **kw: Any) -> Any:
+        if isinstance(self.session, AsyncSession):
+            return self.session.abranch(name, parent=self, **kw)
         return self.workspace.abranch(name, parent=self, **kw)
 
     def run(self, argv: list[str] | str, *, limits: Limits | None = None,

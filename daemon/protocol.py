@@ -48,7 +48,8 @@ OPS: dict[str, Op] = {
     "workspace-add": Op(WORKSPACE, ("path",)),
     "workspace-list": Op(WORKSPACE, ()),
     "workspace-remove": Op(WORKSPACE, ("workspace",)),  # also discards its branches (--force)
-    "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's
+    "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's;
+    # with "session": true the branch belongs to the connection's session (session-end)
     "list": Op(WORKSPACE, ()),
     "info": Op(WORKSPACE, ("name",)),
     "set-meta": Op(WORKSPACE, ("name", "meta")),
@@ -61,6 +62,11 @@ OPS: dict[str, Op] = {
     "wait": Op(RUN, ("run",)),
     "kill": Op(RUN, ("run",)),
     "shutdown": Op(ADMIN, ()),
+    # Ends the connection's session: its branches are the caller's to keep ("discard":
+    # false) or discarded now (true). A connection that closes with a session still
+    # open (its client died) has them discarded by the daemon. It touches nothing but
+    # what this connection created, so anyone may ask.
+    "session-end": Op(ANYONE, ()),
 }
 
 

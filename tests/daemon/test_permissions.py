@@ -146,6 +146,7 @@ OUTSIDER: dict[str, tuple[Any, str | None]] = {
     "wait": (lambda w: {"run": w.root_run}, "permission"),
     "kill": (lambda w: {"run": w.root_run}, "permission"),
     "shutdown": (lambda w: {}, "permission"),
+    "session-end": (lambda w: {"discard": True}, None),  # ends their own connection's only
 }
 
 
