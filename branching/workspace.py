@@ -118,6 +118,20 @@ class BranchRef:
                 ws = _shared[key] = Workspace(self.workspace, daemon=self.socket)
         return ws.open(self)
 
+    async def aopen(self) -> Branch:
+        """``open``, awaited (the shared Workspace is made, once, in a worker thread)."""
+        key = (self.socket, self.workspace)
+        with _shared_lock:
+            ws = _shared.get(key)
+        if ws is None:
+            made = await anyio.to_thread.run_sync(
+                lambda: Workspace(self.workspace, daemon=self.socket))
+            with _shared_lock:
+                ws = _shared.setdefault(key, made)
+            if ws is not made:  # another task made it meanwhile
+                made.close()
+        return await ws.aopen(self)
+
 
 _shared: dict[tuple[str, str], Workspace] = {}
 _shared_lock = threading.Lock()
@@ -265,12 +279,23 @@ class Workspace:
     def open(self, ref: BranchRef | dict[str, Any]) -> Branch:
         """The branch a ``BranchRef`` (or its dict) names; it must be this workspace's and
         still the same branch (a later branch of the same name is another one)."""
+        ref = self._own(ref)
+        return self._same(ref, self.get(ref.name))
+
+    async def aopen(self, ref: BranchRef | dict[str, Any]) -> Branch:
+        """``open``, awaited."""
+        ref = self._own(ref)
+        return self._same(ref, await self.aget(ref.name))
+
+    def _own(self, ref: BranchRef | dict[str, Any]) -> BranchRef:
         if isinstance(ref, dict):
             ref = BranchRef.from_dict(ref)
         if Path(ref.workspace) != self.base:
             raise BranchError("bad-request", f"branch {ref.name} is of workspace "
                               f"{ref.workspace}, not {self.base}")
-        b = self.get(ref.name)
+        return ref
+
+    def _same(self, ref: BranchRef, b: Branch) -> Branch:
         if b.id != ref.id:
             raise BranchError("not-found", f"branch {ref.name} of {self.base} is another "
                               "branch now: the one referred to has ended")
