@@ -383,9 +383,11 @@ class Handlers:
         if meta:
             self.meta.check(meta, META_LIMIT)
         policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
-        session = SESSION.get() if arg(args, "session", bool, False) else None
-        if arg(args, "session", bool, False) and session is None:
-            raise RequestError("bad-request", "no session on this connection")
+        session = None
+        if arg(args, "session", bool, False):  # the connection's, discarded if it dies
+            session = SESSION.get()
+            if session is None:
+                raise RequestError("bad-request", "no session on this connection")
         branch = self.store.create_branch(ws.name, name, parent_name,
                                           on_sibling_commit=policy)
         if session is not None:

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 import branchfs
+from branchfs.model import ACTIVE
 from daemon import protocol
 from daemon.handlers import HANDLERS, SESSION, Handlers, Peer, RequestError, Session
 from daemon.meta import MetaTooLarge
@@ -181,6 +182,8 @@ class Connection:
         self.attached = [run_id for run_id in self.attached  # the ended need no kill
                          if (r := self.handlers.runs.get(run_id)) is not None
                          and r.result is None]
+        self.session.branches = [held for held in self.session.branches  # nor the ended
+                                 if self.handlers.store.status(held[2]) == ACTIVE]
         if not self.idle_timeout or self.attached or self.session.branches:
             return math.inf  # closing it would kill the runs, discard the branches
         return trio.current_time() + self.idle_timeout

@@ -133,3 +133,22 @@ async def test_an_async_session_that_raises_discards_its_branches(daemon: Embedd
         assert {b.name for b in await ws.abranches()} == {"as-kept"}
         assert (proj / "f").read_text() == "async\n"
         await (await ws.aget("as-kept")).aabort()
+
+
+def test_an_idle_session_is_not_timed_out(tmp_path: Path, proj: Path) -> None:
+    """The daemon closes idle connections; one holding a session's branches it must not:
+    closing it would discard them under a live client."""
+    (tmp_path / "impatient").mkdir()
+    d = EmbeddedDaemon(tmp_path / "impatient", args=["--idle-timeout", "1"]).start()
+    try:
+        with Workspace(proj, daemon=d) as ws:
+            with ws.session() as s:
+                s.create("idle1")
+                time.sleep(2.5)  # idle on the wire, twice the daemon's patience
+                s.create("idle2")  # on the same connection: it is still open
+                assert names(ws) == {"idle1", "idle2"}
+            time.sleep(2.5)  # settled: now it may be closed, and nothing goes with it
+            assert names(ws) == {"idle1", "idle2"}
+            assert "went away in a session" not in d.log_path.read_text()
+    finally:
+        d.stop()
