@@ -112,6 +112,10 @@ class AsyncClient:
         async with self.connection() as c:
             return await c.call(op, fds, **args)
 
+    def held(self) -> AsyncHeld:
+        """A connection of its own for calls whose effects belong to it (a session)."""
+        return AsyncHeld(self)
+
     async def _take(self) -> _AsyncConnection:
         while True:
             try:
@@ -150,3 +154,40 @@ class AsyncCalls:
 
     async def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
         return await self._conn.call(op, request_args(args, fds), fds)
+
+
+class AsyncHeld:
+    """``branching.client.Held`` for async code: one connection kept for calls that
+    belong to it, opened on first use, replaced if the daemon closed it while idle."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._conn: _AsyncConnection | None = None
+        self._lock = anyio.Lock()  # one request at a time on the connection
+
+    @property
+    def opened(self) -> bool:
+        return self._conn is not None
+
+    async def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        async with self._lock:
+            if self._conn is not None and self._conn.dropped():
+                self._conn.close()
+                self._conn = None
+            if self._conn is None:
+                self._conn = await self._client._take()
+            conn = self._conn
+            try:
+                return await conn.call(op, request_args(args, fds), fds)
+            except BaseException as e:
+                if broken_by(e):
+                    conn.close()
+                    self._conn = None
+                if isinstance(e, protocol.ProtocolError):
+                    raise BranchError("protocol", str(e)) from None
+                raise
+
+    def release(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._client._give_back(conn, broken)

@@ -164,6 +164,10 @@ class Client:
         with self.connection() as c:
             return c.call(op, fds, **args)
 
+    def held(self) -> Held:
+        """A connection of its own for calls whose effects belong to it (a session)."""
+        return Held(self)
+
     def _take(self) -> _Connection:
         while True:
             with self._lock:
@@ -204,3 +208,43 @@ class Calls:
 
     def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
         return self._conn.call(op, request_args(args, fds), fds)
+
+
+class Held:
+    """One connection kept for calls that belong to it (``Client.held()``), opened on first
+    use and given back by ``release()``. Thread-safe: its calls go one at a time. One
+    that the daemon closed while idle is replaced: the daemon closes only a connection
+    that holds nothing (no run, no branch of a session), so nothing goes with it."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._conn: _Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def opened(self) -> bool:
+        return self._conn is not None
+
+    def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            if self._conn is not None and self._conn.dropped():
+                self._conn.close()
+                self._conn = None
+            if self._conn is None:
+                self._conn = self._client._take()
+            conn = self._conn
+            try:
+                return conn.call(op, request_args(args, fds), fds)
+            except BaseException as e:
+                if broken_by(e):
+                    conn.close()
+                    self._conn = None
+                if isinstance(e, protocol.ProtocolError):
+                    raise BranchError("protocol", str(e)) from None
+                raise
+
+    def release(self, broken: bool = False) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._client._give_back(conn, broken)

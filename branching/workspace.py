@@ -24,8 +24,8 @@ from typing import Any
 
 import anyio
 
-from branching.aclient import AsyncCalls, AsyncClient
-from branching.client import Calls, Client
+from branching.aclient import AsyncClient
+from branching.client import Client
 from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
 from branching.paths import relative_cwd
@@ -240,27 +240,25 @@ class Workspace:
         when this process dies holding them (they are tied to one connection, which
         the session holds open). ``keep=True`` makes a branch that outlives both.
         After a block that succeeds, what it left uncommitted is the caller's."""
-        with self.client.connection() as calls:
-            s = Session(self, calls)
-            try:
-                yield s
-            except BaseException:
-                s._end(discard=True)
-                raise
-            s._end(discard=False)
+        s = Session(self)
+        try:
+            yield s
+        except BaseException:
+            s._end(discard=True)
+            raise
+        s._end(discard=False)
 
     @asynccontextmanager
     async def asession(self) -> AsyncIterator[AsyncSession]:
         """``session`` for ``async with`` (``await s.acreate()``, ``s.abranch()``)."""
-        async with self.aclient.connection() as calls:
-            s = AsyncSession(self, calls)
-            try:
-                yield s
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await s._aend(discard=True)
-                raise
-            await s._aend(discard=False)
+        s = AsyncSession(self)
+        try:
+            yield s
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await s._aend(discard=True)
+            raise
+        await s._aend(discard=False)
 
     def branches(self) -> list[Branch]:
         reply = self.client.call("list", workspace=self.name)
@@ -307,9 +305,9 @@ class Session:
     open the daemon holds them for this process; when it closes without the session
     ended (the process died) the daemon discards them. Thread-safe."""
 
-    def __init__(self, workspace: Workspace, calls: Calls) -> None:
+    def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
-        self._calls = calls
+        self._held = workspace.client.held()
         self._lock = threading.Lock()
         self.branches: list[Branch] = []  # created through it, keep=True ones excepted
 
@@ -322,8 +320,8 @@ class Session:
         args = ws._create_args(name, parent, meta, on_sibling_commit)
         if keep:
             return Branch(ws, ws.client.call("create", **args))
+        b = Branch(ws, self._held.call("create", session=True, **args), session=self)
         with self._lock:
-            b = Branch(ws, self._calls.call("create", session=True, **args), session=self)
             self.branches.append(b)
         return b
 
@@ -343,22 +341,24 @@ class Session:
         b._finish(on_success)
 
     def _end(self, discard: bool) -> None:
+        if not self._held.opened:
+            return  # nothing was made through it
         try:
-            with self._lock:
-                self._calls.call("session-end", discard=discard or None)
+            self._held.call("session-end", discard=discard or None)
         except BranchError:
+            self._held.release(broken=True)
             if not discard:
                 raise
-            # the connection is lost: the daemon discards them as it sees it close
+            return  # the connection is lost: the daemon discards them as it sees it close
+        self._held.release()
 
 
 class AsyncSession:
     """``Session`` for async code (``Workspace.asession()``); one event loop's."""
 
-    def __init__(self, workspace: Workspace, calls: AsyncCalls) -> None:
+    def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
-        self._calls = calls
-        self._lock = anyio.Lock()  # one request at a time on the connection
+        self._held = workspace.aclient.held()
         self.branches: list[Branch] = []
 
     async def acreate(self, name: str | None = None, *, parent: Branch | str | None = None,
@@ -368,9 +368,7 @@ class AsyncSession:
         args = ws._create_args(name, parent, meta, on_sibling_commit)
         if keep:
             return Branch(ws, await ws.aclient.call("create", **args))
-        async with self._lock:
-            info = await self._calls.call("create", session=True, **args)
-        b = Branch(ws, info, session=self)
+        b = Branch(ws, await self._held.call("create", session=True, **args), session=self)
         self.branches.append(b)
         return b
 
@@ -391,12 +389,16 @@ class AsyncSession:
         await b._afinish(on_success)
 
     async def _aend(self, discard: bool) -> None:
+        if not self._held.opened:
+            return
         try:
-            async with self._lock:
-                await self._calls.call("session-end", discard=discard or None)
+            await self._held.call("session-end", discard=discard or None)
         except BranchError:
+            self._held.release(broken=True)
             if not discard:
                 raise
+            return
+        self._held.release()
 
 
 class Branch:
