@@ -7,6 +7,10 @@ data with the request that uses them. This module is the protocol's single error
 boundary: every exception a handler raises becomes one error response, and the
 daemon stays up.
 
+A connection goes with what hangs on its client's life: the runs it started
+(killed when it closes) and its session's branches (``create`` with ``session``
+until ``session-end``; discarded when it closes first).
+
 No client can take the daemon's descriptors: connections per uid and the
 descriptors a connection may hold are capped (the constants below), a
 connection that has not said hello in time, or sits idle with nothing in
