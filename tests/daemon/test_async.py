@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from branching import EmbeddedDaemon, Workspace
+from branching import BranchError, BranchRef, EmbeddedDaemon, Workspace
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), pytest.mark.anyio]
 
@@ -107,3 +107,21 @@ async def test_arun_passes_cwd_and_env_as_run_does(daemon: EmbeddedDaemon, proj:
                          env={"X": "y", "PATH": "/usr/bin:/bin"})
         assert r.stdout == sync.stdout and r.stdout.split()[1] == "y"
         await b.aabort()
+
+
+async def test_errors_and_refs_as_in_the_sync_api(daemon: EmbeddedDaemon, proj: Path) -> None:
+    with Workspace(proj, daemon=daemon) as ws:
+        with pytest.raises(BranchError) as e:
+            await ws.aget("no-such-branch")
+        assert e.value.code == "not-found"
+        b = await ws.acreate("ref")  # the connection that answered the error serves on
+        ref = b.ref()
+        again = await BranchRef.from_dict(ref.to_dict()).aopen()
+        assert (again.id, again.path) == (b.id, b.path)
+        assert (await ws.aopen(ref)).id == b.id
+        await b.adiscard()
+        await ws.acreate("ref")  # a later branch of the same name is another one
+        with pytest.raises(BranchError) as e:
+            await ws.aopen(ref)
+        assert e.value.code == "not-found"
+        await (await ws.aget("ref")).adiscard()
