@@ -11,12 +11,13 @@ one after another would never get there.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from branching import BranchError, BranchRef, EmbeddedDaemon, Workspace
+from branching import BranchError, BranchRef, EmbeddedDaemon, Workspace, workspace
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), pytest.mark.anyio]
 
@@ -109,6 +110,19 @@ async def test_arun_passes_cwd_and_env_as_run_does(daemon: EmbeddedDaemon, proj:
         await b.aabort()
 
 
+@pytest.fixture
+def shared_workspaces() -> Iterator[None]:
+    """``BranchRef.aopen`` keeps a Workspace per daemon and directory for the rest of the
+    process: closed after the test, so that its connections do not outlive the daemon."""
+    yield
+    with workspace._shared_lock:
+        opened = list(workspace._shared.values())
+        workspace._shared.clear()
+    for ws in opened:
+        ws.close()
+
+
+@pytest.mark.usefixtures("shared_workspaces")
 async def test_errors_and_refs_as_in_the_sync_api(daemon: EmbeddedDaemon, proj: Path) -> None:
     with Workspace(proj, daemon=daemon) as ws:
         with pytest.raises(BranchError) as e:
