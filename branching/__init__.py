@@ -19,6 +19,9 @@ _HOMES = {
     "Branch": "branching.workspace",
     "BranchRef": "branching.workspace",
     "RunResult": "branching.workspace",
+    "Session": "branching.workspace",
+    "AsyncSession": "branching.workspace",
+    "AsyncClient": "branching.aclient",
     "Workspace": "branching.workspace",
     "Limits": "cgroups",
     **{name: "branching.patterns" for name in (
@@ -28,6 +31,8 @@ _HOMES = {
 }
 
 __all__ = [
+    "AsyncClient",
+    "AsyncSession",
     "BeamSearch",
     "BestOfN",
     "Branch",
@@ -45,6 +50,7 @@ __all__ = [
     "Pattern",
     "Reflexion",
     "RunResult",
+    "Session",
     "Speculate",
     "Tournament",
     "TreeOfThoughts",
@@ -64,6 +70,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from branching.aclient import AsyncClient
     from branching.client import Client
     from branching.embedded import EmbeddedDaemon
     from branching.errors import BranchError
@@ -82,5 +89,12 @@ if TYPE_CHECKING:
         Tournament,
         TreeOfThoughts,
     )
-    from branching.workspace import Branch, BranchRef, RunResult, Workspace
+    from branching.workspace import (
+        AsyncSession,
+        Branch,
+        BranchRef,
+        RunResult,
+        Session,
+        Workspace,
+    )
     from cgroups import Limits

@@ -21,59 +21,65 @@ from branching.errors import BranchError
 from daemon import protocol
 
 
-class _Connection:
-    def __init__(self, path: Path, timeout: float | None) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError as e:
-            self.sock.close()
-            if isinstance(e, PermissionError):
-                raise BranchError("permission",
-                                  f"cannot reach branchd at {path}: {e.strerror}") from None
-            raise BranchError("unavailable", f"cannot reach branchd at {path}: {e.strerror}; "
-                              f"start one with `branchctl serve` or `systemctl start branchd`, "
-                              f"or set BRANCHD_SOCKET to a running one's socket") from None
+def connect_error(path: Path, e: OSError) -> BranchError:
+    """Why the daemon at *path* cannot be reached, and what to do about it."""
+    if isinstance(e, PermissionError):
+        return BranchError("permission", f"cannot reach branchd at {path}: {e.strerror}")
+    return BranchError("unavailable", f"cannot reach branchd at {path}: {e.strerror}; "
+                       f"start one with `branchctl serve` or `systemctl start branchd`, "
+                       f"or set BRANCHD_SOCKET to a running one's socket")
+
+
+def request_args(args: dict[str, Any], fds: list[int] | None) -> dict[str, Any]:
+    """A call's arguments as sent: None means absent; passed descriptors are counted."""
+    args = {k: v for k, v in args.items() if v is not None}
+    if fds:
+        args["pass_fds"] = len(fds)
+    return args
+
+
+def broken_by(e: BaseException) -> bool:
+    """Whether a connection on which a call raised *e* is unusable: a daemon error leaves
+    it as it was, anything else (lost, malformed, interrupted mid-call) in a state
+    unknown."""
+    return not isinstance(e, BranchError) or e.code in ("unavailable", "protocol")
+
+
+class Wire:
+    """What a connection to the daemon is, without its I/O: the socket, the requests'
+    ids and encoding, the replies' framing and decoding into a result or a BranchError.
+    ``_Connection`` does the I/O blocking, ``branching.aclient`` on an event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buf = b""
         self.next_id = 1
-        try:
-            self.call("hello", {"version": protocol.VERSION})
-        except BaseException:  # refused (a busy daemon, a version mismatch): not leaked
-            self.sock.close()
-            raise
 
-    def call(self, op: str, args: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+    def request(self, op: str, args: dict[str, Any]) -> bytes:
         req = protocol.Request(self.next_id, op, args)
         self.next_id += 1
-        data = req.encode()
-        try:
-            try:
-                if fds:
-                    sent = socket.send_fds(self.sock, [data], fds)
-                    data = data[sent:]
-                if data:
-                    self.sock.sendall(data)
-            except BrokenPipeError:
-                pass  # the daemon may have refused us and closed: its reason is still to read
-            line = self._readline()
-        except OSError as e:
-            raise BranchError("unavailable", f"branchd connection lost: {e}") from None
+        return req.encode()
+
+    def line(self) -> bytes | None:
+        """The next complete reply line received, if any."""
+        if b"\n" not in self.buf:
+            if len(self.buf) > protocol.MAX_MESSAGE:
+                raise BranchError("protocol", "response exceeds the message size cap")
+            return None
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            raise ConnectionResetError("the daemon closed the connection")
+        self.buf += chunk
+
+    @staticmethod
+    def result(line: bytes) -> dict[str, Any]:
         resp = protocol.decode_response(line)
         if resp.error is not None:
             raise BranchError(resp.error.code, resp.error.message)
         return resp.result or {}
-
-    def _readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("the daemon closed the connection")
-            self.buf += chunk
-            if len(self.buf) > protocol.MAX_MESSAGE:
-                raise BranchError("protocol", "response exceeds the message size cap")
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
 
     def dropped(self) -> bool:
         """Whether the daemon closed this connection while it was idle: between requests
@@ -84,6 +90,39 @@ class _Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class _Connection(Wire):
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        super().__init__(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except OSError as e:
+            self.sock.close()
+            raise connect_error(path, e) from None
+        try:
+            self.call("hello", {"version": protocol.VERSION})
+        except BaseException:  # refused (a busy daemon, a version mismatch): not leaked
+            self.sock.close()
+            raise
+
+    def call(self, op: str, args: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        data = self.request(op, args)
+        try:
+            try:
+                if fds:
+                    sent = socket.send_fds(self.sock, [data], fds)
+                    data = data[sent:]
+                if data:
+                    self.sock.sendall(data)
+            except BrokenPipeError:
+                pass  # the daemon may have refused us and closed: its reason is still to read
+            while (line := self.line()) is None:
+                self.feed(self.sock.recv(65536))
+        except OSError as e:
+            raise BranchError("unavailable", f"branchd connection lost: {e}") from None
+        return self.result(line)
 
 
 class Client:
@@ -113,15 +152,10 @@ class Client:
         conn = self._take()
         try:
             yield Calls(conn)
-        except (BranchError, protocol.ProtocolError) as e:
-            broken = isinstance(e, protocol.ProtocolError) or e.code in ("unavailable",
-                                                                          "protocol")
-            self._give_back(conn, broken)
+        except BaseException as e:
+            self._give_back(conn, broken_by(e))
             if isinstance(e, protocol.ProtocolError):
                 raise BranchError("protocol", str(e)) from None
-            raise
-        except BaseException:
-            self._give_back(conn, broken=True)  # interrupted mid-call: its state is unknown
             raise
         self._give_back(conn, broken=False)
 
@@ -129,6 +163,10 @@ class Client:
         """Send one request (with ``fds`` passed alongside); returns its result or raises."""
         with self.connection() as c:
             return c.call(op, fds, **args)
+
+    def held(self) -> Held:
+        """A connection of its own for calls whose effects belong to it (a session)."""
+        return Held(self)
 
     def _take(self) -> _Connection:
         while True:
@@ -169,7 +207,44 @@ class Calls:
         self._conn = conn
 
     def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
-        args = {k: v for k, v in args.items() if v is not None}
-        if fds:
-            args["pass_fds"] = len(fds)
-        return self._conn.call(op, args, fds)
+        return self._conn.call(op, request_args(args, fds), fds)
+
+
+class Held:
+    """One connection kept for calls that belong to it (``Client.held()``), opened on first
+    use and given back by ``release()``. Thread-safe: its calls go one at a time. One
+    that the daemon closed while idle is replaced: the daemon closes only a connection
+    that holds nothing (no run, no branch of a session), so nothing goes with it."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._conn: _Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def opened(self) -> bool:
+        return self._conn is not None
+
+    def call(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            if self._conn is not None and self._conn.dropped():
+                self._conn.close()
+                self._conn = None
+            if self._conn is None:
+                self._conn = self._client._take()
+            conn = self._conn
+            try:
+                return conn.call(op, request_args(args, fds), fds)
+            except BaseException as e:
+                if broken_by(e):
+                    conn.close()
+                    self._conn = None
+                if isinstance(e, protocol.ProtocolError):
+                    raise BranchError("protocol", str(e)) from None
+                raise
+
+    def release(self, broken: bool = False) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._client._give_back(conn, broken)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -86,17 +88,28 @@ def server(tools: Tools) -> MCPServer:
     def tool(fn: F) -> F:
         """Register ``fn`` (its schema from its signature); every BranchError or OSError
         becomes a tool error: one line for the model."""
+        def tool_error(e: Exception) -> ToolError:
+            if isinstance(e, BranchError):
+                return ToolError(f"{e.code}: {e}")
+            assert isinstance(e, OSError)
+            return ToolError(f"{errno.errorcode.get(e.errno or 0, 'error')}: {e.strerror}")
+
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except BranchError as e:
-                raise ToolError(f"{e.code}: {e}") from None
-            except OSError as e:
-                raise ToolError(f"{errno.errorcode.get(e.errno or 0, 'error')}: "
-                                f"{e.strerror}") from None
+            except (BranchError, OSError) as e:
+                raise tool_error(e) from None
 
-        app.add_tool(call)
+        @functools.wraps(fn)
+        async def acall(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except (BranchError, OSError) as e:
+                raise tool_error(e) from None
+
+        # the SDK runs a sync tool in a worker thread, an async one on its event loop
+        app.add_tool(acall if inspect.iscoroutinefunction(fn) else call)
         return fn
 
     @tool
@@ -141,21 +154,25 @@ def server(tools: Tools) -> MCPServer:
         return {"path": path, "bytes": len(data)}
 
     @tool
-    def exec_command(branch: str, command: str, timeout: float = 600,
-                     memory: str | None = None, cpus: float | None = None,
-                     pids: int | None = None, workspace: str | None = None) -> dict[str, Any]:
+    async def exec_command(branch: str, command: str,
+                           timeout: float = 600,  # noqa: ASYNC109 (the run's, as Branch.arun's)
+                           memory: str | None = None, cpus: float | None = None,
+                           pids: int | None = None,
+                           workspace: str | None = None) -> dict[str, Any]:
         """Run a shell command in the branch (it sees the branch at the workspace's path)
         in its own cgroup, with a timeout in seconds and optional limits (memory like
         "1G", cpus, pids). Returns the exit code and the tail of stdout and stderr, with
         the paths of the whole logs."""
-        b = tools.branch(branch, workspace)
+        # awaited on the server's loop, no thread held: a cancelled call kills its run
+        b = await tools.workspace(workspace).aget(branch)
         limits = Limits(memory=parse_size(memory) if memory else None, cpus=cpus, pids=pids)
-        r = b.run(command, limits=limits, timeout=timeout, cwd="")
+        r = await b.arun(command, limits=limits, timeout=timeout, cwd="")
+        stdout, stderr = await anyio.to_thread.run_sync(lambda: (r.stdout, r.stderr))
         return {
             "exit_code": r.returncode, "ok": r.ok, "timed_out": r.timed_out,
             "oom_killed": r.oom_killed, "ended_by": r.ended_by,
             "duration": round(r.duration, 3),
-            "stdout": _tail(r.stdout), "stderr": _tail(r.stderr),
+            "stdout": _tail(stdout), "stderr": _tail(stderr),
             "stdout_path": str(r.stdout_path), "stderr_path": str(r.stderr_path),
         }
 

@@ -3,6 +3,12 @@
 A Workspace is a directory registered with a daemon (a running branchd, or an
 embedded one started on demand). Branches are handles by name: every property
 that can change (status, metadata) is asked of the daemon, never cached.
+
+Every call that asks the daemon has an async twin named with an ``a`` in front
+(``acreate``, ``abranch``, ``arun``, ``acommit``, ...) for asyncio and trio: it
+speaks the same protocol through ``branching.aclient``, waiting on the event
+loop, so concurrent ``arun``s are concurrent runs, not threads. Both build their
+requests with the same helpers here, so they send the same thing.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from branching.aclient import AsyncClient
 from branching.client import Client
 from branching.embedded import EmbeddedDaemon
 from branching.errors import BranchError
@@ -116,6 +125,20 @@ class BranchRef:
                 ws = _shared[key] = Workspace(self.workspace, daemon=self.socket)
         return ws.open(self)
 
+    async def aopen(self) -> Branch:
+        """``open``, awaited (the shared Workspace is made, once, in a worker thread)."""
+        key = (self.socket, self.workspace)
+        with _shared_lock:
+            ws = _shared.get(key)
+        if ws is None:
+            made = await anyio.to_thread.run_sync(
+                lambda: Workspace(self.workspace, daemon=self.socket))
+            with _shared_lock:
+                ws = _shared.setdefault(key, made)
+            if ws is not made:  # another task made it meanwhile
+                made.close()
+        return await ws.aopen(self)
+
 
 _shared: dict[tuple[str, str], Workspace] = {}
 _shared_lock = threading.Lock()
@@ -134,6 +157,7 @@ class Workspace:
             daemon = self._embedded
         socket_path = daemon.socket if isinstance(daemon, EmbeddedDaemon) else daemon
         self.client = Client(socket_path)
+        self.aclient = AsyncClient(socket_path)  # opens nothing until used
         try:
             info = self.client.call("workspace-add", path=str(Path(path).expanduser().absolute()))
             status = self.client.call("status")
@@ -155,6 +179,7 @@ class Workspace:
 
     def close(self) -> None:
         self.client.close()
+        self.aclient.close()
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
@@ -166,12 +191,21 @@ class Workspace:
         sibling commits, it carries on over the sibling's changes (``"rebase"``,
         merging where both changed a file; ``Branch.conflicts`` lists what did not
         merge) or ends (``"invalidate"``: first commit wins)."""
-        name = name or f"b-{uuid.uuid4().hex[:10]}"
-        parent_name = parent.name if isinstance(parent, Branch) else parent
-        info = self.client.call("create", workspace=self.name, name=name,
-                                parent=parent_name, meta=meta,
-                                on_sibling_commit=on_sibling_commit)
-        return Branch(self, info)
+        return Branch(self, self.client.call(
+            "create", **self._create_args(name, parent, meta, on_sibling_commit)))
+
+    async def acreate(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      meta: dict[str, Any] | None = None,
+                      on_sibling_commit: str = "rebase") -> Branch:
+        """``create``, awaited."""
+        return Branch(self, await self.aclient.call(
+            "create", **self._create_args(name, parent, meta, on_sibling_commit)))
+
+    def _create_args(self, name: str | None, parent: Branch | str | None,
+                     meta: dict[str, Any] | None, on_sibling_commit: str) -> dict[str, Any]:
+        return {"workspace": self.name, "name": name or f"b-{uuid.uuid4().hex[:10]}",
+                "parent": parent.name if isinstance(parent, Branch) else parent,
+                "meta": meta, "on_sibling_commit": on_sibling_commit}
 
     @contextmanager
     def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
@@ -188,33 +222,200 @@ class Workspace:
             raise
         b._finish(on_success)
 
+    @asynccontextmanager
+    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      on_success: str = "commit", on_error: str = "abort",
+                      meta: dict[str, Any] | None = None) -> AsyncIterator[Branch]:
+        """``branch`` for ``async with``: committed on success, discarded on error (and
+        when the block is cancelled: the discard is shielded from the cancellation)."""
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = await self.acreate(name, parent=parent, meta=meta)
+        try:
+            yield b
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await b._afinish(on_error)
+            raise
+        await b._afinish(on_success)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Branches for the ``with`` block that do not outlive it unless it succeeds:
+        those created through the session (``s.create``, ``s.branch``, and their
+        ``b.create``) are discarded when the block raises, and by the daemon itself
+        when this process dies holding them (they are tied to one connection, which
+        the session holds open). ``keep=True`` makes a branch that outlives both.
+        After a block that succeeds, what it left uncommitted is the caller's."""
+        s = Session(self)
+        try:
+            yield s
+        except BaseException:
+            s._end(discard=True)
+            raise
+        s._end(discard=False)
+
+    @asynccontextmanager
+    async def asession(self) -> AsyncIterator[AsyncSession]:
+        """``session`` for ``async with`` (``await s.acreate()``, ``s.abranch()``)."""
+        s = AsyncSession(self)
+        try:
+            yield s
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await s._aend(discard=True)
+            raise
+        await s._aend(discard=False)
+
     def branches(self) -> list[Branch]:
         reply = self.client.call("list", workspace=self.name)
+        return [Branch(self, info) for info in reply["branches"]]
+
+    async def abranches(self) -> list[Branch]:
+        reply = await self.aclient.call("list", workspace=self.name)
         return [Branch(self, info) for info in reply["branches"]]
 
     def get(self, name: str) -> Branch:
         return Branch(self, self.client.call("info", workspace=self.name, name=name))
 
+    async def aget(self, name: str) -> Branch:
+        return Branch(self, await self.aclient.call("info", workspace=self.name, name=name))
+
     def open(self, ref: BranchRef | dict[str, Any]) -> Branch:
         """The branch a ``BranchRef`` (or its dict) names; it must be this workspace's and
         still the same branch (a later branch of the same name is another one)."""
+        ref = self._own(ref)
+        return self._same(ref, self.get(ref.name))
+
+    async def aopen(self, ref: BranchRef | dict[str, Any]) -> Branch:
+        """``open``, awaited."""
+        ref = self._own(ref)
+        return self._same(ref, await self.aget(ref.name))
+
+    def _own(self, ref: BranchRef | dict[str, Any]) -> BranchRef:
         if isinstance(ref, dict):
             ref = BranchRef.from_dict(ref)
         if Path(ref.workspace) != self.base:
             raise BranchError("bad-request", f"branch {ref.name} is of workspace "
                               f"{ref.workspace}, not {self.base}")
-        b = self.get(ref.name)
+        return ref
+
+    def _same(self, ref: BranchRef, b: Branch) -> Branch:
         if b.id != ref.id:
             raise BranchError("not-found", f"branch {ref.name} of {self.base} is another "
                               "branch now: the one referred to has ended")
         return b
 
 
-class Branch:
-    """A handle on one branch of a workspace."""
+class Session:
+    """Branches tied to one daemon connection (``Workspace.session()``): while it is
+    open the daemon holds them for this process; when it closes without the session
+    ended (the process died) the daemon discards them. Thread-safe."""
 
-    def __init__(self, workspace: Workspace, info: dict[str, Any]) -> None:
+    def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
+        self._held = workspace.client.held()
+        self._lock = threading.Lock()
+        self.branches: list[Branch] = []  # created through it, keep=True ones excepted
+
+    def create(self, name: str | None = None, *, parent: Branch | str | None = None,
+               meta: dict[str, Any] | None = None, on_sibling_commit: str = "rebase",
+               keep: bool = False) -> Branch:
+        """``Workspace.create`` in the session; ``keep`` opts out of it (the branch
+        outlives the session and this process)."""
+        ws = self.workspace
+        args = ws._create_args(name, parent, meta, on_sibling_commit)
+        if keep:
+            return Branch(ws, ws.client.call("create", **args))
+        b = Branch(ws, self._held.call("create", session=True, **args), session=self)
+        with self._lock:
+            self.branches.append(b)
+        return b
+
+    @contextmanager
+    def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
+               on_success: str = "commit", on_error: str = "abort",
+               meta: dict[str, Any] | None = None, keep: bool = False) -> Iterator[Branch]:
+        """``Workspace.branch`` in the session."""
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = self.create(name, parent=parent, meta=meta, keep=keep)
+        try:
+            yield b
+        except BaseException:
+            b._finish(on_error)
+            raise
+        b._finish(on_success)
+
+    def _end(self, discard: bool) -> None:
+        if not self._held.opened:
+            return  # nothing was made through it
+        try:
+            self._held.call("session-end", discard=discard or None)
+        except BranchError:
+            self._held.release(broken=True)
+            if not discard:
+                raise
+            return  # the connection is lost: the daemon discards them as it sees it close
+        self._held.release()
+
+
+class AsyncSession:
+    """``Session`` for async code (``Workspace.asession()``); one event loop's."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self._held = workspace.aclient.held()
+        self.branches: list[Branch] = []
+
+    async def acreate(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      meta: dict[str, Any] | None = None, on_sibling_commit: str = "rebase",
+                      keep: bool = False) -> Branch:
+        ws = self.workspace
+        args = ws._create_args(name, parent, meta, on_sibling_commit)
+        if keep:
+            return Branch(ws, await ws.aclient.call("create", **args))
+        b = Branch(ws, await self._held.call("create", session=True, **args), session=self)
+        self.branches.append(b)
+        return b
+
+    @asynccontextmanager
+    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                      on_success: str = "commit", on_error: str = "abort",
+                      meta: dict[str, Any] | None = None,
+                      keep: bool = False) -> AsyncIterator[Branch]:
+        if on_success not in ACTIONS or on_error not in ACTIONS:
+            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+        b = await self.acreate(name, parent=parent, meta=meta, keep=keep)
+        try:
+            yield b
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await b._afinish(on_error)
+            raise
+        await b._afinish(on_success)
+
+    async def _aend(self, discard: bool) -> None:
+        if not self._held.opened:
+            return
+        try:
+            await self._held.call("session-end", discard=discard or None)
+        except BranchError:
+            self._held.release(broken=True)
+            if not discard:
+                raise
+            return
+        self._held.release()
+
+
+class Branch:
+    """A handle on one branch of a workspace (and of a session, if made in one: the
+    branches it creates are the session's too)."""
+
+    def __init__(self, workspace: Workspace, info: dict[str, Any], *,
+                 session: Session | AsyncSession | None = None) -> None:
+        self.workspace = workspace
+        self.session = session
         self.name: str = info["name"]
         self.parent: str | None = info.get("parent")
         self.path = Path(info["path"])
@@ -236,9 +437,17 @@ class Branch:
         return self.workspace.client.call(op, fds, workspace=self.workspace.name,
                                           name=self.name, **args)
 
+    async def _acall(self, op: str, fds: list[int] | None = None, **args: Any) -> dict[str, Any]:
+        return await self.workspace.aclient.call(op, fds, workspace=self.workspace.name,
+                                                 name=self.name, **args)
+
     @property
     def info(self) -> dict[str, Any]:
         return self._call("info")
+
+    async def ainfo(self) -> dict[str, Any]:
+        """``info``, awaited (a method: a property cannot be awaited)."""
+        return await self._acall("info")
 
     @property
     def status(self) -> str:
@@ -259,11 +468,28 @@ class Branch:
     def set_meta(self, key: str, value: Any) -> None:
         self._call("set-meta", meta={key: value})
 
+    async def aset_meta(self, key: str, value: Any) -> None:
+        await self._acall("set-meta", meta={key: value})
+
     def create(self, name: str | None = None, **kw: Any) -> Branch:
+        if isinstance(self.session, Session):
+            return self.session.create(name, parent=self, **kw)
         return self.workspace.create(name, parent=self, **kw)
 
+    async def acreate(self, name: str | None = None, **kw: Any) -> Branch:
+        if isinstance(self.session, AsyncSession):
+            return await self.session.acreate(name, parent=self, **kw)
+        return await self.workspace.acreate(name, parent=self, **kw)
+
     def branch(self, name: str | None = None, **kw: Any) -> Any:
+        if isinstance(self.session, Session):
+            return self.session.branch(name, parent=self, **kw)
         return self.workspace.branch(name, parent=self, **kw)
+
+    def abranch(self, name: str | None = None, **kw: Any) -> Any:
+        if isinstance(self.session, AsyncSession):
+            return self.session.abranch(name, parent=self, **kw)
+        return self.workspace.abranch(name, parent=self, **kw)
 
     def run(self, argv: list[str] | str, *, limits: Limits | None = None,
             timeout: float | None = None, env: dict[str, str] | None = None,
@@ -277,6 +503,35 @@ class Branch:
         starts in ``cwd`` (a path in the workspace or the branch, or relative to
         the workspace's root), by default the caller's own directory where that
         is inside the workspace or the branch, else the workspace's root."""
+        args, fds = self._exec_args(argv, limits, timeout, env, stdin, capture,
+                                    at_branch_path, cwd)
+        # one connection for the run's start and its end: the daemon kills a run whose
+        # connection goes away (a client that died)
+        with self.workspace.client.connection() as c:
+            reply = c.call("exec", fds, **args)
+            return RunResult.from_reply(c.call("wait", run=reply["run"]))
+
+    async def arun(self, argv: list[str] | str, *, limits: Limits | None = None,
+                   # the run's limit, as run's: the daemon kills it and says timed_out
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   env: dict[str, str] | None = None,
+                   stdin: int | None = None, capture: bool = True,
+                   at_branch_path: bool = False,
+                   cwd: str | os.PathLike[str] | None = None) -> RunResult:
+        """``run``, awaited: the run is the daemon's, the wait for it the event loop's.
+        Cancelling the awaiting task closes the run's connection, and the daemon kills
+        the run."""
+        args, fds = self._exec_args(argv, limits, timeout, env, stdin, capture,
+                                    at_branch_path, cwd)
+        async with self.workspace.aclient.connection() as c:
+            reply = await c.call("exec", fds, **args)
+            return RunResult.from_reply(await c.call("wait", run=reply["run"]))
+
+    def _exec_args(self, argv: list[str] | str, limits: Limits | None, timeout: float | None,
+                   env: dict[str, str] | None, stdin: int | None, capture: bool,
+                   at_branch_path: bool, cwd: str | os.PathLike[str] | None,
+                   ) -> tuple[dict[str, Any], list[int] | None]:
+        """The ``exec`` request of ``run`` and ``arun``: its arguments, the fds passed."""
         if isinstance(argv, str):
             argv = ["/bin/sh", "-c", argv]
         limits = limits or Limits()
@@ -285,24 +540,31 @@ class Branch:
         fds = None
         if not capture:
             fds = [stdin if stdin is not None else 0, 1, 2]
-        # one connection for the run's start and its end: the daemon kills a run whose
-        # connection goes away (a client that died)
-        with self.workspace.client.connection() as c:
-            reply = c.call(
-                "exec", fds, workspace=self.workspace.name, name=self.name, argv=list(argv),
-                limits=limits.to_dict(), env=dict(os.environ if env is None else env),
-                at_branch_path=at_branch_path or None,
-                cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
-            )
-            return RunResult.from_reply(c.call("wait", run=reply["run"]))
+        args = dict(
+            workspace=self.workspace.name, name=self.name, argv=list(argv),
+            limits=limits.to_dict(), env=dict(os.environ if env is None else env),
+            at_branch_path=at_branch_path or None,
+            cwd=relative_cwd(cwd, self.workspace.base, self.path) or None,
+        )
+        return args, fds
 
     def commit(self, *, force: bool = False) -> dict[str, Any]:
         """Apply the branch to its parent; refused (code "conflict") if a path it would
         replace changed in the parent since, unless ``force``."""
         return self._call("commit", force=force or None)
 
+    async def acommit(self, *, force: bool = False) -> dict[str, Any]:
+        """``commit``, awaited."""
+        return await self._acall("commit", force=force or None)
+
     def abort(self) -> None:
         self._call("discard")
+
+    async def aabort(self) -> None:
+        """``abort``, awaited."""
+        await self._acall("discard")
+
+    adiscard = aabort  # the daemon's (and the MCP tools') word for it
 
     @property
     def conflicts(self) -> list[str]:
@@ -338,6 +600,9 @@ class Branch:
             yield page
             offset = page["next"]
 
+    async def adiff(self, patch: bool = False) -> list[dict[str, Any]]:
+        return list((await self._acall("diff", patch=patch or None))["changes"])
+
     def _finish(self, action: str) -> None:
         if action == "commit":
             self.commit()
@@ -346,4 +611,14 @@ class Branch:
                 self.abort()
             except BranchError as e:
                 if e.code != "not-found":  # already gone is what abort wants
+                    raise
+
+    async def _afinish(self, action: str) -> None:
+        if action == "commit":
+            await self.acommit()
+        elif action == "abort":
+            try:
+                await self.aabort()
+            except BranchError as e:
+                if e.code != "not-found":
                     raise

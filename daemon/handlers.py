@@ -8,6 +8,7 @@ a protocol error.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import grp
@@ -16,7 +17,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,20 @@ class Peer:
 
 
 Handler = Callable[["Handlers", Peer, dict[str, Any], list[int]], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Session:
+    """The branches a connection created with ``"session": true`` and has not settled
+    (by ``session-end``): when the connection closes first, its client died and the
+    daemon discards them. One per connection, which sets it for its own task."""
+
+    branches: list[tuple[str, str, str]] = field(default_factory=list)  # workspace, name, id
+
+
+# the connection being answered (each connection is one trio task, with its own context)
+SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("session",
+                                                                        default=None)
 
 
 def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -386,8 +401,15 @@ class Handlers:
         if meta:
             self.meta.check(meta, META_LIMIT)
         policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
+        session = None
+        if arg(args, "session", bool, False):  # the connection's, discarded if it dies
+            session = SESSION.get()
+            if session is None:
+                raise RequestError("bad-request", "no session on this connection")
         branch = self.store.create_branch(ws.name, name, parent_name,
                                           on_sibling_commit=policy, owner=peer.uid)
+        if session is not None:
+            session.branches.append((branch.workspace, branch.name, branch.id))
         if meta:
             self.meta.set(branch.id, meta)
         await self.overlays.serve(branch)
@@ -597,6 +619,31 @@ class Handlers:
     async def op_shutdown(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
         self.shutdown()
         return {}
+
+    async def op_session_end(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict:
+        session = SESSION.get()
+        if session is None:
+            raise RequestError("bad-request", "no session on this connection")
+        discard = bool(arg(args, "discard", bool, False))
+        held, session.branches = session.branches, []
+        return {"discarded": await self.end_session(peer, held) if discard else []}
+
+    async def end_session(self, peer: Peer, held: list[tuple[str, str, str]]) -> list[str]:
+        """Discard what a session still holds: the branches of it that are still the
+        same and active (committed or discarded since, or ended with a parent, they
+        are left as they are). Each is tried: one refused does not keep the others."""
+        discarded: list[str] = []
+        for workspace, name, bid in reversed(held):  # children before their parents
+            if self.store.status(bid) != ACTIVE:
+                continue
+            try:
+                reply = await self.op_discard(peer, {"workspace": workspace, "name": name}, [])
+            except Exception as e:
+                log.warning("could not discard session branch %s of %s: %s", name,
+                            workspace, e)
+                continue
+            discarded.extend(reply["discarded"])
+        return discarded
 
 
 HANDLERS: dict[str, Handler] = {

@@ -50,7 +50,8 @@ OPS: dict[str, Op] = {
     "workspace-add": Op(WORKSPACE, ("path",)),
     "workspace-list": Op(WORKSPACE, ()),
     "workspace-remove": Op(WORKSPACE, ("workspace",)),  # --force: theirs only to discard
-    "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's
+    "create": Op(WORKSPACE, ("name",)),  # the workspace, or the parent branch's;
+    # with "session": true the branch belongs to the connection's session (session-end)
     "list": Op(WORKSPACE, ()),
     "info": Op(WORKSPACE, ("name",)),
     "set-meta": Op(BRANCH, ("name", "meta")),
@@ -64,6 +65,11 @@ OPS: dict[str, Op] = {
     "kill": Op(RUN, ("run",)),
     "fsck": Op(ADMIN, ()),  # optional: repair (bool)
     "shutdown": Op(ADMIN, ()),
+    # Ends the connection's session: its branches are the caller's to keep ("discard":
+    # false) or discarded now (true). A connection that closes with a session still
+    # open (its client died) has them discarded by the daemon. It touches nothing but
+    # what this connection created, so anyone may ask.
+    "session-end": Op(ANYONE, ()),
 }
 
 

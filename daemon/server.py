@@ -7,6 +7,10 @@ data with the request that uses them. This module is the protocol's single error
 boundary: every exception a handler raises becomes one error response, and the
 daemon stays up.
 
+A connection goes with what hangs on its client's life: the runs it started
+(killed when it closes) and its session's branches (``create`` with ``session``
+until ``session-end``; discarded when it closes first).
+
 No client can take the daemon's descriptors: connections per uid and the
 descriptors a connection may hold are capped (the constants below), a
 connection that has not said hello in time, or sits idle with nothing in
@@ -31,8 +35,9 @@ from typing import Any
 import trio
 
 import branchfs
+from branchfs.model import ACTIVE
 from daemon import protocol
-from daemon.handlers import HANDLERS, Handlers, Peer, RequestError
+from daemon.handlers import HANDLERS, SESSION, Handlers, Peer, RequestError, Session
 from daemon.meta import MetaTooLarge
 
 log = logging.getLogger(__name__)
@@ -114,11 +119,14 @@ class Connection:
         self.idle_timeout = idle_timeout  # 0: never
         self.fds: deque[int] = deque()
         self.attached: list[str] = []  # runs to kill if this client goes away
+        self.session = Session()  # branches to discard if this client goes away
 
     async def run(self) -> None:
         buf = b""
         greeted = False
         hello_by = trio.current_time() + HELLO_TIMEOUT
+        SESSION.set(self.session)  # this task's: its handlers see this connection's
+        stopping = False
         try:
             while True:
                 with trio.move_on_at(self._deadline(greeted, hello_by)) as waited:
@@ -149,6 +157,9 @@ class Connection:
             return
         except Exception:  # a bug here must end this connection only, never the daemon
             log.exception("connection of uid %d (pid %d) failed", self.peer.uid, self.peer.pid)
+        except trio.Cancelled:  # the daemon stops: its clients' branches stay, as all do
+            stopping = True
+            raise
         finally:
             for fd in self.fds:
                 os.close(fd)
@@ -158,6 +169,16 @@ class Connection:
                     log.info("client of run %s went away: killing it", run_id)
                     self.handlers.runs.kill(record, "detached")
             self.sock.close()
+            if self.session.branches and not stopping:
+                await self._end_session()
+
+    async def _end_session(self) -> None:
+        """The client went away holding a session: its branches go with it."""
+        held, self.session.branches = self.session.branches, []
+        log.info("client pid %d went away in a session: discarding %d branches",
+                 self.peer.pid, len(held))
+        with trio.CancelScope(shield=True):  # not half done if the daemon stops meanwhile
+            await self.handlers.end_session(self.peer, held)
 
     def _deadline(self, greeted: bool, hello_by: float) -> float:
         if not greeted:
@@ -165,8 +186,10 @@ class Connection:
         self.attached = [run_id for run_id in self.attached  # the ended need no kill
                          if (r := self.handlers.runs.get(run_id)) is not None
                          and r.result is None]
-        if not self.idle_timeout or self.attached:
-            return math.inf
+        self.session.branches = [held for held in self.session.branches  # nor the ended
+                                 if self.handlers.store.status(held[2]) == ACTIVE]
+        if not self.idle_timeout or self.attached or self.session.branches:
+            return math.inf  # closing it would kill the runs, discard the branches
         return trio.current_time() + self.idle_timeout
 
     async def goodbye(self, code: str, message: str) -> None:

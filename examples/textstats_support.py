@@ -44,9 +44,14 @@ def run_tests(path: Path, log: bool = True) -> tuple[int, int]:
                           capture_output=True, text=True, env={**os.environ, **ENV})
     if log:
         sys.stderr.write(proc.stderr)
-    ran = re.search(r"^Ran (\d+) tests?", proc.stderr, re.M)
+    return count_tests(proc.stderr)
+
+
+def count_tests(report: str) -> tuple[int, int]:
+    """(tests passed, tests run) as a unittest report says."""
+    ran = re.search(r"^Ran (\d+) tests?", report, re.M)
     total = int(ran.group(1)) if ran else 0
-    bad = sum(int(n) for n in re.findall(r"(?:failures|errors)=(\d+)", proc.stderr))
+    bad = sum(int(n) for n in re.findall(r"(?:failures|errors)=(\d+)", report))
     return total - bad, total
 
 

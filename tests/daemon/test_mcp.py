@@ -90,6 +90,8 @@ def test_a_branch_from_create_to_commit(daemon: EmbeddedDaemon, tmp_path: Path) 
             assert "permission:" in text, text
             text = await error(client, "commit", branch="nope")
             assert "not-found:" in text, text
+            text = await error(client, "exec_command", branch="nope", command="true")
+            assert "not-found:" in text, text  # the async tool maps errors as the others do
             await call(client, "discard", branch="m2")
 
     anyio.run(scenario)

@@ -146,6 +146,7 @@ OUTSIDER: dict[str, tuple[Any, str | None]] = {
     "kill": (lambda w: {"run": w.root_run}, "permission"),
     "fsck": (lambda w: {"repair": True}, "permission"),
     "shutdown": (lambda w: {}, "permission"),
+    "session-end": (lambda w: {"discard": True}, None),  # ends their own connection's only
 }
 
 

@@ -48,3 +48,12 @@ def test_tree_of_thoughts(daemon: EmbeddedDaemon) -> None:
     assert "committed 4-count-then-word.diff + 2-longest-sorted.diff" in out
     assert "+++ b/textstats/longest.py" in out
     assert "after: 7/7 tests pass" in out and "branches left: none" in out
+
+
+@pytest.mark.timeout(200)
+def test_langgraph_best_patch(daemon: EmbeddedDaemon) -> None:
+    pytest.importorskip("langgraph", reason="pip install 'branchd[langgraph]'")
+    out = run_example("langgraph_best_patch.py", daemon)
+    assert "3-selection-loop.diff    oom-killed" in out
+    assert "committed 4-count-then-word.diff (score 5)" in out
+    assert "after: 5/5 tests pass" in out and "branches left: none" in out
