@@ -202,6 +202,23 @@ def server(tools: Tools) -> MCPServer:
         return tools.branch(branch, workspace).commit(force=force)
 
     @tool
+    def rebase(branch: str, workspace: str | None = None) -> dict[str, Any]:
+        """Bring the branch onto its parent's current state (after a sibling's commit,
+        or changes made to the workspace outside branchd): text files both changed are
+        merged; ``conflicts`` lists what did not merge (its commit is refused until each
+        is resolved)."""
+        return tools.branch(branch, workspace).rebase()
+
+    @tool
+    def resolve(branch: str, path: str, how: str = "ours",
+                workspace: str | None = None) -> dict[str, Any]:
+        """Settle a conflict of the branch at ``path``: ``how`` is "ours" (keep the
+        branch's file as it is now, e.g. after write_file), "theirs" (take the parent's)
+        or "markers" (write conflict markers into the branch's file, to edit, then
+        resolve "ours"). Returns the conflicts left."""
+        return {"conflicts": tools.branch(branch, workspace).resolve(path, how)}
+
+    @tool
     def discard(branch: str, workspace: str | None = None) -> dict[str, Any]:
         """Drop the branch and its children, killing their processes."""
         tools.branch(branch, workspace).abort()

@@ -55,8 +55,8 @@ def test_a_branch_from_create_to_commit(daemon: EmbeddedDaemon, tmp_path: Path) 
         async with Client(server(daemon, ws)) as client:
             names = {t.name for t in (await client.list_tools()).tools}
             assert {"create_branch", "list_branches", "branch_info", "read_file", "write_file",
-                    "exec_command", "diff", "commit", "discard", "speculate",
-                    "best_of_n"} <= names
+                    "exec_command", "diff", "commit", "discard", "rebase", "resolve",
+                    "speculate", "best_of_n"} <= names
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert tools["exec_command"].input_schema["required"] == ["branch", "command"]
 
@@ -76,6 +76,23 @@ def test_a_branch_from_create_to_commit(daemon: EmbeddedDaemon, tmp_path: Path) 
             assert not (ws / "src").exists()
             await call(client, "commit", branch="m1")
             assert (ws / "src" / "new.py").read_text() == "x = 1\n"
+
+            # two sub-agents on one file: the second carries on, resolves, commits
+            for name in ("p1", "p2"):
+                await call(client, "create_branch", name=name)
+                await call(client, "write_file", branch=name, path="app.py",
+                           content=f"print('{name}')\n")
+            await call(client, "commit", branch="p1")
+            assert (await call(client, "rebase", branch="p2"))["conflicts"] == ["app.py"]
+            text = await error(client, "commit", branch="p2")
+            assert "conflict:" in text and "app.py" in text, text
+            await call(client, "resolve", branch="p2", path="app.py", how="markers")
+            marked = await call(client, "read_file", branch="p2", path="app.py")
+            assert "<<<<<<< branch" in marked and "print('p1')" in marked
+            await call(client, "write_file", branch="p2", path="app.py", content="print(3)\n")
+            assert (await call(client, "resolve", branch="p2", path="app.py"))["conflicts"] == []
+            await call(client, "commit", branch="p2")
+            assert (ws / "app.py").read_text() == "print(3)\n"
 
             # refusals: one line each, nothing outside the workspace reached
             await call(client, "create_branch", name="m2")
