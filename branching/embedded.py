@@ -66,7 +66,8 @@ class EmbeddedDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "--state-dir", str(self.state_dir),
                  "--mountpoint", str(self.mountpoint), "--socket", str(self.socket),
-                 "--log-level", self.log_level, "--owner-pid", str(os.getpid()), *self.args],
+                 "--log-level", self.log_level, "--owner-pid", str(os.getpid()),
+                 *self._owned(), *self.args],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True,
             )
@@ -98,6 +99,12 @@ class EmbeddedDaemon:
                                   f"{self.proc.returncode}: {' | '.join(tail)}")
         raise BranchError("unavailable", f"embedded branchd not ready after {timeout:.0f}s "
                           f"(log: {self.log_path})")
+
+    def _owned(self) -> list[str]:
+        """The directories the daemon removes itself if we die first (ours alone)."""
+        dirs = ([self.root] if self._own_root else []) + (
+            [self._socket_dir] if self._socket_dir is not None else [])
+        return [a for d in dirs for a in ("--owned-dir", str(d))]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate the daemon (it unmounts itself); force it only if it does not."""

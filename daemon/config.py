@@ -32,6 +32,9 @@ class Config:
     debug_fuse: bool = False
     backend: str = "auto"  # auto | fuse | overlay (daemon.overlays)
     owner_pid: int | None = None  # stop when this process (our parent) ends (--owner-pid)
+    # directories made for this daemon alone (an embedded daemon's temporary root):
+    # removed when it stops because its owner ended, who can no longer (--owned-dir)
+    owned_dirs: tuple[Path, ...] = ()
     run_fd_limit: int | None = None  # soft RLIMIT_NOFILE runs get (the daemon raises its own)
 
     def resolve(self) -> Config:

@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     p.add_argument("--owner-pid", type=int, default=None,
                    help="stop (unmounting everything, ending every run) when this process, "
                    "our parent, ends: an embedded daemon dies with its owner")
+    p.add_argument("--owned-dir", action="append", type=Path, default=[],
+                   help="a directory made for this daemon alone (repeatable): removed when "
+                   "it stops because the --owner-pid process ended")
     p.add_argument("--backend", default=os.environ.get("BRANCHD_BACKEND", "auto"),
                    help="what serves the branches: auto (a kernel overlay where a probe "
                    "mount works, else FUSE), fuse or overlay; default $BRANCHD_BACKEND or auto")
@@ -109,7 +112,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     cfg = Config(state_dir=a.state_dir, mountpoint=a.mountpoint, socket=a.socket,
                  socket_mode=a.socket_mode, socket_group=a.socket_group,
                  allow_uids=frozenset(a.allow_uid), idle_timeout=a.idle_timeout,
-                 debug_fuse=a.debug_fuse, backend=a.backend, owner_pid=a.owner_pid)
+                 debug_fuse=a.debug_fuse, backend=a.backend, owner_pid=a.owner_pid,
+                 owned_dirs=tuple(a.owned_dir))
     return cfg.resolve(), a.log_level
 
 

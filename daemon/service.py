@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -61,7 +62,9 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
     """Serve until SIGTERM, SIGINT or a ``shutdown`` request."""
     notifier = notifier or Notifier()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    orphaned: list[bool] = []  # the owner ended: its directories are ours to remove
     with ExitStack() as stack:
+        stack.callback(_remove_owned, cfg.owned_dirs, orphaned)  # last, all unmounted
         stack.callback(os.close, lock_state_dir(cfg.state_dir))
         listener = bind_socket(cfg.socket, cfg.socket_mode, cfg.socket_group)
         stack.callback(cfg.socket.unlink, missing_ok=True)
@@ -91,6 +94,10 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                 overlays.close()  # before the FUSE mount they sit on goes
                 nursery.cancel_scope.cancel()
 
+            def orphan() -> None:  # the owner ended: stop, and remove what it cannot
+                orphaned.append(True)
+                stop()
+
             def report() -> None:
                 notifier.status(f"{len(store.workspaces())} workspaces, "
                                 f"{len(store.branches())} branches, {runs.active()} runs")
@@ -113,7 +120,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                                 cfg.idle_timeout)
             await nursery.start(_signals, stop)
             if cfg.owner_pid is not None:
-                await nursery.start(_outlive_not, cfg.owner_pid, stop)
+                await nursery.start(_outlive_not, cfg.owner_pid, orphan)
             log.info("branchd ready: mount %s, socket %s, cgroups %s, backend %s",
                      cfg.mountpoint, cfg.socket, manager.layout.kind, backend)
             notifier.ready(f"{len(store.workspaces())} workspaces, "
@@ -165,6 +172,20 @@ async def _outlive_not(owner: int, stop: Callable[[], None], *,
         stop()
     finally:
         os.close(fd)
+
+
+def _remove_owned(dirs: tuple[Path, ...], orphaned: list[bool]) -> None:
+    """Remove an embedded daemon's own directories once its owner, who would have, is
+    gone; never one with a mount left below it (the walk would go into it)."""
+    if not orphaned:
+        return
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    for d in dirs:
+        if any(p == str(d) or p.startswith(f"{d}/") for p in points):
+            log.warning("%s still has a mount below it: left in place", d)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _toggle_debug() -> None:

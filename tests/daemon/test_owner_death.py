@@ -3,7 +3,8 @@
 The owner is a real process (a Python script) that opens a Workspace (so starts
 an embedded daemon), makes a branch, starts a long run in it, and is then
 killed with SIGKILL. The daemon watches its owner through a pidfd and stops as
-on SIGTERM: no mount, no overlay, no cgroup, no run and no entry process left.
+on SIGTERM: no mount, no overlay, no cgroup, no run and no entry process left,
+and no temporary directory (the daemon removes the one made for it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ OWNER = textwrap.dedent("""
                          detach=True)
     d = ws._embedded
     print(json.dumps({"daemon": d.proc.pid, "mnt": str(d.mountpoint), "run": run["pid"],
-                      "branch": str(b.path)}), flush=True)
+                      "branch": str(b.path), "root": str(d.root)}), flush=True)
     time.sleep(300)
     """)
 
@@ -81,6 +82,8 @@ def test_sigkill_of_the_owner_leaves_no_daemon_mount_cgroup_or_process(tmp_path:
     with open("/proc/self/mounts") as f:
         mounts = f.read()
     assert info["mnt"] not in mounts and info["branch"] not in mounts
+    # its temporary root, which the dead owner would have removed, is gone too
+    assert not os.path.exists(info["root"]), os.listdir(info["root"])
     own_run = [c for c in cgroups if "/run." in c]
     assert own_run, cgroups
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
