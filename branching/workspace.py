@@ -13,11 +13,17 @@ requests with the same helpers here, so they send the same thing.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,37 +213,20 @@ class Workspace:
                 "parent": parent.name if isinstance(parent, Branch) else parent,
                 "meta": meta, "on_sibling_commit": on_sibling_commit}
 
-    @contextmanager
     def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
                on_success: str = "commit", on_error: str = "abort",
-               meta: dict[str, Any] | None = None) -> Iterator[Branch]:
+               meta: dict[str, Any] | None = None) -> AbstractContextManager[Branch]:
         """A branch for the ``with`` block: committed on success, discarded on error."""
-        if on_success not in ACTIONS or on_error not in ACTIONS:
-            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
-        b = self.create(name, parent=parent, meta=meta)
-        try:
-            yield b
-        except BaseException:
-            b._finish(on_error)
-            raise
-        b._finish(on_success)
+        return _block(functools.partial(self.create, name, parent=parent, meta=meta),
+                      on_success, on_error)
 
-    @asynccontextmanager
-    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
-                      on_success: str = "commit", on_error: str = "abort",
-                      meta: dict[str, Any] | None = None) -> AsyncIterator[Branch]:
+    def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                on_success: str = "commit", on_error: str = "abort",
+                meta: dict[str, Any] | None = None) -> AbstractAsyncContextManager[Branch]:
         """``branch`` for ``async with``: committed on success, discarded on error (and
         when the block is cancelled: the discard is shielded from the cancellation)."""
-        if on_success not in ACTIONS or on_error not in ACTIONS:
-            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
-        b = await self.acreate(name, parent=parent, meta=meta)
-        try:
-            yield b
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await b._afinish(on_error)
-            raise
-        await b._afinish(on_success)
+        return _ablock(functools.partial(self.acreate, name, parent=parent, meta=meta),
+                       on_success, on_error)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -307,6 +296,40 @@ class Workspace:
         return b
 
 
+def _check_actions(on_success: str, on_error: str) -> None:
+    if on_success not in ACTIONS or on_error not in ACTIONS:
+        raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
+
+
+@contextmanager
+def _block(create: Callable[[], Branch], on_success: str, on_error: str) -> Iterator[Branch]:
+    """The branch *create* makes, for a ``with`` block: *on_success* when the block
+    ends, *on_error* when it raises (``branch`` of a workspace or a session)."""
+    _check_actions(on_success, on_error)
+    b = create()
+    try:
+        yield b
+    except BaseException:
+        b._finish(on_error)
+        raise
+    b._finish(on_success)
+
+
+@asynccontextmanager
+async def _ablock(create: Callable[[], Awaitable[Branch]], on_success: str,
+                  on_error: str) -> AsyncIterator[Branch]:
+    """``_block`` for ``async with``; *on_error* is shielded from a cancellation."""
+    _check_actions(on_success, on_error)
+    b = await create()
+    try:
+        yield b
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await b._afinish(on_error)
+        raise
+    await b._afinish(on_success)
+
+
 class Session:
     """Branches tied to one daemon connection (``Workspace.session()``): while it is
     open the daemon holds them for this process; when it closes without the session
@@ -332,20 +355,13 @@ class Session:
             self.branches.append(b)
         return b
 
-    @contextmanager
     def branch(self, name: str | None = None, *, parent: Branch | str | None = None,
                on_success: str = "commit", on_error: str = "abort",
-               meta: dict[str, Any] | None = None, keep: bool = False) -> Iterator[Branch]:
+               meta: dict[str, Any] | None = None,
+               keep: bool = False) -> AbstractContextManager[Branch]:
         """``Workspace.branch`` in the session."""
-        if on_success not in ACTIONS or on_error not in ACTIONS:
-            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
-        b = self.create(name, parent=parent, meta=meta, keep=keep)
-        try:
-            yield b
-        except BaseException:
-            b._finish(on_error)
-            raise
-        b._finish(on_success)
+        return _block(functools.partial(self.create, name, parent=parent, meta=meta,
+                                        keep=keep), on_success, on_error)
 
     def _end(self, discard: bool) -> None:
         if not self._held.opened:
@@ -379,21 +395,12 @@ class AsyncSession:
         self.branches.append(b)
         return b
 
-    @asynccontextmanager
-    async def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
-                      on_success: str = "commit", on_error: str = "abort",
-                      meta: dict[str, Any] | None = None,
-                      keep: bool = False) -> AsyncIterator[Branch]:
-        if on_success not in ACTIONS or on_error not in ACTIONS:
-            raise ValueError(f"on_success and on_error must be one of {ACTIONS}")
-        b = await self.acreate(name, parent=parent, meta=meta, keep=keep)
-        try:
-            yield b
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await b._afinish(on_error)
-            raise
-        await b._afinish(on_success)
+    def abranch(self, name: str | None = None, *, parent: Branch | str | None = None,
+                on_success: str = "commit", on_error: str = "abort",
+                meta: dict[str, Any] | None = None,
+                keep: bool = False) -> AbstractAsyncContextManager[Branch]:
+        return _ablock(functools.partial(self.acreate, name, parent=parent, meta=meta,
+                                         keep=keep), on_success, on_error)
 
     async def _aend(self, discard: bool) -> None:
         if not self._held.opened:
