@@ -41,6 +41,15 @@ def forget_workspaces(daemon: EmbeddedDaemon, *dirs: Path) -> None:
 
 
 @pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    """A workspace directory with one file, f, saying "base"."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "f").write_text("base\n")
+    return root
+
+
+@pytest.fixture
 def ws(tmp_path: Path) -> Path:
     """A small workspace directory with a few files."""
     base = tmp_path / "proj"

@@ -29,14 +29,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "f").write_text("base\n")
-    return root
-
-
 async def test_sixteen_runs_overlap(daemon: EmbeddedDaemon, proj: Path, tmp_path: Path) -> None:
     started = tmp_path / "started"
     started.mkdir()

@@ -26,14 +26,6 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 WAIT = 30.0  # seconds the daemon has to notice a dead client
 
 
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "f").write_text("base\n")
-    return root
-
-
 def names(ws: Workspace) -> set[str]:
     return {b.name for b in ws.branches()}
 
