@@ -503,6 +503,11 @@ class Handlers:
         result = self.store.finish_pending(workspace)
         if result is not None:
             await self._after_commit(result)
+            # start-up served none of this workspace's branches while its commit was
+            # pending (Overlays.serve_all): the fast path for all of them now
+            for b in self.store.branches(workspace):
+                if b.status == "active":
+                    await self.overlays.serve(b)
 
     async def _after_commit(self, result: branchfs.CommitResult) -> None:
         branch = self.store.branch(result.workspace, result.branch)
@@ -510,8 +515,6 @@ class Handlers:
         self.overlays.detach([branch, *invalidated])  # a finished one may still be served
         if branch.parent is not None:  # its upper dir changed behind the kernel's back
             await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
-        for name in result.rebased:  # not served yet if the commit was pending at start-up
-            await self.overlays.serve(self.store.branch(result.workspace, name))
         self._ended([branch], "commit")
         self._ended(invalidated, "invalidated")
 

@@ -144,6 +144,7 @@ def test_a_restart_on_a_still_full_disk_keeps_the_workspace_blocked(
         disk: Path, tmp_path: Path) -> None:
     d, cli, ws, state = setup(disk, tmp_path)
     try:
+        cli("create", "sibkid", "--from", "sib")  # not a sibling: served again all the same
         fail_commit(d, cli, disk, state)
         d.stop()
         d.start()  # recovery cannot finish it yet: the daemon starts and says so
@@ -152,7 +153,9 @@ def test_a_restart_on_a_still_full_disk_keeps_the_workspace_blocked(
         cli("discard", "c", check=ExitCode.CONFLICT)
         os.unlink(disk / "hog")
         branches = statuses(cli, ws)
-        assert branches == {"c": "committed", "sib": "active"}  # it carries on
+        assert branches == {"c": "committed", "sib": "active", "sibkid": "active"}
+        backend = cli.json("status")["backend"]  # what start-up held back serves them now
+        assert {cli.json("info", n)["backend"] for n in ("sib", "sibkid")} == {backend}
         assert contents(ws) == {b"n"}
         d.stop()
         d.start()  # and nothing is replayed twice
