@@ -16,7 +16,9 @@ and keeps its number while the name lives, across copy-up and rename (git's
 index relies on st_ino). Kernel caches (entry/attr timeouts, negative
 entries for names missing in a top-level branch, page cache kept across opens)
 are invalidated from a separate thread (``Notifier``) for exactly what commit,
-discard and writes through a parent branch change. The writeback cache stays
+discard and writes through a parent branch change; a branch whose upper dir
+a run's own kernel overlay writes (``Store.shared``) is cached by nothing
+while it does. The writeback cache stays
 off: with it the kernel trusts its own size of a cached file over ours, so a
 file changed behind it (a parent branch's write seen by a child, a commit into
 the branch, the base edited outside) would keep its old size.
@@ -290,9 +292,10 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    @staticmethod
-    def _volatile(view: View, e: Entry) -> bool:
-        return 0 < e.layer < len(view.layers) - 1
+    def _volatile(self, node: Node, view: View, e: Entry) -> bool:
+        """Whether what *e* says may change behind the daemon: an entry of a parent
+        branch's upper dir, or anything of a branch a run's own overlay writes."""
+        return 0 < e.layer < len(view.layers) - 1 or self.store.shared(node.bid or "")
 
     def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.kind != "view":
@@ -303,7 +306,7 @@ class Operations(pyfuse3.Operations):
                 return self._attr(node, os.fstat(self.handles[fh].fd))
             raise FUSEError(errno.ENOENT)
         e = view.need(self._parts(node))
-        return self._attr(node, e.st, self._volatile(view, e))
+        return self._attr(node, e.st, self._volatile(node, view, e))
 
     def _new_node(self, **kw: object) -> Node:
         node = Node(next(self._inos), **kw)  # type: ignore[arg-type]
@@ -408,16 +411,18 @@ class Operations(pyfuse3.Operations):
         b = ev.branch
         assert b is not None
         wsino = self.dentries.get((ROOT, ev.workspace))
-        if ev.kind == "branch-ended":
-            self.failsafe.discard(b.id)
+        if ev.kind in ("branch-ended", "branch-shared"):
+            if ev.kind == "branch-ended":
+                self.failsafe.discard(b.id)
             if wsino is not None:
                 n.entry(wsino, b.name)
             # That name's invalidation drops the kernel's unused entries below it.
             # What is still held needs its own: open files and directories (a cwd)
             # of a committed or discarded branch, everything of an invalidated one
             # (a file mapped after its fd was closed must not keep the old parent's
-            # pages). One per file of a 10k-file branch took 100 ms.
-            everything = b.status == INVALIDATED
+            # pages), and of a shared one (a run's overlay writes its files from now
+            # on). One per file of a 10k-file branch took 100 ms.
+            everything = b.status == INVALIDATED or ev.kind == "branch-shared"
             for node in list(self.nodes.values()):
                 if node.bid == b.id and (everything or node.handles or node.is_dir):
                     n.inode(node.ino)
@@ -494,12 +499,13 @@ class Operations(pyfuse3.Operations):
             view = self._view(parent)
             e = view.lookup(self._child_parts(parent, name))
             if e is None:
-                if len(view.layers) > 2:  # a parent branch's writes may make the name
+                # a parent branch's writes, or a run's overlay, may make the name
+                if len(view.layers) > 2 or self.store.shared(parent.bid or ""):
                     raise FUSEError(errno.ENOENT)
                 return self._negative()
             node = self._bind(parent, name, e)
             node.lookups += 1
-            return self._attr(node, e.st, self._volatile(view, e))
+            return self._attr(node, e.st, self._volatile(node, view, e))
         node.lookups += 1
         return self._node_attr(node)
 
@@ -803,7 +809,7 @@ class Operations(pyfuse3.Operations):
                 return fi
             fd, e = view.open_top(parts, flags & ~os.O_TRUNC)
             return self._handle(node, fd, upper=e.layer == 0,
-                                keep_cache=not self._volatile(view, e))
+                                keep_cache=not self._volatile(node, view, e))
 
     def _fh(self, fh: int, write: bool) -> tuple[Handle, Node]:
         h = self.handles[fh]
@@ -879,7 +885,7 @@ class Operations(pyfuse3.Operations):
                 for name, e in view.listdir(self._parts(node)).items():
                     child = self._bind(node, name, e)
                     entries.append((name, child.ino,
-                                    self._attr(child, e.st, self._volatile(view, e))))
+                                    self._attr(child, e.st, self._volatile(child, view, e))))
             fh = next(self._fhs)
             self.dirs[fh] = entries
             return fh
@@ -933,7 +939,7 @@ class Operations(pyfuse3.Operations):
             return node.xattrs[0]
         parts = self._parts(node)
         names = frozenset(view.listxattr(parts))
-        if not self._volatile(view, view.need(parts)):
+        if not self._volatile(node, view, view.need(parts)):
             node.xattrs = (names, now)
         return names
 

@@ -165,6 +165,20 @@ def drop_kernel_xattrs(dirfd: int, name: str) -> None:
                     raise
 
 
+def remove_workdir(parent: int, name: str) -> None:
+    """Remove the work dir *name* in *parent* (a dir fd) of an overlay that is gone: the
+    kernel leaves ``work/`` (mode 0) and ``index/`` in it, empty."""
+    wd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=parent)
+    try:
+        for sub in os.listdir(wd):
+            os.chmod(sub, 0o700, dir_fd=wd)
+            os.rmdir(sub, dir_fd=wd)
+    finally:
+        os.close(wd)
+    os.rmdir(name, dir_fd=parent)
+
+
 def probe(scratch: str) -> str | None:
     """None when an overlay in the upper-dir format can be mounted here (tried for
     real in *scratch*, a fresh directory on the state's filesystem, removed

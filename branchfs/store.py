@@ -94,7 +94,9 @@ class Event:
 
     kinds: ``workspace-added``, ``workspace-removed``, ``branch-created``,
     ``branch-ended`` (committed, discarded or invalidated; ``branch`` has the new
-    status), ``rebased`` (``target``, the branch's own id, whose view changed at
+    status), ``branch-shared`` (a kernel overlay the daemon does not see into, a
+    run's, writes the branch's upper dir from now on: see ``Store.shared``),
+    ``rebased`` (``target``, the branch's own id, whose view changed at
     ``paths``: a sibling's commit merged in, a conflict resolved) and
     ``committed`` (``target`` is the id of the parent branch whose view changed
     at ``paths``, None when the changes went into the workspace directory)."""
@@ -223,6 +225,10 @@ class Store:
         # the root of a kernel mount serving a branch, if any (the daemon's overlays
         # say): merges into a branch are written through it, for the kernel's view
         self.served: Callable[[str], int | None] = lambda bid: None
+        # whether a kernel overlay mounted where the daemon cannot reach it (a run's, in
+        # its own namespace) writes the branch's upper dir now (the daemon's runs say):
+        # the branch's FUSE view then lets the kernel cache nothing of it
+        self.shared: Callable[[str], bool] = lambda bid: False
         self._trash = _Trash(os.path.join(self.state_dir, "trash"))
         self._load()
         self._check_deltas()
@@ -345,6 +351,12 @@ class Store:
 
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
         self._listeners.remove(callback)
+
+    def share(self, bid: str) -> None:
+        """Tell subscribers that ``shared(bid)`` became true (they drop what they cached)."""
+        b = self.branch_by_id(bid)
+        if b is not None:
+            self._emit(Event("branch-shared", b.workspace, b))
 
     def _emit(self, event: Event) -> None:
         for cb in self._listeners:

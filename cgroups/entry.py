@@ -23,7 +23,12 @@ order:
    workspace directory (``target``) opened *here*, after checking that it is
    the directory the daemon holds (the descriptor sent, same device and
    inode): a workspace path swapped for a symlink to ``/etc`` is refused,
-   never mounted over. The bind is ``nosuid`` for another user's run;
+   never mounted over. The bind is ``nosuid`` for another user's run. In a
+   user namespace the daemon may send the branch's layers too (``overlay``:
+   the mount options, naming them as ``/proc/self/fd/N`` from ``layer_fd``
+   on): then a kernel overlay of the branch's delta is mounted on that same
+   checked directory instead, and only where the kernel refuses it is the
+   branch bound, with the reason sent back as a note;
 3. every path of ``hide`` (the daemon's mountpoint and state directory) is
    covered with an empty read-only tmpfs: the other branches are out of reach;
 4. supplementary groups, gid and uid are set to the caller's (a root daemon
@@ -32,8 +37,9 @@ order:
    soft open-file limit the daemon raised for itself is put back, and the
    candidate is exec'ed with its own environment (its PATH finds argv[0]).
 
-A failure in 1-4 or the chdir goes back on the socket as "ERRNO message" and
-ends the process with status 1; the socket is close-on-exec, so end-of-file
+Notes go back on the socket first, a line each, starting with ``~``. A failure
+in 1-4 or the chdir goes back as "ERRNO message" and ends the process with
+status 1; the socket is close-on-exec, so end-of-file
 with nothing read means the exec happened. A failed exec itself is the
 candidate's failure, as a shell reports it: a line on stderr and status 127
 (not found) or 126.
@@ -58,6 +64,7 @@ AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
 MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 MOUNT_ATTR_NOSUID = 0x2
 PR_SET_NO_NEW_PRIVS = 38
+MAX_FDS = 253  # SCM_MAX_FD: the most one message carries
 
 
 
@@ -100,7 +107,34 @@ def enter_namespace(ns: str) -> None:
     _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making / a slave mount")
 
 
-def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
+def mount_overlay(dst: int, options: str, layer_fd: int, layers: int) -> str | None:
+    """Mount the overlay of *options* on the directory *dst*; None, or why not.
+
+    The layers arrive as the daemon's descriptors (at ``layer_fd`` on), which lie in
+    the daemon's mount namespace: the kernel takes only layers of our own, so each
+    is opened again by its path here and must be the same directory still."""
+    for fd in range(layer_fd, layer_fd + layers):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            ours = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"a layer cannot be opened here: {exc.strerror}"
+        sent, now = os.fstat(fd), os.fstat(ours)
+        os.dup2(ours, fd, inheritable=False)
+        os.close(ours)
+        if (sent.st_dev, sent.st_ino) != (now.st_dev, now.st_ino):
+            return f"the layer {path} was moved or replaced"
+    if _libc.mount(b"overlay", f"/proc/self/fd/{dst}".encode(), b"overlay", 0,
+                   options.encode()) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def bind(source: str, target: str, target_fd: int, nosuid: bool,
+         overlay: str | None = None, layer_fd: int = 0, layers: int = 0) -> str | None:
+    """Serve the branch at *target*: its kernel *overlay* (mount options) where one is
+    sent and the kernel takes it, else the bind of *source*. A note saying why the
+    overlay was refused, or None."""
     flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         src = os.open(source, flags)
@@ -121,6 +155,13 @@ def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
             held, now = os.fstat(target_fd), os.fstat(dst)
             if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
                 raise replaced
+            refused = None
+            if overlay is not None:
+                refused = mount_overlay(dst, overlay, layer_fd, layers)
+                if refused is None:
+                    return None
+                refused = (f"the kernel refused an overlay on {target} ({refused}): "
+                           "the run sees the branch through the FUSE mount")
             tree = _check(_libc.syscall(SYS_OPEN_TREE, src, b"",
                                         OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH
                                         | AT_RECURSIVE), f"open_tree({source})")
@@ -134,6 +175,7 @@ def bind(source: str, target: str, target_fd: int, nosuid: bool) -> None:
                        f"binding the branch over {target}")
             finally:
                 os.close(tree)
+            return refused
         finally:
             os.close(dst)
     finally:
@@ -158,30 +200,38 @@ def drop(uid: int, gid: int, groups: list[int], no_new_privs: bool) -> None:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
 
 
-def setup(spec: dict) -> None:
+def setup(spec: dict) -> list[str]:
+    """Steps 1-5; the notes for the daemon."""
+    notes = []
     if spec["ns"] != "none":
         enter_namespace(spec["ns"])
     if spec.get("bind"):
         source, target, target_fd = spec["bind"]
-        bind(source, target, target_fd, spec["nosuid"])
+        note = bind(source, target, target_fd, spec["nosuid"], spec.get("overlay"),
+                    spec.get("layer_fd", 0), spec.get("layers", 0))
+        if note:
+            notes.append(note)
         os.close(target_fd)
+        for i in range(spec.get("layers", 0)):
+            os.close(spec["layer_fd"] + i)
     for path in spec.get("hide", ()):
         hide(path)
     if spec.get("user"):
         uid, gid, groups = spec["user"]
         drop(uid, gid, groups, spec["no_new_privs"])
     if spec.get("probe"):
-        return
+        return notes
     try:
         os.chdir(spec["cwd"])
     except OSError as exc:
         raise SetupError(f"cannot enter {spec['cwd']}: {exc.strerror}", exc.errno) from None
+    return notes
 
 
 def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
-    """The run's spec and descriptors (stdin, stdout, stderr[, workspace]); None when the
-    daemon closed the socket instead (it stopped, or gave up on this run)."""
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+    """The run's spec and descriptors (stdin, stdout, stderr[, workspace[, layers]]); None
+    when the daemon closed the socket instead (it stopped, or gave up on this run)."""
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS)
     if len(data) < 8:
         return None
     size, data = int.from_bytes(data[:8], "little"), data[8:]
@@ -205,11 +255,17 @@ def main() -> int:
         os.close(fd)
     if spec.get("bind"):
         spec["bind"][2] = fds[3]
+    # the layers where the overlay's options name them (above every fd received)
+    for i, fd in enumerate(fds[4:4 + spec.get("layers", 0)]):
+        os.dup2(fd, spec["layer_fd"] + i, inheritable=False)
+        os.close(fd)
     try:
-        setup(spec)
+        notes = setup(spec)
     except SetupError as exc:
         sock.sendall(f"{exc.errno} {exc}".encode())
         return 1
+    for note in notes:
+        sock.sendall(f"~{note}\n".encode())
     if spec.get("probe"):
         return 0
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec

@@ -323,10 +323,12 @@ class Manager:
         env None inherits this process's environment; a dict is the whole
         environment (the candidate's alone: nothing run before it sees it).
         bind runs it in a private mount namespace with ``bind.source`` bound
-        over ``bind.target``; `hide` (with bind) covers each given directory
-        there with an empty read-only tmpfs: the daemon passes its FUSE
-        mountpoint and state directory, so that a candidate cannot reach its
-        sibling branches through their real paths. `user` (a root manager
+        over ``bind.target`` (in a user namespace, ``bind.overlay`` mounted there
+        instead where the kernel takes it: else ``Run.overlay_refused`` says why);
+        `hide` (with bind) covers each given directory there with an empty
+        read-only tmpfs: the daemon passes its FUSE mountpoint and state
+        directory, so that a candidate cannot reach its sibling branches
+        through their real paths. `user` (a root manager
         only) runs it as that user, with no_new_privs and a nosuid bind.
         Raises SpawnError/CgroupError.
         """
@@ -349,7 +351,7 @@ class Manager:
         try:
             if node is not None:
                 node.apply(limits)
-            proc = start(
+            proc, refused = start(
                 entry, argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                 ns=ns, bind=bind, hide=hide or [], user=user, fd_limit=self._fd_limit,
             )  # fmt: skip
@@ -359,6 +361,7 @@ class Manager:
         run = Run(
             run_id, group, limits, node, proc, started, self._run_done, self._monitor.kill_later
         )
+        run.overlay_refused = refused
         with self._lock:
             closing = self._closed
             if not closing:

@@ -110,6 +110,8 @@ class Run:
     ) -> None:
         self.id = id
         self.group = group
+        # why the kernel refused the overlay asked for (Bind.overlay), if it did
+        self.overlay_refused: str | None = None
         self.limits = limits
         self.cgroup = cgroup
         self._proc = proc

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "entry.py")
 _CAP_SYS_ADMIN = 21
+# Where the entry puts a run's overlay layers (fd LAYER_FD + i): above every descriptor
+# one message can bring (253), below the smallest usual open-file limit (1024).
+LAYER_FD = 512
+MAX_LAYERS = 249  # with stdin, stdout, stderr and the workspace: one message's 253
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,18 @@ class Bind:
     source: str
     target: str
     target_fd: int | None = None
+    overlay: Overlay | None = None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """A kernel overlay to serve the branch at ``Bind.target`` instead of the bind, in
+    a user namespace: ``options`` as ``mount -t overlay`` takes them, naming ``fds``
+    (the caller's, upper dir first) as ``/proc/self/fd/N`` from ``LAYER_FD`` on. Where
+    the kernel refuses it, the run gets the bind; ``Started.refused`` says why."""
+
+    options: str
+    fds: tuple[int, ...]
 
 
 @dataclass
@@ -160,7 +176,7 @@ def namespaces(entries: Entries) -> tuple[str | None, str]:
                 return "mount", "root: a private mount namespace per run"
     entry = entries.take()
     try:
-        proc = _hand_over(entry, {"ns": "user", "probe": True}, [0, 1, 2])
+        proc, _ = _hand_over(entry, {"ns": "user", "probe": True}, [0, 1, 2])
         if proc.wait() == 0:
             return "user", "unprivileged: a user and mount namespace per run"
         why = f"the probe exited with {proc.returncode}"
@@ -172,9 +188,10 @@ def namespaces(entries: Entries) -> tuple[str | None, str]:
     return None, f"user namespaces are refused here ({why})"
 
 
-def _hand_over(entry: Entry, spec: dict, fds: list[int]) -> subprocess.Popen[bytes]:
+def _hand_over(entry: Entry, spec: dict, fds: list[int]
+               ) -> tuple[subprocess.Popen[bytes], list[str]]:
     """Send an entry ``spec`` and ``fds``; its process once it exec'ed (or, for a probe,
-    set up). Raises SpawnError with what the entry reported."""
+    set up), and the notes it sent. Raises SpawnError with what the entry reported."""
     proc, sock = entry.proc, entry.sock
     with sock:
         try:
@@ -189,8 +206,12 @@ def _hand_over(entry: Entry, spec: dict, fds: list[int]) -> subprocess.Popen[byt
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             raise SpawnError(f"cannot hand the run over: {exc.strerror}") from None
+    notes = []
+    while reply.startswith(b"~"):
+        line, _, reply = reply.partition(b"\n")
+        notes.append(line[1:].decode(errors="replace"))
     if not reply:
-        return proc
+        return proc, notes
     proc.wait()
     code, _, message = reply.decode(errors="replace").partition(" ")
     raise SpawnError(message, int(code) or None if code.isdigit() else None)
@@ -210,16 +231,20 @@ def start(
     hide: list[str],
     user: User | None,
     fd_limit: int | None = None,
-) -> subprocess.Popen[bytes]:
+) -> tuple[subprocess.Popen[bytes], str | None]:
     """Hand `argv` to `entry` (already in the run's cgroup). Raises SpawnError.
 
     The returned Popen is the caller's to reap; its pid is the candidate's pid
-    (the entry execs it, it does not fork). stdio None: this process's own.
+    (the entry execs it, it does not fork). stdio None: this process's own. With
+    it, why the kernel refused ``bind.overlay`` (None: mounted, or none asked).
     """
     if not argv:
         raise SpawnError("empty command")
     if (bind is not None or hide) and ns is None:
         raise SpawnError("bind and hide need a private mount namespace")
+    if bind is not None and bind.overlay is not None and (
+            ns != "user" or len(bind.overlay.fds) > MAX_LAYERS):
+        raise SpawnError(f"an overlay of {len(bind.overlay.fds)} layers in a {ns} namespace")
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         return _start(entry, argv, cwd, env, _stdio(stdin, stdout, stderr, null), ns, bind,
@@ -243,7 +268,8 @@ def _stdio(stdin: int | None, stdout: int | None, stderr: int | None, null: int)
 
 def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
            fds: list[int], ns: str | None, bind: Bind | None, hide: list[str],
-           user: User | None, fd_limit: int | None) -> subprocess.Popen[bytes]:
+           user: User | None, fd_limit: int | None
+           ) -> tuple[subprocess.Popen[bytes], str | None]:
     target_fd = None
     if bind is not None:
         try:
@@ -252,6 +278,9 @@ def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
         except OSError as exc:
             raise SpawnError(f"cannot open {bind.target}: {exc.strerror}", exc.errno) from None
         fds.append(target_fd)
+    overlay = bind.overlay if bind is not None else None
+    if overlay is not None:
+        fds.extend(overlay.fds)
     other = user is not None and user.uid != os.geteuid()
     spec = {
         "argv": argv, "cwd": cwd, "env": dict(os.environ if env is None else env),
@@ -260,8 +289,11 @@ def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
         "user": (user.uid, user.gid, list(user.groups)) if other and user else None,
         "nosuid": other, "no_new_privs": other, "fd_limit": fd_limit,
     }
+    if overlay is not None:
+        spec.update(overlay=overlay.options, layers=len(overlay.fds), layer_fd=LAYER_FD)
     try:
-        return _hand_over(entry, spec, fds)
+        proc, notes = _hand_over(entry, spec, fds)
+        return proc, notes[0] if notes else None
     except SpawnError as exc:
         raise SpawnError(f"{argv[0]!r} did not start: {exc}", exc.errno) from None
     finally:

@@ -4,6 +4,15 @@ A run's record lives under ``<state>/runs/<branch-id>/<run-id>/``: the captured
 stdout and stderr (unless the client passed its own descriptors) and, once the
 run ends, ``result.json``. Runs belong to their branch (cgroup group = branch
 id) so that discarding or invalidating a branch kills every process in it.
+
+Where runs get a user namespace (an unprivileged daemon), a run with a bind
+gets its branch from a kernel overlay mounted inside that namespace over the
+branch's delta (upper: its upper dir, with a work dir of the run's own in the
+branch's ``work/``; lowers: the ancestors' upper dirs, then the workspace),
+the same layers ``daemon/overlays.py`` mounts as root. While one is in a
+branch, the branch is ``Store.shared``: its FUSE view caches nothing, so the
+FUSE mount shows at once what the run writes. Where the kernel refuses the
+overlay, the run gets the FUSE bind, and the log and its record say why.
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ from typing import Any
 
 import trio
 
+import branchfs
 import cgroups
+from branchfs import overlay
+from branchfs.backing import DIR_FLAGS
 from branchfs.durable import atomic_write
-from cgroups.spawn import Bind, User
+from cgroups.spawn import LAYER_FD, MAX_LAYERS, Bind, Overlay, User
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +49,20 @@ class RunRecord:
     run: cgroups.Run
     record_dir: Path
     captured: bool
+    # what serves the branch in the run's namespace: "overlay", "fuse" (the bind;
+    # ``served_why`` says why not the overlay) or None (no namespace of its own)
+    served: str | None = None
+    served_why: str = ""
+    workdir: str | None = None  # the overlay's, in the branch's work dir
     result: dict[str, Any] | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"run": self.id, "pid": self.run.pid}
+        if self.served is not None:
+            out["served_by"] = self.served
+            if self.served_why:
+                out["served_why"] = self.served_why
         if self.captured:
             out["stdout_path"] = str(self.record_dir / "stdout")
             out["stderr_path"] = str(self.record_dir / "stderr")
@@ -53,7 +74,8 @@ class RunRecord:
 class RunTable:
     """The daemon's runs, keyed by id; spawns through one cgroups.Manager."""
 
-    def __init__(self, state_dir: Path, mountpoint: Path, manager: cgroups.Manager) -> None:
+    def __init__(self, state_dir: Path, mountpoint: Path, manager: cgroups.Manager,
+                 store: branchfs.Store) -> None:
         self.root = state_dir / "runs"
         self.mountpoint = mountpoint
         self.state_dir = state_dir
@@ -61,7 +83,10 @@ class RunTable:
         self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.root.chmod(0o711)
         self.manager = manager
+        self.store = store
         self.runs: dict[str, RunRecord] = {}
+        self._overlaid: dict[str, int] = {}  # branch id -> its runs served by an overlay
+        store.shared = self._overlaid.__contains__
 
     async def start(
         self,
@@ -93,6 +118,7 @@ class RunTable:
         if not mine:
             os.chown(record_dir, uid, gid)
         opened: list[int] = []
+        captured = stdio is None
         if stdio is None:
             opened = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
             for name in ("stdout", "stderr"):
@@ -102,6 +128,18 @@ class RunTable:
                 if not mine:
                     os.fchown(fd, uid, gid)
             stdio = opened
+        workdir = None
+        why = ""
+        if bind is not None and self.manager.namespace[0] == "user":
+            workdir = f"run.{run_id}"
+            ov, why = self._overlay(branch_id, workdir)
+            if ov is None:
+                workdir = None
+                log.info("run %s in branch %s gets the FUSE bind: %s", run_id, branch_id, why)
+            else:
+                bind = Bind(bind.source, bind.target, bind.target_fd, ov)
+                opened.extend(ov.fds)
+                self._overlay_starts(branch_id)
         # In a worker thread: the child's chdir into the branch is a FUSE request that this
         # daemon's trio thread must be free to answer.
         spawn = functools.partial(
@@ -112,10 +150,22 @@ class RunTable:
         )
         try:
             run = await trio.to_thread.run_sync(spawn)
+        except BaseException:
+            if workdir is not None:
+                self._overlay_ends(branch_id, workdir)
+            raise
         finally:
             for fd in opened:
                 os.close(fd)
-        record = RunRecord(run_id, branch_id, uid, run, record_dir, captured=bool(opened))
+        record = RunRecord(run_id, branch_id, uid, run, record_dir, captured=captured,
+                           served=None if bind is None else "fuse", served_why=why)
+        if workdir is not None:
+            if run.overlay_refused is None:
+                record.served, record.workdir = "overlay", workdir
+            else:
+                record.served_why = run.overlay_refused
+                log.warning("run %s in branch %s: %s", run_id, branch_id, run.overlay_refused)
+                self._overlay_ends(branch_id, workdir)
         self.runs[run_id] = record
         token = trio.lowlevel.current_trio_token()
         # no task or thread waits for a run: its end is called back from the cgroups
@@ -124,21 +174,61 @@ class RunTable:
         log.info("run %s started in branch %s: pid %d, %s", run_id, branch_id, run.pid, argv)
         return record
 
-    @staticmethod
-    def _ended(record: RunRecord, token: trio.lowlevel.TrioToken,
+    def _ended(self, record: RunRecord, token: trio.lowlevel.TrioToken,
                result: cgroups.RunResult) -> None:
         done = result.to_dict()
         atomic_write(record.record_dir / "result.json", json.dumps(done).encode())
         try:
-            token.run_sync_soon(RunTable._publish, record, done)
+            token.run_sync_soon(self._publish, record, done)
         except trio.RunFinishedError:
             pass  # the daemon is stopping: no one waits for it any more
 
-    @staticmethod
-    def _publish(record: RunRecord, done: dict[str, Any]) -> None:
+    def _publish(self, record: RunRecord, done: dict[str, Any]) -> None:
         record.result = done
+        if record.workdir is not None:
+            self._overlay_ends(record.branch_id, record.workdir)
         record.done.set()
         log.info("run %s ended: %s", record.id, done)
+
+    def _overlay(self, branch_id: str, workdir: str) -> tuple[Overlay | None, str]:
+        """The overlay of the branch for a run (its fds ours, to close once it started),
+        with *workdir* made for it in the branch's work dir: a mount empties its work
+        dir, and other runs' overlays of the branch may be copying up in theirs. None,
+        and why, where the chain cannot be one overlay."""
+        view = self.store.view_by_id(branch_id)
+        assert view.work is not None
+        layers = len(view.layers) + 1
+        if layers > MAX_LAYERS:
+            return None, f"{layers} layers do not fit in one message to the run"
+        try:
+            data = overlay.options(LAYER_FD, LAYER_FD + 1, range(LAYER_FD + 2, LAYER_FD + layers))
+        except OSError as exc:
+            return None, str(exc)
+        os.mkdir(workdir, 0o700, dir_fd=view.work)
+        fds = [os.dup(view.layers[0]), os.open(workdir, DIR_FLAGS, dir_fd=view.work)]
+        fds += [os.dup(fd) for fd in view.layers[1:]]
+        return Overlay(data, tuple(fds)), ""
+
+    def _overlay_starts(self, branch_id: str) -> None:
+        first = branch_id not in self._overlaid
+        self._overlaid[branch_id] = self._overlaid.get(branch_id, 0) + 1
+        if first:
+            self.store.share(branch_id)  # what the kernel cached of its FUSE view goes
+
+    def _overlay_ends(self, branch_id: str, workdir: str) -> None:
+        """A run's overlay is gone (or never was): the branch is cacheable again once
+        none is left, and its work dir goes (while the branch lasts: else with it)."""
+        left = self._overlaid.pop(branch_id) - 1
+        if left:
+            self._overlaid[branch_id] = left
+        if self.store.status(branch_id) == "active":
+            view = self.store.view_by_id(branch_id)
+            assert view.work is not None
+            try:
+                overlay.remove_workdir(view.work, workdir)
+            except OSError as exc:  # still held by a process that left the run's tree
+                log.info("the overlay work dir %s of branch %s stays: %s", workdir, branch_id,
+                         exc)
 
     def get(self, run_id: str) -> RunRecord | None:
         return self.runs.get(run_id)

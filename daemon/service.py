@@ -81,7 +81,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)
-        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager)
+        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
         backend, why = choose(cfg.backend, cfg.state_dir)
         log.info("backend %s: %s", backend, why)

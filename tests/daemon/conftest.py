@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +18,9 @@ import pytest
 
 from branching import EmbeddedDaemon
 from branching.client import Client
+from cgroups.layout import detect
+
+NOBODY = 65534
 
 
 @contextmanager
@@ -80,3 +86,65 @@ class CLI:
 @pytest.fixture
 def cli(daemon: EmbeddedDaemon) -> CLI:
     return CLI(daemon.socket)
+
+
+@pytest.fixture
+def delegated() -> Iterator[list[str]]:
+    """A cgroup of uid 65534's own in every hierarchy that runs use (v2's, and v1's
+    memory, cpu, pids, blkio, freezer), as systemd delegates one to a user session:
+    the directory and its interface files chowned to the user."""
+    layout = detect()
+    roots = [d for d in (layout.v2_dir, *(layout.v1_dir(c) for c in
+                                        ("memory", "cpu", "pids", "blkio", "freezer")))
+             if d is not None]
+    made = []
+    try:
+        for root in dict.fromkeys(roots):
+            d = os.path.join(root, f"branchd-test-user.{os.getpid()}")
+            os.mkdir(d)
+            made.append(d)
+            os.chown(d, NOBODY, NOBODY)
+            for name in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
+                if os.path.exists(os.path.join(d, name)):
+                    os.chown(os.path.join(d, name), NOBODY, NOBODY)
+        yield made
+    finally:
+        for d in reversed(made):
+            for sub, _, _ in sorted(os.walk(d), key=lambda w: -w[0].count("/")):
+                with open(os.path.join(sub, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                for _ in range(100):
+                    try:
+                        os.rmdir(sub)
+                        break
+                    except OSError:
+                        time.sleep(0.05)
+
+
+@pytest.fixture
+def nobody_top() -> Iterator[Path]:
+    """A fresh directory of uid 65534's own, removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="branchd-unpriv-"))
+    os.chown(d, NOBODY, NOBODY)
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+
+
+def run_as_nobody(driver: str, top: Path, user_python: str, delegated: list[str],
+                  timeout: float = 280) -> subprocess.CompletedProcess[str]:
+    """Run the Python source *driver* as uid 65534 with *top* as its argument, its
+    home and its runtime directory, from inside the *delegated* cgroups (entered as
+    root, as systemd does, before becoming the user)."""
+    (top / "driver.py").write_text(driver)
+    env = {"PATH": os.defpath, "HOME": str(top), "XDG_RUNTIME_DIR": str(top),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    enter = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in delegated)
+    return subprocess.run(
+        ["sh", "-c", f'{enter}; exec "$@"', "sh",
+         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         user_python, str(top / "driver.py"), str(top)],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=str(top))

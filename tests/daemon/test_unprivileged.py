@@ -13,25 +13,17 @@ the kill of a process that left its session.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import tempfile
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cgroups.layout import detect
+from tests.daemon.conftest import run_as_nobody
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
-NOBODY = 65534
 DRIVER = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
@@ -82,65 +74,11 @@ DRIVER = textwrap.dedent("""
     """)
 
 
-@pytest.fixture
-def delegated() -> Iterator[list[str]]:
-    """A cgroup of uid 65534's own in every hierarchy that runs use (v2's, and v1's
-    memory, cpu, pids, blkio, freezer), as systemd delegates one to a user session:
-    the directory and its interface files chowned to the user."""
-    layout = detect()
-    roots = [d for d in (layout.v2_dir, *(layout.v1_dir(c) for c in
-                                        ("memory", "cpu", "pids", "blkio", "freezer")))
-             if d is not None]
-    made = []
-    try:
-        for root in dict.fromkeys(roots):
-            d = os.path.join(root, f"branchd-test-user.{os.getpid()}")
-            os.mkdir(d)
-            made.append(d)
-            os.chown(d, NOBODY, NOBODY)
-            for name in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
-                if os.path.exists(os.path.join(d, name)):
-                    os.chown(os.path.join(d, name), NOBODY, NOBODY)
-        yield made
-    finally:
-        for d in reversed(made):
-            for sub, _, _ in sorted(os.walk(d), key=lambda w: -w[0].count("/")):
-                with open(os.path.join(sub, "cgroup.procs")) as f:
-                    for pid in f.read().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-                for _ in range(100):
-                    try:
-                        os.rmdir(sub)
-                        break
-                    except OSError:
-                        time.sleep(0.05)
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="branchd-unpriv-"))
-    os.chown(d, NOBODY, NOBODY)
-    try:
-        yield d
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
-
-
 def test_an_unprivileged_daemon_runs_candidates_at_the_workspace_path(
-        top: Path, user_python: str, delegated: list[str]) -> None:
-    here = Path(__file__).parent
-    shutil.copy(here / "project.py", top / "project.py")
-    (top / "driver.py").write_text(DRIVER)
-    env = {"PATH": os.defpath, "HOME": str(top), "XDG_RUNTIME_DIR": str(top),
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    # into the user's cgroups (as root, as systemd does), then become the user
-    enter = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in delegated)
-    proc = subprocess.run(
-        ["sh", "-c", f'{enter}; exec "$@"', "sh",
-         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         user_python, str(top / "driver.py"), str(top)],
-        env=env, capture_output=True, text=True, timeout=280, cwd=str(top))
+        nobody_top: Path, user_python: str, delegated: list[str]) -> None:
+    top = nobody_top
+    shutil.copy(Path(__file__).parent / "project.py", top / "project.py")
+    proc = run_as_nobody(DRIVER, top, user_python, delegated)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     root = top / "proj"
