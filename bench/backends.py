@@ -18,6 +18,8 @@ import subprocess
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from bench import agent
+
 log = logging.getLogger(__name__)
 
 class BenchWorkspace(ABC):
@@ -27,6 +29,7 @@ class BenchWorkspace(ABC):
     def __init__(self, base: Path) -> None:
         self.base = base
         self.live: set[str] = set()  # branches created and not yet committed or discarded
+        self.checks: list[str] = []  # what this workspace checked on its own, for the rows
 
     def create(self, name: str) -> Path:
         """Make branch ``name`` of the base; return the directory it is seen at."""
@@ -69,6 +72,12 @@ class BenchWorkspace(ABC):
     def run(self, name: str, argv: list[str]) -> int:
         """Run ``argv`` in the branch the way this backend runs a candidate; its exit status."""
         return subprocess.run(argv, cwd=self.path(name), check=False).returncode
+
+    def agent(self, name: str, tarball: Path, modules: int, edits: int,
+              home: Path) -> dict[str, float]:
+        """The agent workload in branch ``name``, run where this backend runs it (here,
+        in this process); seconds per step."""
+        return agent.run(self.path(name), tarball, modules, edits, home)
 
     def settle(self) -> None:  # noqa: B027 (a hook: most backends defer nothing)
         """Finish deferred work (untimed)."""

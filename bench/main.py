@@ -26,7 +26,7 @@ from bench.sizes import FULL, MODES, QUICK, TINY, Sizes
 log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-BACKENDS = ("native", "overlay", "branchd", "branchd-cli", "branchd-overlay")
+BACKENDS = ("native", "overlay", "branchd", "branchd-cli", "branchd-overlay", "branchd-unpriv")
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
@@ -74,6 +74,9 @@ def open_backends(wanted: list[str], work: Path, notes: list[str]) -> list[Backe
         else:
             backends += start_branchd(work / "branchd", api=api, cli=cli, overlay=fast,
                                       notes=notes)
+    if "branchd-unpriv" in wanted:
+        from bench.unprivileged import start_unprivileged
+        backends += start_unprivileged(work / "branchd-unpriv", notes)
     return backends
 
 

@@ -313,12 +313,13 @@ def agent_workload(ctx: Context, backend: Backend) -> None:
     with ctx.workspace(backend, None, "agent") as ws:
         for _ in ctx.runs(s.heavy_repeat):
             name = ctx.name("a")
-            branch = ws.create_verified(name)
-            times = agent.run(branch, ctx.tarball, s.agent_modules, s.agent_edits, home)
+            ws.create_verified(name)
+            times = ws.agent(name, ctx.tarball, s.agent_modules, s.agent_edits, home)
             for step, seconds in times.items():
                 rows[step].samples.append(seconds)
             ws.discard(name)
             ws.settle()
+        rows["total"].checks.extend(ws.checks)
     rows["total"].checks.append(
         "git status lists exactly the edited files, compileall writes a .pyc per module, "
         "grep finds exactly the edited files")
