@@ -47,7 +47,10 @@ class RunResult:
 
     ``ended_by`` says why (``daemon.protocol.ENDED_BY``): "exit" or "signal" when it
     ended by itself, else "timeout", "oom", "commit", "discard", "invalidated",
-    "kill", "detached" or "shutdown"."""
+    "kill", "detached" or "shutdown". For an unprivileged daemon's run at the workspace's
+    path, ``served_by`` says what served the branch there: "overlay" (the run's own kernel
+    overlay) or "fuse" (the bind of the FUSE mount; ``served_why`` says why); None for
+    other runs (a root daemon's bind shows what serves the branch: ``Branch.backend``)."""
 
     run: str
     exit_code: int | None
@@ -61,6 +64,8 @@ class RunResult:
     stdout_path: Path | None = None
     stderr_path: Path | None = None
     ended_by: str = "exit"
+    served_by: str | None = None
+    served_why: str = ""
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> RunResult:
@@ -72,7 +77,8 @@ class RunResult:
             cpu_time=r.get("cpu_time"), duration=float(r.get("duration", 0.0)),
             stdout_path=Path(reply["stdout_path"]) if reply.get("stdout_path") else None,
             stderr_path=Path(reply["stderr_path"]) if reply.get("stderr_path") else None,
-            ended_by=ended_by_of(r),
+            ended_by=ended_by_of(r), served_by=reply.get("served_by"),
+            served_why=reply.get("served_why", ""),
         )
 
     @property

@@ -49,8 +49,9 @@ class RunRecord:
     run: cgroups.Run
     record_dir: Path
     captured: bool
-    # what serves the branch in the run's namespace: "overlay", "fuse" (the bind;
-    # ``served_why`` says why not the overlay) or None (no namespace of its own)
+    # what serves the branch in a user namespace's run: "overlay" (its own), "fuse" (the
+    # bind; ``served_why`` says why not the overlay); None for other runs (as root, the
+    # bind shows whatever serves the branch's path: its ``backend``)
     served: str | None = None
     served_why: str = ""
     workdir: str | None = None  # the overlay's, in the branch's work dir
@@ -130,7 +131,8 @@ class RunTable:
             stdio = opened
         workdir = None
         why = ""
-        if bind is not None and self.manager.namespace[0] == "user":
+        own = bind is not None and self.manager.namespace[0] == "user"  # its own overlay
+        if bind is not None and own:
             workdir = f"run.{run_id}"
             ov, why = self._overlay(branch_id, workdir)
             if ov is None:
@@ -158,7 +160,7 @@ class RunTable:
             for fd in opened:
                 os.close(fd)
         record = RunRecord(run_id, branch_id, uid, run, record_dir, captured=captured,
-                           served=None if bind is None else "fuse", served_why=why)
+                           served="fuse" if own else None, served_why=why)
         if workdir is not None:
             if run.overlay_refused is None:
                 record.served, record.workdir = "overlay", workdir

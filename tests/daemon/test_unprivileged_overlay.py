@@ -70,6 +70,7 @@ COHERENCE = textwrap.dedent("""
         r = res["r"]
         out["run"] = r.ok, r.stdout.splitlines(), r.stderr
         out["runs"] = b.info["runs"]
+        out["served"] = r.served_by, r.served_why
         out["after"] = (p / "f").read_text()
         # a nested branch: its overlay's lowers are its parent's delta, then the base
         c = b.create("c1")
@@ -106,7 +107,8 @@ def test_a_run_gets_a_kernel_overlay_coherent_with_the_fuse_view(
     assert lines[0].startswith("overlay overlay rw,"), out
     assert "userxattr" in lines[0]
     [run] = out["runs"]
-    assert run["served_by"] == "overlay", run
+    assert run["served_by"] == "overlay" and "served_why" not in run, run
+    assert out["served"] == ["overlay", ""]
     # the run's writes, seen through FUSE at once, though FUSE had f cached
     assert out["before"] == ["base\n", "base g\n"]
     assert out["cached"] == ["base\n", "base g\n", False, ["f", "g"]]
@@ -134,6 +136,7 @@ FALLBACK = textwrap.dedent("""
                    "cat f; echo run > f"], cwd=root)
         out["run"] = r.ok, r.stdout.splitlines(), r.stderr
         out["runs"] = b.info["runs"]
+        out["served"] = r.served_by, r.served_why
         out["f"] = (b.path / "f").read_text()
     print(json.dumps(out))
     """)
@@ -176,4 +179,5 @@ def test_a_run_whose_overlay_the_kernel_refuses_gets_the_fuse_bind(
     [run] = out["runs"]
     assert run["served_by"] == "fuse"
     assert run["served_why"].startswith(f"the kernel refused an overlay on {stacked} ("), run
+    assert out["served"] == ["fuse", run["served_why"]]
     assert out["f"] == "run\n"
