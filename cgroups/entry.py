@@ -264,8 +264,8 @@ def main() -> int:
     except SetupError as exc:
         sock.sendall(f"{exc.errno} {exc}".encode())
         return 1
-    for note in notes:
-        sock.sendall(f"~{note}\n".encode())
+    for note in notes:  # one line each (a newline in a path would end it)
+        sock.sendall(f"~{note}".replace("\n", "\\n").encode() + b"\n")
     if spec.get("probe"):
         return 0
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python; SIG_IGN survives exec

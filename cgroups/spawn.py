@@ -66,7 +66,7 @@ class Overlay:
     """A kernel overlay to serve the branch at ``Bind.target`` instead of the bind, in
     a user namespace: ``options`` as ``mount -t overlay`` takes them, naming ``fds``
     (the caller's, upper dir first) as ``/proc/self/fd/N`` from ``LAYER_FD`` on. Where
-    the kernel refuses it, the run gets the bind; ``Started.refused`` says why."""
+    the kernel refuses it, the run gets the bind, and ``start`` says why."""
 
     options: str
     fds: tuple[int, ...]
