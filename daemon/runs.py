@@ -9,10 +9,12 @@ Where runs get a user namespace (an unprivileged daemon), a run with a bind
 gets its branch from a kernel overlay mounted inside that namespace over the
 branch's delta (upper: its upper dir, with a work dir of the run's own in the
 branch's ``work/``; lowers: the ancestors' upper dirs, then the workspace),
-the same layers ``daemon/overlays.py`` mounts as root. While one is in a
-branch, the branch is ``Store.shared``: its FUSE view caches nothing, so the
-FUSE mount shows at once what the run writes. Where the kernel refuses the
-overlay, the run gets the FUSE bind, and the log and its record say why.
+the same layers ``daemon/overlays.py`` mounts as root; one run of a branch at
+a time (overlays over one upper dir do not see each other's changes): the
+others get the FUSE bind. While one is in a branch, the branch is
+``Store.shared``: its FUSE view caches nothing, so the FUSE mount shows at
+once what the run writes. Where the kernel refuses the overlay, the run gets
+the FUSE bind, and the log and its record say why.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class RunTable:
         self.manager = manager
         self.store = store
         self.runs: dict[str, RunRecord] = {}
-        self._overlaid: dict[str, int] = {}  # branch id -> its runs served by an overlay
+        self._overlaid: set[str] = set()  # the branches one of whose runs has its overlay
         store.shared = self._overlaid.__contains__
 
     async def start(
@@ -133,8 +135,12 @@ class RunTable:
         why = ""
         own = bind is not None and self.manager.namespace[0] == "user"  # its own overlay
         if bind is not None and own:
-            workdir = f"run.{run_id}"
-            ov, why = self._overlay(branch_id, workdir)
+            if branch_id in self._overlaid:  # (overlayfs: undefined, and the kernel says so)
+                ov, why = None, ("another run of the branch has its own overlay: two over "
+                                 "one upper dir would not see each other's changes")
+            else:
+                workdir = f"run.{run_id}"
+                ov, why = self._overlay(branch_id, workdir)
             if ov is None:
                 workdir = None
                 log.info("run %s in branch %s gets the FUSE bind: %s", run_id, branch_id, why)
@@ -194,9 +200,9 @@ class RunTable:
 
     def _overlay(self, branch_id: str, workdir: str) -> tuple[Overlay | None, str]:
         """The overlay of the branch for a run (its fds ours, to close once it started),
-        with *workdir* made for it in the branch's work dir: a mount empties its work
-        dir, and other runs' overlays of the branch may be copying up in theirs. None,
-        and why, where the chain cannot be one overlay."""
+        with *workdir* made for it in the branch's work dir (a mount empties its work
+        dir: the root backend's overlays have their own). None, and why, where the chain
+        cannot be one overlay."""
         view = self.store.view_by_id(branch_id)
         assert view.work is not None
         layers = len(view.layers) + 1
@@ -212,17 +218,13 @@ class RunTable:
         return Overlay(data, tuple(fds)), ""
 
     def _overlay_starts(self, branch_id: str) -> None:
-        first = branch_id not in self._overlaid
-        self._overlaid[branch_id] = self._overlaid.get(branch_id, 0) + 1
-        if first:
-            self.store.share(branch_id)  # what the kernel cached of its FUSE view goes
+        self._overlaid.add(branch_id)
+        self.store.share(branch_id)  # what the kernel cached of its FUSE view goes
 
     def _overlay_ends(self, branch_id: str, workdir: str) -> None:
-        """A run's overlay is gone (or never was): the branch is cacheable again once
-        none is left, and its work dir goes (while the branch lasts: else with it)."""
-        left = self._overlaid.pop(branch_id) - 1
-        if left:
-            self._overlaid[branch_id] = left
+        """A run's overlay is gone (or never was): the branch is cacheable again, and the
+        work dir goes (while the branch lasts: else with it)."""
+        self._overlaid.discard(branch_id)
         if self.store.status(branch_id) == "active":
             view = self.store.view_by_id(branch_id)
             assert view.work is not None

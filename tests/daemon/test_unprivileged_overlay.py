@@ -181,3 +181,43 @@ def test_a_run_whose_overlay_the_kernel_refuses_gets_the_fuse_bind(
     assert run["served_why"].startswith(f"the kernel refused an overlay on {stacked} ("), run
     assert out["served"] == ["fuse", run["served_why"]]
     assert out["f"] == "run\n"
+
+
+TWO_RUNS = textwrap.dedent("""
+    import json, sys, threading, time
+    from pathlib import Path
+    from branching import Workspace
+
+    top = Path(sys.argv[1])
+    root = top / "proj"
+    root.mkdir()
+    out = {}
+    with Workspace(root) as ws:
+        b = ws.create("b1")
+        res = {}
+        first = threading.Thread(target=lambda: res.update(first=b.run(
+            ["sh", "-c", f"touch {top}/in; while [ ! -e {top}/done ]; do sleep 0.02; done"],
+            cwd=root)))
+        first.start()
+        for _ in range(1000):
+            if (top / "in").exists():
+                break
+            time.sleep(0.02)
+        second = b.run(["sh", "-c", f"echo second > s; touch {top}/done"], cwd=root)
+        first.join()
+        third = b.run(["true"], cwd=root)
+        out["served"] = [(r.served_by, r.served_why) for r in (res["first"], second, third)]
+    print(json.dumps(out))
+    """)
+
+
+def test_one_run_of_a_branch_at_a_time_gets_an_overlay(
+        nobody_top: Path, user_python: str, delegated: list[str]) -> None:
+    """Overlays over one upper dir would not see each other's changes (the kernel warns
+    of it): a run that starts while another of its branch has its overlay gets the bind."""
+    proc = run_as_nobody(TWO_RUNS, nobody_top, user_python, delegated, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second, third = json.loads(proc.stdout.splitlines()[-1])["served"]
+    assert first == ["overlay", ""]
+    assert second[0] == "fuse" and second[1].startswith("another run of the branch has its own")
+    assert third == ["overlay", ""]  # the first one ended: the next one gets an overlay again
