@@ -76,7 +76,7 @@ def open_backends(wanted: list[str], work: Path, notes: list[str]) -> list[Backe
                                       notes=notes)
     if "branchd-unpriv" in wanted:
         from bench.unprivileged import start_unprivileged
-        backends += start_unprivileged(work / "branchd-unpriv", notes)
+        backends += start_unprivileged(work, notes)
     return backends
 
 

@@ -58,11 +58,8 @@ class UnprivilegedDaemon:
     """An embedded-style daemon of uid 65534's in ``root`` (made its), stopped by ``stop``."""
 
     def __init__(self, root: Path, python: str) -> None:
-        root.mkdir(parents=True)
+        root.mkdir()
         os.chown(root, NOBODY, NOBODY)
-        for d in (root, *root.parents):  # the user must reach it
-            if d.stat().st_mode & 0o005 != 0o005:
-                d.chmod(d.stat().st_mode | 0o005)
         self.root = root
         self.socket = root / "sock"
         self.log_path = root / "daemon.log"
@@ -175,16 +172,23 @@ class UnprivilegedBackend(Backend):
         self.daemon.stop()
 
 
-def start_unprivileged(root: Path, notes: list[str]) -> list[Backend]:
+def start_unprivileged(work: Path, notes: list[str]) -> list[Backend]:
+    """The column, its daemon in ``work`` (the run's own directory, made passable for the
+    user: its trees are the workspaces); a note instead where it cannot run."""
     python = os.environ.get(USER_PYTHON, "")
     why = None
+    closed = [d for d in work.parents if d.stat().st_mode & 0o001 == 0]
     if os.geteuid() != 0:
         why = "it needs root (to become uid 65534 and delegate it a cgroup)"
     elif not python or not os.access(python, os.X_OK):
         why = f"${USER_PYTHON} names no interpreter uid 65534 may run (tests/run.sh builds one)"
+    elif closed:
+        why = f"uid 65534 may not pass through {closed[0]} to the bench directory"
     if why is None:
         try:
-            return [UnprivilegedBackend(UnprivilegedDaemon(root, python), python)]
+            work.chmod(0o755)
+            return [UnprivilegedBackend(UnprivilegedDaemon(work / "branchd-unpriv", python),
+                                        python)]
         except Exception as e:  # any reason it cannot start is reported; the rest still run
             why = f"the daemon did not start ({e})"
     notes.append(f"branchd-unpriv skipped: {why}")
