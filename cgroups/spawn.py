@@ -75,12 +75,12 @@ class Entries:
     Invariant: every entry in ``_idle`` is a prepared child of ours that has not
     been given a run; ``take`` hands one out (starting one if none waits), and
     ``replace``, called once that entry has its run, has the pool filled again
-    to ``size`` in the background, one entry at a time (``_filling``: at most one
-    thread does). Not from ``take``: a Python start beside the hand-over takes
-    the CPU the run's own start needs; and the pool kept full, so that a run
-    gets an entry whose Python has long started (one started for the run before
-    may still be starting). Entries exit by themselves when their socket closes
-    (a daemon that dies leaves none behind)."""
+    to ``size`` in the background, one entry at a time, by one thread at most
+    (``_filler``, which ``close`` waits for). Not from ``take``: a Python start
+    beside the hand-over takes the CPU the run's own start needs; and the pool
+    kept full, so that a run gets an entry whose Python has long started (one
+    started for the run before may still be starting). Entries exit by themselves
+    when their socket closes (a daemon that dies leaves none behind)."""
 
     def __init__(self, prepare: Callable[[int], object] | None = None,
                  release: Callable[[object], None] | None = None, size: int = 4) -> None:
@@ -89,7 +89,7 @@ class Entries:
         self._release = release
         self._lock = threading.Lock()
         self._idle: deque[Entry] = deque()
-        self._filling = False
+        self._filler: threading.Thread | None = None
         self._closed = False
 
     def _start(self) -> Entry:
@@ -128,9 +128,6 @@ class Entries:
                 self.end(entry)
         except CgroupError as exc:
             log.warning("could not start a run's entry ahead: %s", exc)
-        finally:
-            with self._lock:
-                self._filling = False
 
     def _wanted(self) -> bool:
         with self._lock:
@@ -146,10 +143,11 @@ class Entries:
     def replace(self) -> None:
         """Fill the pool again in the background, after ``take`` handed one out."""
         with self._lock:
-            if self._filling or self._closed:
+            if self._closed or (self._filler is not None and self._filler.is_alive()):
                 return
-            self._filling = True
-        threading.Thread(target=self._fill, name="branchd-entries", daemon=True).start()
+            self._filler = threading.Thread(target=self._fill, name="branchd-entries",
+                                            daemon=True)
+            self._filler.start()
 
     def end(self, entry: Entry) -> None:
         """End an entry that got no run (closing its socket makes it exit)."""
@@ -166,6 +164,9 @@ class Entries:
         with self._lock:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
+            filler = self._filler
+        if filler is not None:  # it ends the entry it may be starting (and its cgroup)
+            filler.join()
         for entry in idle:
             self.end(entry)
 

@@ -48,3 +48,33 @@ def test_take_starts_nothing_beside_the_hand_over_and_replace_fills_the_pool() -
         for entry in taken:
             entries.end(entry)
         entries.close()
+
+
+def test_close_waits_for_the_entry_being_started_and_ends_it() -> None:
+    # The Manager removes its cgroup tree right after: an entry started meanwhile would
+    # keep its cgroup (and process) there.
+    gate = threading.Event()
+    prepared: list[int] = []
+    released: list[object] = []
+
+    def prepare(pid: int) -> int:
+        prepared.append(pid)
+        if len(prepared) > 1:
+            assert gate.wait(30), "the test did not open the gate"
+        return pid
+
+    entries = Entries(prepare, released.append, size=2)
+    taken = entries.take()
+    try:
+        entries.replace()
+        wait_for(lambda: len(prepared) == 2, "the pool's new entry")
+        closer = threading.Thread(target=entries.close)
+        closer.start()
+        wait_for(lambda: entries._closed, "close to begin")
+        gate.set()
+        closer.join(30)
+        assert not [t for t in threading.enumerate() if t.name == "branchd-entries"]
+        assert released == [prepared[1]]
+    finally:
+        gate.set()
+        entries.end(taken)
