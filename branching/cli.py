@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -372,6 +371,8 @@ def resolve(obj: Context, name: str, ws: str | None, path: str, how: str | None,
     if (how is None) == (source is None):
         raise click.UsageError("give one of --ours, --theirs, --markers or --file F")
     if source is not None:  # written as the caller, through the branch's own path
+        import shutil  # (with its compression modules) for this option only
+
         b = _call_named(obj, "info", name, ws)
         with open(source, "rb") as f, open(os.path.join(b["path"], path), "wb") as out:
             shutil.copyfileobj(f, out)

@@ -358,6 +358,8 @@ class Manager:
         except BaseException:
             self._entries.end(entry)  # kills what is left of it and removes its cgroup
             raise
+        finally:  # not before the hand-over: see Entries
+            self._entries.replace()
         run = Run(
             run_id, group, limits, node, proc, started, self._run_done, self._monitor.kill_later
         )

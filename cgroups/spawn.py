@@ -89,8 +89,13 @@ class Entries:
     neither Python's start nor a cgroup migration (milliseconds on cgroup v2)
     is on a run's way; ``release(token)`` undoes it for an entry never used.
     Invariant: every entry in ``_idle`` is a prepared child of ours that has not
-    been given a run; ``take`` hands one out (starting one if none waits) and
-    has a replacement started in the background. Entries exit by themselves
+    been given a run; ``take`` hands one out (starting one if none waits), and
+    ``replace``, called once that entry has its run, has the pool filled again
+    to ``size`` in the background, one entry at a time, by one thread at most
+    (``_filler``, which ``close`` waits for). Not from ``take``: a Python start
+    beside the hand-over takes the CPU the run's own start needs; and the pool
+    kept full, so that a run gets an entry whose Python has long started (one
+    started for the run before may still be starting). Entries exit by themselves
     when their socket closes (a daemon that dies leaves none behind)."""
 
     def __init__(self, prepare: Callable[[int], object] | None = None,
@@ -100,6 +105,7 @@ class Entries:
         self._release = release
         self._lock = threading.Lock()
         self._idle: deque[Entry] = deque()
+        self._filler: threading.Thread | None = None
         self._closed = False
 
     def _start(self) -> Entry:
@@ -126,25 +132,38 @@ class Entries:
                 raise
         return entry
 
-    def _refill(self) -> None:
+    def _fill(self) -> None:
+        """``replace``'s thread: start entries one at a time until the pool is full."""
         try:
-            entry = self._start()
+            while self._wanted():
+                entry = self._start()
+                with self._lock:
+                    if not self._closed and len(self._idle) < self.size:
+                        self._idle.append(entry)
+                        continue
+                self.end(entry)
         except CgroupError as exc:
             log.warning("could not start a run's entry ahead: %s", exc)
-            return
+
+    def _wanted(self) -> bool:
         with self._lock:
-            if not self._closed and len(self._idle) < self.size:
-                self._idle.append(entry)
-                return
-        self.end(entry)
+            return not self._closed and len(self._idle) < self.size
 
     def take(self) -> Entry:
         with self._lock:
             if self._closed:
                 raise SpawnError("the run starter is closed")
             entry = self._idle.popleft() if self._idle else None
-        threading.Thread(target=self._refill, name="branchd-entries", daemon=True).start()
         return entry if entry is not None else self._start()
+
+    def replace(self) -> None:
+        """Fill the pool again in the background, after ``take`` handed one out."""
+        with self._lock:
+            if self._closed or (self._filler is not None and self._filler.is_alive()):
+                return
+            self._filler = threading.Thread(target=self._fill, name="branchd-entries",
+                                            daemon=True)
+            self._filler.start()
 
     def end(self, entry: Entry) -> None:
         """End an entry that got no run (closing its socket makes it exit)."""
@@ -161,6 +180,9 @@ class Entries:
         with self._lock:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
+            filler = self._filler
+        if filler is not None:  # it ends the entry it may be starting (and its cgroup)
+            filler.join()
         for entry in idle:
             self.end(entry)
 
@@ -185,6 +207,7 @@ def namespaces(entries: Entries) -> tuple[str | None, str]:
     finally:
         if entry.token is not None and entries._release is not None:
             entries._release(entry.token)
+        entries.replace()
     return None, f"user namespaces are refused here ({why})"
 
 
