@@ -96,6 +96,36 @@ def verifiers_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Verifie
     return load_verifiers(path) if path else {}
 
 
+class VerifierFile:
+    """A verifiers file as a server holds it: loaded again when it changes (its size,
+    mtime or inode), so an operator edits verifiers without restarting the model.
+    Thread-safe enough for one event loop: `current` is called from it alone."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._seen: tuple[int, int, int] | None = None
+        self._verifiers: dict[str, Verifier] = {}
+        self._error: str | None = None
+
+    def current(self) -> dict[str, Verifier]:
+        """The verifiers as the file says now; VerifierConfigError if it says nothing
+        usable (the previous good version is not kept: the file is what counts)."""
+        try:
+            st = self.path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None  # load_verifiers says why
+        if seen is None or seen != self._seen:
+            self._seen = seen
+            try:
+                self._verifiers, self._error = load_verifiers(self.path), None
+            except VerifierConfigError as e:
+                self._verifiers, self._error = {}, str(e)
+        if self._error is not None:
+            raise VerifierConfigError(self._error)
+        return self._verifiers
+
+
 def parse_verifier(name: str, spec: Any, where: str = "verifier") -> Verifier:
     """One verifier's table, checked key by key."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):

@@ -269,3 +269,21 @@ def test_a_bad_verifiers_file_is_one_clear_line(tmp_path: Path, text: str,
         load_verifiers(write(tmp_path, text))
     with pytest.raises(VerifierConfigError, match="cannot read it"):
         load_verifiers(tmp_path / "missing.toml")
+
+
+def test_a_server_reads_its_verifiers_file_again_when_it_changes(tmp_path: Path,
+                                                                 proj: Path) -> None:
+    from branching.kv.verifiers import VerifierFile
+
+    one = f'[verifiers.a]\nworkspace = "{proj}"\nsocket = "/s"\nfile = "f"\ntest = ["true"]\n'
+    path = write(tmp_path, one)
+    held = VerifierFile(path)
+    assert list(held.current()) == ["a"]
+    write(tmp_path, one + one.replace("verifiers.a", "verifiers.b"))
+    assert list(held.current()) == ["a", "b"]
+    write(tmp_path, one + "oops = 1\n")
+    with pytest.raises(VerifierConfigError, match="unknown key"):
+        held.current()  # a broken file serves nothing (not the version before it)
+    path.unlink()
+    with pytest.raises(VerifierConfigError, match="cannot read it"):
+        held.current()
