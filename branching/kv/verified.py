@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +140,27 @@ def verify(generate: Generate, verifier: Verifier, n: int, *,
                                   "\"token_ids\"")
     checked = [Checked(i, c) for i, c in enumerate(completions)]
     rid = uuid.uuid4().hex[:12]
+    with _lock_of(verifier):
+        ranked, committed, message = _verify(verifier, rid, checked, commit)
+    log.info("verified %s (%s): %s", rid, verifier.name, message)
+    return Verified(rid, verifier.name, ranked, committed, message)
+
+
+def _lock_of(verifier: Verifier) -> threading.Lock:
+    """One request at a time per workspace (and daemon) in this process: a commit
+    ends every other candidate branch of the workspace (first commit wins), so a
+    request running beside another's commit would see its candidates killed."""
+    key = (verifier.socket, os.path.realpath(verifier.workspace))
+    with _locks_lock:
+        return _locks.setdefault(key, threading.Lock())
+
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_lock = threading.Lock()
+
+
+def _verify(verifier: Verifier, rid: str, checked: list[Checked],
+            commit: bool) -> tuple[list[Checked], int | None, str]:
     try:
         ws = Workspace(verifier.workspace, daemon=verifier.socket)
     except BranchError as e:
@@ -155,8 +177,7 @@ def verify(generate: Generate, verifier: Verifier, n: int, *,
     except OSError as e:
         raise VerifierUnavailable(f"verifier {verifier.name}: cannot apply a candidate: "
                                   f"{e}") from None
-    log.info("verified %s (%s): %s", rid, verifier.name, message)
-    return Verified(rid, verifier.name, ranked, committed, message)
+    return ranked, committed, message
 
 
 def _check_all(session: Session, verifier: Verifier, rid: str, checked: list[Checked],

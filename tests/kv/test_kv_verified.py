@@ -181,6 +181,22 @@ def test_runs_are_held_to_the_verifiers_limits(ws: Workspace, proj: Path,
     assert not c.passed and c.stage == "test"
 
 
+@pytest.mark.mount
+def test_two_requests_on_one_workspace_both_commit(ws: Workspace, proj: Path,
+                                                   daemon: EmbeddedDaemon) -> None:
+    """Side by side, the first commit would end the other request's candidates
+    (first commit wins among a workspace's candidate branches): they take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    v = verifier(proj, daemon, content="text",
+                 test=["/bin/sh", "-c", "sleep 1; grep -q ok answer.txt"])
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda t: verify(fixed(t, "no\n"), v, 2, commit=True),
+                                ["ok 1\n", "ok 2\n"]))
+    assert [r.committed for r in results] == [0, 0], [r.message for r in results]
+    assert (proj / "answer.txt").read_text() in ("ok 1\n", "ok 2\n")
+
+
 def test_a_log_is_cut_to_its_tail(ws: Workspace, proj: Path, daemon: EmbeddedDaemon) -> None:
     v = verifier(proj, daemon, content="text",
                  test=["/bin/sh", "-c", "seq 1 5000; echo last"])
