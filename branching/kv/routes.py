@@ -8,6 +8,7 @@ point `branchd_kv` (enabled, with the general plugin of the same name, by
     POST /v1/branchd/release       handle_id -> store bytes freed
     POST /v1/branchd/handles       handle (JSON) -> registered here (after a restart, say)
     GET  /v1/branchd/handles/{id}  the handle
+    POST /v1/branchd/verified_completions   n candidates tested in branches (verified_routes.py)
 
 The engine runs in another process: requests go through the server's `EngineClient`
 (`run_request`), with the prompts and `kv_transfer_params` that `requests.py` builds
@@ -35,6 +36,7 @@ from starlette.datastructures import State
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError, VLLMServerError
 from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
 
 from branching.kv.handle import Fingerprint, PrefixHandle, fingerprint_of, new_handle_id
 from branching.kv.requests import (
@@ -221,6 +223,10 @@ async def read_body(request: Request, model: type[B]) -> B:
 async def run_request(engine_client: Any, prompt: TokensPrompt, params: SamplingParams) -> Any:
     """One request through the server's engine client; vLLM's final `RequestOutput`.
     A request vLLM itself refuses is `INVALID`, an engine failure `UNAVAILABLE`."""
+    # only the final output is read: asked for so, vLLM also gathers every one of an
+    # n= request's samples into it (streamed, each output holds the samples of a step)
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
     final = None
     try:
         async for out in engine_client.generate(prompt, params, f"branchd-{uuid.uuid4().hex}"):
@@ -292,6 +298,25 @@ class KVService:
         self.check_tokens(handle.token_ids, 1)
         handle = dataclasses.replace(handle, store=str(self.store.path))
         return await self.register(handle, None, retain=True)
+
+    async def continuation(self, entry: Entry, messages: list[Message] | None,
+                           prompt_token_ids: list[int] | None
+                           ) -> tuple[list[dict[str, str]] | None, list[int]]:
+        """What a request adds after `entry`'s prefix: new messages (the conversation
+        then, rendered, must start with the handle's tokens) or token ids; returns the
+        whole conversation (None for token ids) and the new tokens."""
+        handle = entry.handle
+        if messages is None:
+            return None, list(prompt_token_ids or [])
+        if entry.messages is None:
+            raise BranchdError(INVALID, f"handle {handle.handle_id} was made from token "
+                                        "ids: continue it with prompt_token_ids")
+        conversation = entry.messages + _messages(messages)
+        full = await self.render(conversation, generation_prompt=True)
+        if full[: len(handle.token_ids)] != list(handle.token_ids):
+            raise BranchdError(INVALID, "the conversation does not render to the handle's "
+                                        "tokens then more: post prompt_token_ids")
+        return conversation, full[len(handle.token_ids):]
 
     # tokens
 
@@ -393,19 +418,7 @@ async def resume(request: Request) -> dict[str, Any]:
                                       f"{MAX_OUTPUT_TOKENS}")
     entry = await kv.resolve(body)
     handle = entry.handle
-    messages = None
-    if body.messages is not None:
-        if entry.messages is None:
-            raise BranchdError(INVALID, f"handle {handle.handle_id} was made from token ids: "
-                                        "resume it with prompt_token_ids")
-        messages = entry.messages + _messages(body.messages)
-        full = await kv.render(messages, generation_prompt=True)
-        if full[: len(handle.token_ids)] != list(handle.token_ids):
-            raise BranchdError(INVALID, "the conversation does not render to the handle's "
-                                        "tokens then more: post prompt_token_ids")
-        new = full[len(handle.token_ids):]
-    else:
-        new = list(body.prompt_token_ids or [])
+    messages, new = await kv.continuation(entry, body.messages, body.prompt_token_ids)
     kv.check_tokens(list(handle.token_ids) + new, body.sampling.max_tokens)
     sampling = body.sampling.to_vllm(detokenize=kv.tokenizer is not None)
     prompt, params = resume_request(handle, new, sampling, body.save)
@@ -457,7 +470,8 @@ async def get_handle(request: Request, handle_id: str) -> dict[str, Any]:
 class BranchdEndpoints:
     """vLLM endpoint plugin: the KV-fork routes on `vllm serve`'s API server.
 
-    `routers` are all included (another module's routes join by being listed there);
+    `routers` are all included (another module's routes join by being listed there),
+    and `verified_routes.router` (imported as they attach: it imports this module);
     they answer 503 `kv_fork_unavailable` when the server runs without
     `BranchdConnector` in its `--kv-transfer-config`.
     """
@@ -467,11 +481,17 @@ class BranchdEndpoints:
     routers: tuple[APIRouter, ...] = (router,)
 
     def attach_router(self, app: FastAPI) -> None:
+        # modules built on this one's helpers join here (imported late: they import it)
+        from branching.kv import verified_routes
+
         app.add_exception_handler(BranchdError, _error_response)
-        for r in self.routers:
+        for r in (*self.routers, verified_routes.router):
             app.include_router(r)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        from branching.kv.verified_routes import init_verifiers
+
+        init_verifiers(state)
         if engine_client is None:
             setattr(state, STATE_KEY, "this server has no engine")
             return

@@ -130,8 +130,20 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager
 
 
 @pytest.fixture(scope="session")
-def kv_server(chat_model: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[Any]:
+def verifiers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kv_server's $BRANCHD_VERIFIERS: one verifier to start with (of an empty
+    directory, a daemon that is not there); tests write theirs (read again on change)."""
+    root = tmp_path_factory.mktemp("verifiers")
+    (root / "empty").mkdir()
+    path = root / "verifiers.toml"
+    path.write_text(f'[verifiers.none]\nworkspace = "{root / "empty"}"\n'
+                    f'socket = "{root / "no.sock"}"\nfile = "f"\ntest = ["false"]\n')
+    return path
+
+
+@pytest.fixture(scope="session")
+def kv_server(chat_model: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+              verifiers_file: Path) -> Iterator[Any]:
     """`vllm serve` on the tiny model with BranchdConnector (its own store under the
     session's /dev/shm directory) and the branchd_kv routes; stopped by its pid (its
     process group) and its store removed in teardown. VLLM_SERVER_DEV_MODE exposes
@@ -140,7 +152,7 @@ def kv_server(chat_model: Path, store_dir: Path, tmp_path_factory: pytest.TempPa
 
     store = store_dir / "serve"
     log = tmp_path_factory.mktemp("kv-server") / "serve.log"
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "BRANCHD_VERIFIERS": str(verifiers_file)}
     try:
         with served(chat_model, store=store, log=log, extra=SERVER_ARGS, env=env) as server:
             yield server

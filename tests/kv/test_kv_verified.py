@@ -303,3 +303,107 @@ def test_a_server_reads_its_verifiers_file_again_when_it_changes(tmp_path: Path,
     path.unlink()
     with pytest.raises(VerifierConfigError, match="cannot read it"):
         held.current()
+
+
+# --- over HTTP: POST /v1/branchd/verified_completions on a real vllm serve ------------------
+
+def set_verifiers(path: Path, text: str) -> None:
+    """Replace the server's verifiers file (by rename: it sees a new file at once)."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def http_verifiers(proj: Path, daemon: EmbeddedDaemon, **more: str) -> str:
+    common = f'workspace = "{proj}"\nsocket = "{daemon.socket}"\nfile = "answer.txt"\n'
+    text = (f'[verifiers.preview]\n{common}test = ["true"]\n'
+            f'[verifiers.check]\n{common}test = ["/bin/sh", "check.sh"]\nmax_n = 4\n'
+            'limits = { memory = "256M", pids = 64 }\n')
+    return text + "".join(f"[verifiers.{k}]\n{v}\n" for k, v in more.items())
+
+
+WORDS = """\
+first=$(awk '{print $1; exit}' answer.txt)
+echo "first word $first"
+[ "$first" = "$(cat want)" ] || { echo "wanted $(cat want)" >&2; exit 3; }
+"""
+
+
+@pytest.fixture
+def served_verifiers(kv_server: Any, verifiers_file: Path, daemon: EmbeddedDaemon,
+                     proj: Path) -> Iterator[Any]:
+    import httpx
+
+    (proj / "check.sh").write_text(WORDS)
+    set_verifiers(verifiers_file, http_verifiers(proj, daemon))
+    with httpx.Client(base_url=kv_server.url + "/v1/branchd", timeout=300) as client:
+        yield client
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@pytest.mark.timeout(900)
+def test_over_http_the_passing_candidate_is_committed(served_verifiers: Any, ws: Workspace,
+                                                      proj: Path) -> None:
+    http = served_verifiers
+    root = http.post("/snapshot", json={"prompt_token_ids": [(i * 5 + 1) % 500 + 7
+                                                             for i in range(128)]}).json()
+    body = {"n": 4, "handle_id": root["handle_id"], "prompt_token_ids": [11, 12, 13],
+            "sampling": {"max_tokens": 5, "temperature": 1.0, "seed": 5, "ignore_eos": True}}
+    preview = http.post("/verified_completions", json={**body, "verifier": "preview"})
+    assert preview.status_code == 200, preview.text
+    texts = {c["index"]: c["text"] for c in preview.json()["candidates"]}
+    assert all(c["passed"] for c in preview.json()["candidates"])
+    assert preview.json()["committed"] is None  # commit not asked
+    firsts = [texts[i].split()[0] for i in range(4)]
+    unique = [i for i, w in enumerate(firsts) if firsts.count(w) == 1]
+    assert unique, f"seed 5 gives no candidate a first word of its own: {firsts}"
+    winner = unique[-1]
+    (proj / "want").write_text(firsts[winner] + "\n")
+
+    r = http.post("/verified_completions", json={**body, "verifier": "check", "commit": True})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["cached_tokens"] == 128 and result["prompt_tokens"] == 131  # prefix once
+    ranked = result["candidates"]
+    assert {c["index"]: c["text"] for c in ranked} == texts  # same seed, same candidates
+    assert [c["index"] for c in ranked if c["passed"]] == [winner] == [ranked[0]["index"]]
+    assert result["committed"] == winner and ranked[0]["committed"]
+    assert all(c["exit_code"] == 3 and "wanted" in c["log"] for c in ranked[1:])
+    assert (proj / "answer.txt").read_text() == texts[winner]
+    http.post("/release", json={"handle_id": root["handle_id"]})
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@pytest.mark.timeout(900)
+def test_over_http_a_request_names_a_verifier_never_a_command(
+        served_verifiers: Any, ws: Workspace, proj: Path, verifiers_file: Path,
+        daemon: EmbeddedDaemon, tmp_path: Path) -> None:
+    http = served_verifiers
+    prompt = {"prompt_token_ids": [5, 6, 7], "sampling": {"max_tokens": 2}}
+
+    def refused(status: int, body: Any, text: str, **kw: Any) -> None:
+        r = http.post("/verified_completions", **({"content": body} if isinstance(body, str)
+                                                   else {"json": body}), **kw)
+        assert r.status_code == status, r.text
+        assert text in r.json()["error"]["message"], r.text
+
+    marker = tmp_path / "ran"
+    for field in ("command", "test", "argv", "env", "limits", "workspace"):
+        refused(422, {"verifier": "check", "n": 1, **prompt, field: ["touch", str(marker)]},
+                f"{field}: Extra inputs are not permitted")
+    refused(404, {"verifier": "rm-rf", "n": 1, **prompt}, "no verifier 'rm-rf' here")
+    refused(413, {"verifier": "check", "n": 5, **prompt}, "max_n of verifier check")
+    refused(422, {"verifier": "check", "n": 0, **prompt}, "n: ")
+    refused(422, {"verifier": "check", "n": 1}, "give a prompt")
+    refused(400, "{not json", "not JSON")
+    set_verifiers(verifiers_file, http_verifiers(proj, daemon) + "oops = 1\n")
+    refused(503, {"verifier": "check", "n": 1, **prompt}, "unknown key(s) oops")
+    set_verifiers(verifiers_file, http_verifiers(proj, daemon, gone=(
+        f'workspace = "{proj}"\nsocket = "{tmp_path / "none.sock"}"\nfile = "a"\n'
+        'test = ["true"]')))
+    refused(503, {"verifier": "gone", "n": 1, **prompt}, "verifier gone:")
+    assert not marker.exists()
+    ended = ws.client.call("list", workspace=ws.name, all=True)["branches"]
+    assert ended == []  # nothing refused ever made a branch
