@@ -186,7 +186,7 @@ def _check_all(session: Session, verifier: Verifier, rid: str, checked: list[Che
     branches: dict[int, Branch] = {}
 
     def check(c: Checked) -> None:
-        # first commit wins among the candidates; other branches carry on over it
+        # first commit wins among the candidates; branches outside them carry on over it
         b = branches[c.index] = session.create(f"verified-{rid}-{c.index}",
                                                on_sibling_commit="invalidate")
         c.branch = b.name
