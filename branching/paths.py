@@ -13,8 +13,13 @@ def relative_cwd(where: str | os.PathLike[str] | None, base: str | os.PathLike[s
     root) elsewhere. A relative *where* is taken as relative to the root already."""
     path = Path(os.getcwd() if where is None else where)
     if not path.is_absolute():
-        return path.as_posix().strip(".").strip("/")
+        return _root_is_empty(path)
     for root in (Path(base), Path(branch_path)):
         if path == root or root in path.parents:
-            return path.relative_to(root).as_posix().strip(".")
+            return _root_is_empty(path.relative_to(root))
     return ""
+
+
+def _root_is_empty(relative: Path) -> str:
+    text = relative.as_posix()  # "." for the root; ".venv" stays ".venv"
+    return "" if text == "." else text

@@ -10,6 +10,8 @@ the engine's paged KV tensors.
 What it does:
 - save: a request whose `kv_transfer_params` carry `{"branchd_kv": {"save": true}}`
   has its prompt's full blocks written to the store once its prefill is computed;
+- keys: chained over the prompt's tokens and the request's `cache_salt`, as vLLM's
+  own block hashes are, so that differently salted requests never share a block;
 - load: for any request, the full blocks after vLLM's own prefix-cache hit that the
   store holds (chained keys over the tokens) are claimed as external hits, after
   their fingerprint and CRC32C (and the handle's checksums, when the request
@@ -103,6 +105,7 @@ class BranchdConnector(KVConnectorBase_V1):
         # scheduler side
         self._claims: dict[str, _Claim] = {}
         self._ready: list[BlockOp] = []
+        self._save_keys: dict[str, list[str]] = {}
         self._pending_saves: dict[str, _PendingSave] = {}
         self._reports: dict[str, dict[str, Any]] = {}
         # worker side
@@ -118,6 +121,11 @@ class BranchdConnector(KVConnectorBase_V1):
         report = self._reports.setdefault(
             request.request_id, {"loaded_tokens": 0, "fallback": None, "saved_blocks": 0}
         )
+        tokens = list(request.prompt_token_ids or [])
+        # the request's cache_salt is part of every key: two salts never share a block
+        salt = request.cache_salt
+        if params.get("save"):
+            self._save_keys[request.request_id] = block_keys(tokens, self._block_size, salt)
         if params.get("load") is False:
             return 0, False  # the caller asked for a cold prefill (a baseline)
         handle = params.get("handle")
@@ -125,9 +133,8 @@ class BranchdConnector(KVConnectorBase_V1):
             report["fallback"] = "fingerprint mismatch: handle from another engine kind"
             log.warning("request %s: %s", request.request_id, report["fallback"])
             return 0, False
-        tokens = list(request.prompt_token_ids or [])
         # vLLM must compute at least one prompt token itself, to sample from.
-        keys = block_keys(tokens[: max(len(tokens) - 1, 0)], self._block_size)
+        keys = block_keys(tokens[: max(len(tokens) - 1, 0)], self._block_size, salt)
         expected = dict(zip(handle["keys"], handle["checksums"], strict=False)) if handle else {}
         first = num_computed_tokens // self._block_size
         claimed: list[tuple[str, int | None]] = []
@@ -161,10 +168,9 @@ class BranchdConnector(KVConnectorBase_V1):
         meta = BranchdConnectorMetadata(loads=self._ready)
         self._ready = []
         for new in scheduler_output.scheduled_new_reqs:
-            params = (new.sampling_params.extra_args or {}) if new.sampling_params else {}
-            wants = params.get("kv_transfer_params", {}).get(PARAMS_KEY, {})
-            if wants.get("save") and new.prompt_token_ids:
-                keys = block_keys(new.prompt_token_ids, self._block_size)
+            # keyed when the request was matched (NewRequestData has no cache_salt)
+            keys = self._save_keys.pop(new.req_id, None)
+            if keys:
                 self._pending_saves[new.req_id] = _PendingSave(keys, list(new.block_ids[0]))
             self._emit_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -197,6 +203,7 @@ class BranchdConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        self._save_keys.pop(request.request_id, None)
         self._pending_saves.pop(request.request_id, None)
         self._claims.pop(request.request_id, None)
         report = self._reports.pop(request.request_id, None)

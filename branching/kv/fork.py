@@ -17,7 +17,6 @@ otherwise they are recomputed; both are reported in the `ResumeResult`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,14 +24,21 @@ from typing import Any
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from branching.kv.connector import PARAMS_KEY
 from branching.kv.handle import PrefixHandle, block_keys, fingerprint_of, new_handle_id
-from branching.kv.store import ChunkError, ChunkStore
-
-log = logging.getLogger(__name__)
-
-CONNECTOR = "BranchdConnector"
-CONNECTOR_MODULE = "branching.kv.connector"
+from branching.kv.requests import (
+    ResumeResult,
+    finish_snapshot,
+    kv_transfer_config,
+    prompt_of,
+    resume_request,
+    resume_result,
+    sampled_logprobs,
+    start_snapshot,
+    store_of,
+    transfer_params,
+    with_logprobs,
+)
+from branching.kv.store import ChunkStore
 
 
 def engine_kwargs(store: str | None = None, capacity: int | None = None) -> dict[str, Any]:
@@ -40,13 +46,7 @@ def engine_kwargs(store: str | None = None, capacity: int | None = None) -> dict
     the connector that shares blocks through that store directory."""
     kwargs: dict[str, Any] = {"enable_prefix_caching": True}
     if store is not None:
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": CONNECTOR,
-            "kv_connector_module_path": CONNECTOR_MODULE,
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store": str(store), "capacity": capacity},
-        }
+        kwargs["kv_transfer_config"] = kv_transfer_config(store, capacity)
     return kwargs
 
 
@@ -67,36 +67,7 @@ def make_engine(model: str | os.PathLike[str], *, store: str | None = None,
 
 def engine_store(engine: LLM) -> ChunkStore | None:
     """The store the engine's connector uses, or None when it runs without one."""
-    config = engine.llm_engine.vllm_config.kv_transfer_config
-    if config is None or config.kv_connector != CONNECTOR:
-        return None
-    extra = config.kv_connector_extra_config
-    return ChunkStore(extra["store"], extra.get("capacity"))
-
-
-@dataclasses.dataclass
-class ResumeResult:
-    """One branch's request: what it generated and what vLLM says it recomputed."""
-
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[float]
-    prompt_tokens: int
-    cached_tokens: int
-    expected_cached: int
-    loaded_tokens: int
-    fallback: str | None
-    handle: PrefixHandle
-
-    @property
-    def computed_tokens(self) -> int:
-        """Prompt tokens the engine computed for this request (prefill paid)."""
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def evicted(self) -> bool:
-        """The prefix was not (all) served from a cache: it was partly recomputed."""
-        return self.cached_tokens < self.expected_cached
+    return store_of(engine.llm_engine.vllm_config)
 
 
 @dataclasses.dataclass
@@ -109,50 +80,18 @@ class Candidate:
     handle: PrefixHandle
 
 
-def _params(sampling: SamplingParams, handle: PrefixHandle | None, save: bool,
-            load: bool = True) -> SamplingParams:
-    params = sampling.clone()
-    extra = dict(params.extra_args or {})
-    # the connector needs what identifies and checks the blocks, not the tokens
-    # (it has them: they are the request's prompt)
-    checks = None
-    if handle is not None:
-        checks = {"fingerprint": handle.fingerprint.to_json(), "keys": list(handle.keys),
-                  "checksums": list(handle.checksums)}
-    extra["kv_transfer_params"] = {PARAMS_KEY: {"handle": checks, "save": save, "load": load}}
-    params.extra_args = extra
-    return params
+def _generate(engine: LLM, prompt: TokensPrompt, params: SamplingParams) -> Any:
+    return engine.generate([prompt], params, use_tqdm=False)[0]
 
 
-def _generate(engine: LLM, prompt: Sequence[int], params: SamplingParams) -> Any:
-    return engine.generate([TokensPrompt(prompt_token_ids=list(prompt))], params,
-                           use_tqdm=False)[0]
-
-
-def snapshot(engine: LLM, prefix: Sequence[int]) -> PrefixHandle:
-    """Prefill `prefix` once; with a store, also save its blocks there (checksummed)."""
-    fingerprint = fingerprint_of(engine.llm_engine.vllm_config)
-    store = engine_store(engine)
-    handle = PrefixHandle(
-        handle_id=new_handle_id(),
-        fingerprint=fingerprint,
-        token_ids=tuple(prefix),
-        keys=tuple(block_keys(prefix, fingerprint.block_size)),
-        store=str(store.path) if store else None,
-    )
-    if store is not None:
-        store.retain(handle.handle_id, handle.keys)
-    _generate(engine, prefix, _params(SamplingParams(max_tokens=1, detokenize=False),
-                                      handle, save=store is not None))
-    if store is None:
-        return handle
-    try:
-        checksums = store.checksums(handle.keys)
-    except ChunkError as e:
-        log.warning("prefix %s not saved whole (%s): same-engine resume only",
-                    handle.handle_id, e)
-        return handle
-    return dataclasses.replace(handle, checksums=tuple(checksums))
+def snapshot(engine: LLM, prefix: Sequence[int], *, cache_salt: str | None = None
+             ) -> PrefixHandle:
+    """Prefill `prefix` once; with a store, also save its blocks there (checksummed).
+    With `cache_salt`, the prefix's blocks are shared only by requests of that salt
+    (vLLM's prefix cache and the store alike); the handle and its forks carry it."""
+    handle, prompt, params = start_snapshot(engine.llm_engine.vllm_config, prefix, cache_salt)
+    _generate(engine, prompt, params)
+    return finish_snapshot(handle)
 
 
 def fork(handle: PrefixHandle, n: int) -> list[PrefixHandle]:
@@ -180,53 +119,17 @@ def resume(engine: LLM, handle: PrefixHandle, new_tokens: Sequence[int],
     With `save`, this turn's prompt blocks go to the store too, so that the returned
     handle (prefix + new tokens + output) can resume in another engine.
     """
-    prompt = list(handle.token_ids) + list(new_tokens)
-    if sampling.logprobs is None:
-        sampling = sampling.clone()
-        sampling.logprobs = 0  # vLLM only reports cumulative logprobs when asked for some
-    out = _generate(engine, prompt, _params(sampling, handle, save))
-    completion = out.outputs[0]
-    report = (out.kv_transfer_params or {}).get(PARAMS_KEY) or {}
-    block = handle.fingerprint.block_size
-    expected = min(handle.cached_tokens, (len(prompt) - 1) // block * block)
-    child = handle.child(list(new_tokens) + list(completion.token_ids))
-    if save and handle.store is not None:
-        ChunkStore(handle.store).retain(child.handle_id, block_keys(prompt, block))
-    result = ResumeResult(
-        token_ids=list(completion.token_ids),
-        cumulative_logprob=completion.cumulative_logprob,
-        logprobs=_sampled_logprobs(completion),
-        prompt_tokens=len(prompt),
-        cached_tokens=int(out.num_cached_tokens or 0),
-        expected_cached=expected,
-        loaded_tokens=int(report.get("loaded_tokens", 0)),
-        fallback=report.get("fallback"),
-        handle=child,
-    )
-    if result.evicted:
-        log.warning("branch %s: %d of %d prefix tokens recomputed (%s)", handle.handle_id,
-                    expected - result.cached_tokens, expected,
-                    result.fallback or "evicted from vLLM's prefix cache")
-    return result
-
-
-def _sampled_logprobs(completion: Any) -> list[float]:
-    if not completion.logprobs:
-        return []
-    return [float(step[tok].logprob)
-            for tok, step in zip(completion.token_ids, completion.logprobs, strict=True)]
+    prompt, params = resume_request(handle, new_tokens, sampling, save)
+    return resume_result(_generate(engine, prompt, params), handle, new_tokens, save)
 
 
 def candidates(engine: LLM, handle: PrefixHandle, n: int, sampling: SamplingParams,
                new_tokens: Sequence[int] = ()) -> list[Candidate]:
     """`n` continuations of the prefix from one request (`n=`: prompt computed once),
     each scored by its cumulative logprob and carrying its own handle."""
-    params = sampling.clone()
+    params = with_logprobs(sampling).clone()
     params.n = n
-    if params.logprobs is None:
-        params.logprobs = 0
-    prompt = list(handle.token_ids) + list(new_tokens)
-    out = _generate(engine, prompt, _params(params, handle, save=False))
+    out = _generate(engine, prompt_of(handle, new_tokens), transfer_params(params, handle, False))
     return [
         Candidate(
             index=i,
@@ -243,17 +146,15 @@ def prefill(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> Res
     store not consulted). Needs an idle engine: resetting the cache waits for none."""
     fingerprint = fingerprint_of(engine.llm_engine.vllm_config)
     engine.reset_prefix_cache()
-    if sampling.logprobs is None:
-        sampling = sampling.clone()
-        sampling.logprobs = 0
-    out = _generate(engine, prompt, _params(sampling, None, save=False, load=False))
+    out = _generate(engine, TokensPrompt(prompt_token_ids=list(prompt)),
+                    transfer_params(with_logprobs(sampling), None, save=False, load=False))
     completion = out.outputs[0]
     handle = PrefixHandle(new_handle_id(), fingerprint, tuple(prompt),
                           tuple(block_keys(prompt, fingerprint.block_size)))
     return ResumeResult(
         token_ids=list(completion.token_ids),
         cumulative_logprob=completion.cumulative_logprob,
-        logprobs=_sampled_logprobs(completion),
+        logprobs=sampled_logprobs(completion),
         prompt_tokens=len(prompt),
         cached_tokens=int(out.num_cached_tokens or 0),
         expected_cached=0,
@@ -277,4 +178,5 @@ def prompt_tokens_by_source(engine: LLM) -> dict[str, int]:
 def plain_request(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> Any:
     """A request as plain vLLM serves it: its prefix cache alone, the store not
     consulted (the baseline the forks are measured against). Returns vLLM's output."""
-    return _generate(engine, prompt, _params(sampling, None, save=False, load=False))
+    return _generate(engine, TokensPrompt(prompt_token_ids=list(prompt)),
+                     transfer_params(sampling, None, save=False, load=False))

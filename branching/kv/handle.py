@@ -20,14 +20,19 @@ HANDLE_VERSION = 1
 _ROOT_KEY = hashlib.sha256(b"branchd-kv-root-v1").digest()
 
 
-def block_keys(token_ids: Sequence[int], block_size: int) -> list[str]:
+def block_keys(token_ids: Sequence[int], block_size: int,
+               cache_salt: str | None = None) -> list[str]:
     """Chained keys of the full blocks of `token_ids`, as vLLM chains its block hashes.
 
-    Key i depends on every token of blocks 0..i: equal keys mean an equal prefix.
-    A partial last block has no key (vLLM never caches it either).
+    Key i depends on every token of blocks 0..i, and on the request's `cache_salt`
+    (vLLM's, which it mixes into its first block's hash): equal keys mean an equal
+    prefix under the same salt. A partial last block has no key (vLLM never caches
+    it either).
     """
     keys = []
     parent = _ROOT_KEY
+    if cache_salt:  # "" is no salt, as in vLLM
+        parent = hashlib.sha256(parent + b"salt\0" + cache_salt.encode()).digest()
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
@@ -82,9 +87,10 @@ def fingerprint_of(vllm_config: Any) -> Fingerprint:
 class PrefixHandle:
     """A conversation prefix whose KV exists (or existed) in an engine or a store.
 
-    Invariants: `keys == block_keys(token_ids, fingerprint.block_size)`; `checksums`
-    is empty (same-engine only) or has one CRC32C per key; a handle never changes,
-    a continued conversation gets a child handle whose `parent` is this one's id.
+    Invariants: `keys == block_keys(token_ids, fingerprint.block_size, cache_salt)`;
+    `checksums` is empty (same-engine only) or has one CRC32C per key; a handle never
+    changes, a continued conversation (or a fork) gets a child handle whose `parent`
+    is this one's id and whose `cache_salt` is this one's.
     """
 
     handle_id: str
@@ -94,6 +100,7 @@ class PrefixHandle:
     checksums: tuple[int, ...] = ()
     parent: str | None = None
     store: str | None = None
+    cache_salt: str | None = None
 
     @property
     def cached_tokens(self) -> int:
@@ -107,10 +114,11 @@ class PrefixHandle:
             handle_id=new_handle_id(),
             fingerprint=self.fingerprint,
             token_ids=full,
-            keys=tuple(block_keys(full, self.fingerprint.block_size)),
+            keys=tuple(block_keys(full, self.fingerprint.block_size, self.cache_salt)),
             checksums=tuple(checksums),
             parent=self.handle_id,
             store=self.store,
+            cache_salt=self.cache_salt,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -123,6 +131,7 @@ class PrefixHandle:
             "checksums": list(self.checksums),
             "parent": self.parent,
             "store": self.store,
+            "cache_salt": self.cache_salt,
         }
 
     def dumps(self) -> str:
@@ -141,8 +150,10 @@ class PrefixHandle:
             checksums=tuple(int(c) for c in data["checksums"]),
             parent=data.get("parent"),
             store=data.get("store"),
+            cache_salt=data.get("cache_salt"),
         )
-        if list(handle.keys) != block_keys(handle.token_ids, fingerprint.block_size):
+        keys = block_keys(handle.token_ids, fingerprint.block_size, handle.cache_salt)
+        if list(handle.keys) != keys:
             raise ValueError(f"prefix handle {handle.handle_id}: keys do not match its tokens")
         if handle.checksums and len(handle.checksums) != len(handle.keys):
             raise ValueError(f"prefix handle {handle.handle_id}: one checksum per key expected")

@@ -2,7 +2,8 @@
 
 Engines take ~15 s to start, so one engine with the connector serves every test in
 the session, and one producer engine runs in a child process (started first, so
-that both start at once), writes a handle and waits to be killed.
+that both start at once), writes a handle and waits to be killed. The HTTP routes'
+tests share one `vllm serve` subprocess (`kv_server`, ~100 s to start on 2 cores).
 """
 
 from __future__ import annotations
@@ -115,3 +116,45 @@ def kill_producer(producer: subprocess.Popen[bytes]) -> Any:
         producer.wait()
         return result
     return kill
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its word-level tokenizer and chat template."""
+    from branching.kv.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat"), tokenizer=True)
+
+
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
+
+
+@pytest.fixture(scope="session")
+def verifiers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kv_server's $BRANCHD_VERIFIERS: one verifier to start with (of an empty
+    directory, a daemon that is not there); tests write theirs (read again on change)."""
+    root = tmp_path_factory.mktemp("verifiers")
+    (root / "empty").mkdir()
+    path = root / "verifiers.toml"
+    path.write_text(f'[verifiers.none]\nworkspace = "{root / "empty"}"\n'
+                    f'socket = "{root / "no.sock"}"\nfile = "f"\ntest = ["false"]\n')
+    return path
+
+
+@pytest.fixture(scope="session")
+def kv_server(chat_model: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+              verifiers_file: Path) -> Iterator[Any]:
+    """`vllm serve` on the tiny model with BranchdConnector (its own store under the
+    session's /dev/shm directory) and the branchd_kv routes; stopped by its pid (its
+    process group) and its store removed in teardown. VLLM_SERVER_DEV_MODE exposes
+    vLLM's /reset_prefix_cache, with which tests evict the prefix cache for real."""
+    from branching.kv.serve import served
+
+    store = store_dir / "serve"
+    log = tmp_path_factory.mktemp("kv-server") / "serve.log"
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "BRANCHD_VERIFIERS": str(verifiers_file)}
+    try:
+        with served(chat_model, store=store, log=log, extra=SERVER_ARGS, env=env) as server:
+            yield server
+    finally:
+        shutil.rmtree(store, ignore_errors=True)

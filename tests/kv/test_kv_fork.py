@@ -78,6 +78,28 @@ def test_n_candidates_prefill_the_prompt_once(engine: Any) -> None:
     assert computed < 2 * len(new)
 
 
+def test_cache_salt_shares_a_prefix_only_with_the_same_salt(engine: Any) -> None:
+    prefix = prefix_of(11)
+    root = snapshot(engine, prefix, cache_salt="tenant-a")
+    assert root.cache_salt == "tenant-a" and root.keys != tuple(block_keys(prefix, BLOCK))
+    [branch] = fork(root, 1)
+    assert branch.cache_salt == "tenant-a"
+    same = resume(engine, branch, [1, 2], greedy(2))
+    assert same.cached_tokens == 256 and same.handle.cache_salt == "tenant-a"
+    for salt in ("tenant-b", None):  # the same tokens under another salt, or none
+        other = dataclasses.replace(root, handle_id=new_handle_id(), cache_salt=salt,
+                                    keys=tuple(block_keys(prefix, BLOCK, salt)), checksums=())
+        result = resume(engine, other, [1, 2], greedy(2))
+        assert result.cached_tokens == 0 and result.loaded_tokens == 0, salt
+    engine.reset_prefix_cache()  # from the store: by salt too
+    assert resume(engine, branch, [1, 2], greedy(2)).loaded_tokens == 256
+    other = dataclasses.replace(root, handle_id=new_handle_id(), cache_salt="tenant-c",
+                                keys=tuple(block_keys(prefix, BLOCK, "tenant-c")), checksums=())
+    assert resume(engine, other, [1, 2], greedy(2)).loaded_tokens == 0
+    release(branch)
+    release(root)
+
+
 def test_evicted_prefix_comes_back_from_the_store_bit_identical(engine: Any) -> None:
     root = snapshot(engine, prefix_of(3))
     assert len(root.checksums) == len(root.keys) == 8

@@ -27,6 +27,21 @@ def test_keys_chain_over_the_whole_prefix() -> None:
     assert a[1] != b[1]  # block 1 is equal, but its parent differs
 
 
+def test_keys_depend_on_the_cache_salt() -> None:
+    tokens = list(range(8))
+    plain, a, b = (block_keys(tokens, 4, salt) for salt in (None, "a", "b"))
+    assert len({plain[0], a[0], b[0]}) == 3 and len({plain[1], a[1], b[1]}) == 3
+    assert block_keys(tokens, 4, "") == plain  # vLLM: an empty salt is none
+    salted = PrefixHandle(new_handle_id(), FP, tuple(tokens), tuple(a), cache_salt="a")
+    child = salted.child([9, 9, 9, 9])
+    assert child.cache_salt == "a" and list(child.keys) == block_keys(tokens + [9] * 4, 4, "a")
+    assert PrefixHandle.loads(child.dumps()) == child
+    data = child.to_json()
+    data["cache_salt"] = "b"  # another tenant's salt on these keys
+    with pytest.raises(ValueError, match="keys do not match"):
+        PrefixHandle.from_json(data)
+
+
 def test_handle_round_trips_through_json_and_rejects_tampering() -> None:
     h = handle(list(range(10))).child([42])
     assert PrefixHandle.loads(h.dumps()) == h

@@ -1,0 +1,282 @@
+"""The KV fork's HTTP routes on a real `vllm serve` (CPU, tiny model, BranchdConnector):
+every route, vLLM's own cached-token counts through HTTP, cache salts, every refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (requirements/kv.txt)")
+
+import httpx  # noqa: E402
+
+from branching.kv.handle import PrefixHandle, block_keys, new_handle_id  # noqa: E402
+from branching.kv.store import ChunkStore  # noqa: E402
+
+pytestmark = [pytest.mark.kv, pytest.mark.slow, pytest.mark.timeout(900)]
+
+BLOCK = 32
+
+
+def prefix_of(seed: int, length: int = 256) -> list[int]:
+    return [(i * (2 * seed + 5) + seed) % 500 + 7 for i in range(length)]
+
+
+def greedy(max_tokens: int = 6) -> dict[str, Any]:
+    return {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def http(kv_server: Any) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=kv_server.url + "/v1/branchd", timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api(http: httpx.Client) -> Callable[..., dict[str, Any]]:
+    """POST (or GET without a body) that must succeed; returns the JSON answer."""
+    def call(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = http.get(path) if body is None else http.post(path, json=body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+    return call
+
+
+def reset_prefix_cache(kv_server: Any) -> None:
+    r = httpx.post(kv_server.url + "/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_snapshot_fork_resume_release(api: Callable[..., dict[str, Any]],
+                                      http: httpx.Client, kv_server: Any) -> None:
+    root = api("/snapshot", {"prompt_token_ids": prefix_of(1)})
+    rid = root["handle_id"]
+    assert root["handle"]["token_ids"] == prefix_of(1) and len(root["handle"]["keys"]) == 8
+    assert len(root["handle"]["checksums"]) == 8  # saved whole to the store
+    assert api(f"/handles/{rid}")["handle"] == root["handle"]
+    forked = api("/fork", {"handle_id": rid, "n": 3})
+    assert len(forked["handle_ids"]) == 3
+    assert all(h["parent"] == rid for h in forked["handles"])
+    children = []
+    for i, bid in enumerate(forked["handle_ids"]):
+        new = [10 + i, 20 + i, 30 + i]
+        r = api("/resume", {"handle_id": bid, "prompt_token_ids": new, "sampling": greedy()})
+        # vLLM's own count, through HTTP: the prefix is not computed again
+        assert r["cached_tokens"] == 256 and r["computed_tokens"] == 3
+        assert r["prompt_tokens"] == 259 and not r["evicted"] and r["fallback"] is None
+        assert len(r["token_ids"]) == 6 and r["handle"]["parent"] == bid
+        assert r["handle"]["token_ids"] == prefix_of(1) + new + r["token_ids"]
+        assert api(f"/handles/{r['handle_id']}")["handle"] == r["handle"]
+        children.append(r["handle_id"])
+    store = ChunkStore(kv_server.store)
+    for hid in children + forked["handle_ids"]:
+        assert api("/release", {"handle_id": hid})["bytes_freed"] == 0  # root holds them
+    assert store.chunk_path(root["handle"]["keys"][-1]).exists()
+    freed = api("/release", {"handle_id": rid})
+    assert freed["bytes_freed"] > 0 and not store.chunk_path(root["handle"]["keys"][0]).exists()
+    assert http.get(f"/handles/{rid}").status_code == 404
+
+
+def test_evicted_prefix_is_loaded_from_the_store(api: Callable[..., dict[str, Any]],
+                                                 kv_server: Any) -> None:
+    root = api("/snapshot", {"prompt_token_ids": prefix_of(2)})
+    body = {"handle_id": root["handle_id"], "prompt_token_ids": [5, 6, 7], "sampling": greedy()}
+    hit = api("/resume", body)
+    assert hit["cached_tokens"] == 256 and hit["loaded_tokens"] == 0
+    reset_prefix_cache(kv_server)  # vLLM evicts everything
+    back = api("/resume", body)
+    assert back["loaded_tokens"] == 256 and back["cached_tokens"] == 256
+    assert back["token_ids"] == hit["token_ids"]
+    api("/release", {"handle_id": root["handle_id"]})
+
+
+def test_messages_are_rendered_with_the_chat_template(
+        api: Callable[..., dict[str, Any]], http: httpx.Client, chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    first = [{"role": "system", "content": " ".join(["fix the bug in this file"] * 12)},
+             {"role": "user", "content": "the tests fail"}]
+    then = [{"role": "user", "content": "run the tests please"}]
+
+    def render(messages: list[dict[str, str]], gen: bool) -> list[int]:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        return list(tok.encode(text, add_special_tokens=False))
+
+    root = api("/snapshot", {"messages": first})
+    assert root["handle"]["token_ids"] == render(first, False)
+    assert root["messages"] == first
+    r = api("/resume", {"handle_id": root["handle_id"], "messages": then,
+                        "sampling": greedy()})
+    full = render(first + then, True)
+    assert r["prompt_tokens"] == len(full)
+    assert r["cached_tokens"] == len(render(first, False)) // BLOCK * BLOCK > 0
+    # vLLM's incremental detokenizer keeps the space before the first word
+    assert r["text"].strip() == tok.decode(r["token_ids"], skip_special_tokens=True).strip()
+    assert r["messages"] == first + then + [{"role": "assistant", "content": r["text"]}]
+    ids = api("/snapshot", {"prompt_token_ids": prefix_of(3, 40)})
+    refused = http.post("/resume", json={"handle_id": ids["handle_id"], "messages": then})
+    assert refused.status_code == 422 and "token ids" in refused.json()["error"]["message"]
+    for h in (r, root, ids):
+        api("/release", {"handle_id": h["handle_id"]})
+
+
+def salted(handle: dict[str, Any], salt: str | None) -> dict[str, Any]:
+    """The same prefix under another salt (as another tenant would snapshot it)."""
+    tokens = handle["token_ids"]
+    return {**handle, "handle_id": new_handle_id(), "cache_salt": salt, "checksums": [],
+            "keys": block_keys(tokens, BLOCK, salt)}
+
+
+def test_cache_salts_never_share_blocks(api: Callable[..., dict[str, Any]],
+                                        kv_server: Any) -> None:
+    prefix = prefix_of(4)
+    root = api("/snapshot", {"prompt_token_ids": prefix, "cache_salt": "tenant-a"})
+    assert root["handle"]["cache_salt"] == "tenant-a"
+    [child] = api("/fork", {"handle_id": root["handle_id"], "n": 1})["handles"]
+    assert child["cache_salt"] == "tenant-a"  # inherited
+    new = {"prompt_token_ids": [1, 2, 3], "sampling": greedy(2)}
+    same = api("/resume", {"handle_id": child["handle_id"], **new})
+    assert same["cached_tokens"] == 256 and same["handle"]["cache_salt"] == "tenant-a"
+    for salt in ("tenant-b", None):  # same tokens, another salt or none: nothing shared
+        other = api("/resume", {"handle": salted(root["handle"], salt), **new})
+        assert other["cached_tokens"] == 0 and other["loaded_tokens"] == 0, salt
+        assert other["fallback"] is None
+    store = ChunkStore(kv_server.store)
+    assert all(store.chunk_path(k).exists() for k in root["handle"]["keys"])
+    assert not any(store.chunk_path(k).exists() for k in block_keys(prefix, BLOCK, "tenant-b"))
+    reset_prefix_cache(kv_server)  # from the store now: still by salt
+    back = api("/resume", {"handle_id": child["handle_id"], **new})
+    assert back["loaded_tokens"] == 256 and back["cached_tokens"] == 256
+    other = api("/resume", {"handle": salted(root["handle"], "tenant-c"), **new})
+    assert other["cached_tokens"] == 0 and other["loaded_tokens"] == 0
+
+
+@pytest.fixture(scope="module")
+def root(api: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return api("/snapshot", {"prompt_token_ids": prefix_of(5, 64)})
+
+
+def alien(handle: dict[str, Any], **change: Any) -> dict[str, Any]:
+    """The handle as another kind of engine made it (keys consistent with its fields)."""
+    h = PrefixHandle.from_json(handle)
+    fp = dataclasses.replace(h.fingerprint, **change)
+    keys = tuple(block_keys(h.token_ids, fp.block_size, h.cache_salt))
+    return dataclasses.replace(h, handle_id=new_handle_id(), fingerprint=fp, keys=keys,
+                               checksums=()).to_json()
+
+
+def tampered(handle: dict[str, Any]) -> dict[str, Any]:
+    return {**handle, "token_ids": [7] + handle["token_ids"][1:]}
+
+
+BIG = "x" * (1 << 20)
+# (route, body as JSON or raw bytes, status, code); `root` is replaced by a real handle id
+BAD: list[tuple[str, Any, int, str]] = [
+    ("/resume", {"handle_id": "nope"}, 404, "unknown_handle"),
+    ("/fork", {"handle_id": "nope", "n": 2}, 404, "unknown_handle"),
+    ("/release", {"handle_id": "nope"}, 404, "unknown_handle"),
+    ("/handles", lambda h: {"handle": alien(h, block_size=16)}, 409, "fingerprint_mismatch"),
+    ("/handles", lambda h: {"handle": alien(h, model="other")}, 409, "fingerprint_mismatch"),
+    ("/resume", lambda h: {"handle": alien(h, dtype="bfloat16")}, 409, "fingerprint_mismatch"),
+    ("/snapshot", {"prompt_token_ids": [5] * 5000}, 413, "too_large"),
+    ("/snapshot", {"prompt_token_ids": [5], "pad": BIG}, 413, "too_large"),
+    ("/fork", lambda h: {"handle_id": h["handle_id"], "n": 65}, 413, "too_large"),
+    ("/resume", lambda h: {"handle_id": h["handle_id"], "prompt_token_ids": [5] * 4000,
+                           "sampling": {"max_tokens": 64}}, 413, "too_large"),
+    ("/resume", lambda h: {"handle_id": h["handle_id"], "sampling": {"max_tokens": 5000}},
+     413, "too_large"),
+    ("/snapshot", b"{not json", 400, "bad_json"),
+    ("/snapshot", b"[1, 2]", 400, "bad_json"),
+    ("/snapshot", {}, 422, "invalid_request"),
+    ("/snapshot", {"prompt_token_ids": []}, 422, "invalid_request"),
+    ("/snapshot", {"prompt_token_ids": [1], "messages": []}, 422, "invalid_request"),
+    ("/snapshot", {"prompt_token_ids": [1, 999]}, 422, "invalid_request"),
+    ("/snapshot", {"prompt_token_ids": [1], "cache_salt": "a/b"}, 422, "invalid_request"),
+    ("/snapshot", {"prompt_token_ids": [1], "colour": 3}, 422, "invalid_request"),
+    ("/fork", lambda h: {"handle_id": h["handle_id"], "n": 0}, 422, "invalid_request"),
+    ("/resume", lambda h: {"handle_id": h["handle_id"], "sampling": {"top_p": 2}},
+     422, "invalid_request"),
+    ("/resume", lambda h: {"handle": tampered(h)}, 422, "invalid_request"),
+    ("/resume", lambda h: {"handle_id": h["handle_id"], "handle": h}, 422, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "code"), BAD,
+                         ids=[f"{r}-{s}-{i}" for i, (r, _, s, _) in enumerate(BAD)])
+def test_bad_input_is_refused_with_its_code(http: httpx.Client, root: dict[str, Any],
+                                            route: str, body: Any, status: int,
+                                            code: str) -> None:
+    if callable(body):
+        body = body(root["handle"])
+    if isinstance(body, bytes):
+        r = http.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(route, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert http.get(f"/handles/{root['handle_id']}").status_code == 200  # nothing lost
+
+
+def test_unknown_handle_get_is_404(http: httpx.Client) -> None:
+    r = http.get("/handles/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_handle"
+
+
+def test_plugin_is_found_by_name_and_refuses_what_its_server_lacks(
+        chat_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's own loader and wiring (`VLLM_PLUGINS=branchd_kv`) on an app of our own:
+    without an engine or without BranchdConnector every route answers 503, without a
+    tokenizer messages are refused. The engine client is a stand-in holding a real
+    VllmConfig of the tiny model (what the routes read before any request): a second
+    and third `vllm serve` would cost minutes on a 2-core CI machine."""
+    import asyncio
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins.endpoint_plugins.interface import (
+        attach_endpoint_plugins,
+        init_endpoint_plugins_state,
+    )
+
+    from branching.kv.requests import kv_transfer_config
+    from branching.kv.routes import BranchdEndpoints
+
+    monkeypatch.setenv("VLLM_PLUGINS", "branchd_kv")
+
+    def app_with(engine_client: Any) -> FastAPI:
+        app = FastAPI()
+        attach_endpoint_plugins(app, ("generate",))
+        assert [type(p) for p in app.state.endpoint_plugins] == [BranchdEndpoints]
+        asyncio.run(init_endpoint_plugins_state(engine_client, app.state, Namespace()))
+        return app
+
+    def config(**kw: Any) -> Any:
+        return EngineArgs(model=str(chat_model), dtype="float32", max_model_len=4096,
+                          block_size=32, **kw).create_engine_config()
+
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    plain = SimpleNamespace(vllm_config=config(), renderer=SimpleNamespace(tokenizer=None))
+    for engine_client, words in ((None, "no engine"), (plain, "BranchdConnector")):
+        with TestClient(app_with(engine_client)) as client:
+            for route, data in (("/snapshot", body), ("/fork", {"handle_id": "x", "n": 1})):
+                r = client.post("/v1/branchd" + route, json=data)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "kv_fork_unavailable"
+                assert words in r.json()["error"]["message"]
+            assert client.get("/v1/branchd/handles/x").status_code == 503
+    kv = KVTransferConfig(**kv_transfer_config(tmp_path / "store"))
+    bare = SimpleNamespace(vllm_config=config(kv_transfer_config=kv),
+                           renderer=SimpleNamespace(tokenizer=None))
+    with TestClient(app_with(bare)) as client:
+        r = client.post("/v1/branchd/snapshot", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_tokenizer"
