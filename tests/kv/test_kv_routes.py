@@ -91,7 +91,14 @@ def test_evicted_prefix_is_loaded_from_the_store(api: Callable[..., dict[str, An
     back = api("/resume", body)
     assert back["loaded_tokens"] == 256 and back["cached_tokens"] == 256
     assert back["token_ids"] == hit["token_ids"]
-    api("/release", {"handle_id": root["handle_id"]})
+    # a handle kept elsewhere (as after a server restart) is posted back and served
+    kept = {**root["handle"], "handle_id": new_handle_id()}
+    imported = api("/handles", {"handle": kept})
+    assert imported["handle"] == kept and api(f"/handles/{kept['handle_id']}") == imported
+    again = api("/resume", {**body, "handle_id": kept["handle_id"]})
+    assert again["cached_tokens"] == 256 and again["token_ids"] == hit["token_ids"]
+    for h in (root, imported, hit, back, again):
+        api("/release", {"handle_id": h["handle_id"]})
 
 
 def test_messages_are_rendered_with_the_chat_template(
