@@ -48,7 +48,7 @@ def api(http: httpx.Client) -> Callable[..., dict[str, Any]]:
 
 def reset_prefix_cache(kv_server: Any) -> None:
     r = httpx.post(kv_server.url + "/reset_prefix_cache", timeout=60)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and r.json()["success"], r.text  # none held: all evicted
 
 
 def test_snapshot_fork_resume_release(api: Callable[..., dict[str, Any]],
@@ -91,7 +91,14 @@ def test_evicted_prefix_is_loaded_from_the_store(api: Callable[..., dict[str, An
     back = api("/resume", body)
     assert back["loaded_tokens"] == 256 and back["cached_tokens"] == 256
     assert back["token_ids"] == hit["token_ids"]
-    api("/release", {"handle_id": root["handle_id"]})
+    # a handle kept elsewhere (as after a server restart) is posted back and served
+    kept = {**root["handle"], "handle_id": new_handle_id()}
+    imported = api("/handles", {"handle": kept})
+    assert imported["handle"] == kept and api(f"/handles/{kept['handle_id']}") == imported
+    again = api("/resume", {**body, "handle_id": kept["handle_id"]})
+    assert again["cached_tokens"] == 256 and again["token_ids"] == hit["token_ids"]
+    for h in (root, imported, hit, back, again):
+        api("/release", {"handle_id": h["handle_id"]})
 
 
 def test_messages_are_rendered_with_the_chat_template(
