@@ -235,9 +235,6 @@ def test_unknown_handle_get_is_404(http: httpx.Client) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_handle"
 
 
-@pytest.mark.skip(reason="KNOWN FAILURE, not a pass: vLLM's attach_endpoint_plugins loads no "
-                  "plugin in this test's process on a fresh install (vllm serve loads it); "
-                  "undiagnosed, see the issue 16 note")
 def test_plugin_is_found_by_name_and_refuses_what_its_server_lacks(
         chat_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's own loader and wiring (`VLLM_PLUGINS=branchd_kv`) on an app of our own:
@@ -249,6 +246,7 @@ def test_plugin_is_found_by_name_and_refuses_what_its_server_lacks(
     from argparse import Namespace
     from types import SimpleNamespace
 
+    import vllm.envs
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
     from vllm.config import KVTransferConfig
@@ -262,6 +260,9 @@ def test_plugin_is_found_by_name_and_refuses_what_its_server_lacks(
     from branching.kv.routes import BranchdEndpoints
 
     monkeypatch.setenv("VLLM_PLUGINS", "branchd_kv")
+    # an in-process engine started earlier in the session (test_kv_fork's) froze vLLM's
+    # environment variables (enable_envs_cache): VLLM_PLUGINS would read as unset
+    vllm.envs.disable_envs_cache()
 
     def app_with(engine_client: Any) -> FastAPI:
         app = FastAPI()
