@@ -20,10 +20,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import cgroups.delegated
 from bench.backends import Backend, BenchWorkspace
 from bench.branchd_backend import FUSE, ApiWorkspace
 from branching import Client
-from cgroups.layout import detect
 
 NOBODY = 65534
 USER_PYTHON = "BRANCHD_USER_PYTHON"
@@ -63,7 +63,7 @@ class UnprivilegedDaemon:
         self.root = root
         self.socket = root / "sock"
         self.log_path = root / "daemon.log"
-        self.cgroups = self._delegate()
+        self.cgroups = cgroups.delegated.delegate(NOBODY, f"branchd-bench-user.{os.getpid()}")
         enter = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in self.cgroups)
         daemon = [python, "-m", "daemon.main", "--state-dir", str(root / "state"),
                   "--mountpoint", str(root / "mnt"), "--socket", str(self.socket)]
@@ -78,20 +78,6 @@ class UnprivilegedDaemon:
         except BaseException:
             self.stop()
             raise
-
-    def _delegate(self) -> list[str]:
-        layout = detect()
-        made = []
-        for base in dict.fromkeys(d for d in (layout.v2_dir, *(layout.v1_dir(c) for c in (
-                "memory", "cpu", "pids", "blkio", "freezer"))) if d is not None):
-            d = os.path.join(base, f"branchd-bench-user.{os.getpid()}")
-            os.mkdir(d)
-            made.append(d)
-            for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads",
-                         "tasks"):
-                if os.path.exists(os.path.join(d, name)):
-                    os.chown(os.path.join(d, name), NOBODY, NOBODY)
-        return made
 
     def _wait_ready(self) -> None:
         for _ in range(300):
@@ -113,13 +99,7 @@ class UnprivilegedDaemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        for d in reversed(self.cgroups):
-            for _ in range(100):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        cgroups.delegated.remove(self.cgroups)
 
 
 class UnprivilegedWorkspace(ApiWorkspace):

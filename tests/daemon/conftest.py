@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import cgroups.delegated
 from branching import EmbeddedDaemon
 from branching.client import Client
-from cgroups.layout import detect
 
 NOBODY = 65534
 
@@ -93,34 +90,11 @@ def delegated() -> Iterator[list[str]]:
     """A cgroup of uid 65534's own in every hierarchy that runs use (v2's, and v1's
     memory, cpu, pids, blkio, freezer), as systemd delegates one to a user session:
     the directory and its interface files chowned to the user."""
-    layout = detect()
-    roots = [d for d in (layout.v2_dir, *(layout.v1_dir(c) for c in
-                                        ("memory", "cpu", "pids", "blkio", "freezer")))
-             if d is not None]
-    made = []
+    made = cgroups.delegated.delegate(NOBODY, f"branchd-test-user.{os.getpid()}")
     try:
-        for root in dict.fromkeys(roots):
-            d = os.path.join(root, f"branchd-test-user.{os.getpid()}")
-            os.mkdir(d)
-            made.append(d)
-            os.chown(d, NOBODY, NOBODY)
-            for name in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
-                if os.path.exists(os.path.join(d, name)):
-                    os.chown(os.path.join(d, name), NOBODY, NOBODY)
         yield made
     finally:
-        for d in reversed(made):
-            for sub, _, _ in sorted(os.walk(d), key=lambda w: -w[0].count("/")):
-                with open(os.path.join(sub, "cgroup.procs")) as f:
-                    for pid in f.read().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-                for _ in range(100):
-                    try:
-                        os.rmdir(sub)
-                        break
-                    except OSError:
-                        time.sleep(0.05)
+        cgroups.delegated.remove(made)
 
 
 @pytest.fixture
