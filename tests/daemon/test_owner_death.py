@@ -63,7 +63,11 @@ def test_sigkill_of_the_owner_leaves_no_daemon_mount_cgroup_or_process(tmp_path:
         assert owner.stdout is not None
         info = json.loads(owner.stdout.readline())
         daemon = info["daemon"]
-        left = children(daemon)  # the run and the entry processes waiting in the pool
+        # the run and the entry processes waiting in the pool, which the daemon refills
+        # after a run's hand-over, on its own thread: wait for it
+        deadline = time.monotonic() + 30
+        while len(left := children(daemon)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert info["run"] in left and len(left) > 1
         with open(f"/proc/{info['run']}/cgroup") as f:
             cgroups = [line.strip().split(":", 2)[2] for line in f]
