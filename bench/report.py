@@ -15,7 +15,9 @@ from bench.sizes import Sizes
 
 BRANCHD = "branchd"
 FAST_PATH = "branchd-overlay"
-FAST_PATH_LIMIT = 1.2  # the kernel fast path's time on an I/O row, at most this x native
+FAST_PATH_LIMIT = 1.2  # the kernel fast path's time on an I/O row, at most this x native,
+# or at most plain overlayfs's in the same run where that is larger (the issue's rule: the
+# fast path cannot be asked to beat the kernel overlay it is made of)
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -67,6 +69,17 @@ def _ratio(over: str, inverse: bool = False, ours_backend: str = BRANCHD
     return value
 
 
+def _fast_path(results: Results, scenario: str, param: str) -> float | None:
+    """The fast path's median over its allowance: the larger of FAST_PATH_LIMIT x native and
+    plain overlayfs's median (native's alone where the overlay column did not run)."""
+    ours, native = (results.get(scenario, param, b) for b in (FAST_PATH, "native"))
+    if not ours or not native or not ours.median or not native.median:
+        return None
+    overlay = results.get(scenario, param, "overlay")
+    allowed = max(FAST_PATH_LIMIT * native.median, overlay.median if overlay else 0.0)
+    return ours.median / allowed
+
+
 def targets(sizes: Sizes) -> list[Target]:
     big = files_label(sizes.bases[-1])
     many = files_label(sizes.commit_files[-1])
@@ -90,9 +103,9 @@ def targets(sizes: Sizes) -> list[Target]:
         Target(f"{sizes.parallel[-1]} parallel branches <= overlayfs in total",
                "<= overlayfs", "parallel branches", f"{sizes.parallel[-1]} branches",
                _ratio("overlay"), 1.0),
-        *(Target(f"fast path: {scenario} {param} <= {FAST_PATH_LIMIT}x native",
-                 f"fast path <= {FAST_PATH_LIMIT}x", scenario, param,
-                 _ratio("native", ours_backend=FAST_PATH), FAST_PATH_LIMIT)
+        *(Target(f"fast path: {scenario} {param} <= max({FAST_PATH_LIMIT}x native, overlayfs)",
+                 f"fast path <= max({FAST_PATH_LIMIT}x, overlayfs)", scenario, param,
+                 _fast_path, 1.0)
           for scenario, param in io_rows(sizes)),
     ]
 
