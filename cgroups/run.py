@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import psutil
 from .cgroup import Cgroup
 from .errors import CgroupError
 from .limits import Limits
+from .spawn import Child
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Run:
         group: str,
         limits: Limits,
         cgroup: Cgroup | None,
-        proc: subprocess.Popen[bytes],
+        proc: Child,
         started: float,
         on_done: Callable[[Run, Cgroup | None], None],
         kill_later: Callable[[Run, str], None],

@@ -1,15 +1,16 @@
 """Starting a candidate so that none of its code runs outside its cgroup, or as root.
 
-A run's first process is ``cgroups/entry.py`` run by this interpreter with
-``-I -S``, an empty environment and ``/`` as its directory (see that file for
-what it does and in which order). ``Entries`` keeps a few started ahead, each
-blocked on its own socket, so that a run does not wait for Python to start: to
-start a run, one is taken, its pid is placed in every cgroup.procs, and only
-then are the spec and the run's stdio sent to it; a placement error kills the
-waiting entry and raises, so the candidate never runs unlimited. Setup errors
-come back on the socket (end-of-file with nothing read: the exec happened).
-No preexec_fn (the daemon has threads): subprocess forks, sets the new session
-and the file descriptors, and execs the entry.
+A run's first process is an entry (``cgroups/entry.py``: see that file for what
+it does and in which order), cloned by the fork server, that file run once by
+this interpreter with ``-I -S``, an empty environment and ``/`` as its
+directory. The clone is our child (``CLONE_PARENT``): ``Child`` reaps it.
+``Entries`` keeps a few made ahead, each blocked on its own socket and already in
+a cgroup of its own: to start a run, one is taken, its pid is placed in every
+cgroup.procs, and only then are the spec and the run's stdio sent to it; a
+placement error kills the waiting entry and raises, so the candidate never runs
+unlimited. Setup errors come back on the socket (end-of-file with nothing read:
+the exec happened). No preexec_fn (the daemon has threads): subprocess forks,
+sets the new session and the file descriptors, and execs the fork server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import marshal
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -72,11 +74,106 @@ class Overlay:
     fds: tuple[int, ...]
 
 
+class Child:
+    """A child of ours that subprocess did not start (the fork server cloned it): the
+    part of Popen a run uses, with Popen's return codes (minus the signal that
+    ended it). Reaped once, under a lock: its pid is never signalled after that."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is not None and self.returncode is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            finally:
+                os.close(pidfd)
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.returncode is None:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class ForkServer:
+    """The process that clones entries: started on first use, and again if it died.
+    One request at a time (a clone takes a millisecond or two)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", ENTRY, str(theirs.fileno())],
+                cwd="/", env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SpawnError(f"cannot start the run's entry process: {exc.strerror}",
+                             exc.errno) from None
+        finally:
+            theirs.close()
+        self._sock = ours
+        return ours
+
+    def clone(self, sock: socket.socket) -> Child:
+        """A new entry waiting on ``sock`` (the other end is the caller's)."""
+        with self._lock:
+            for _ in range(2):  # a server that died (killed by hand, OOM) is started again
+                server = self._sock if self._sock is not None else self._start()
+                try:
+                    socket.send_fds(server, [b"f"], [sock.fileno()])
+                    reply = server.recv(8, socket.MSG_WAITALL)
+                except OSError:
+                    reply = b""
+                if len(reply) == 8:
+                    pid = int.from_bytes(reply, "little", signed=True)
+                    if pid > 0:
+                        return Child(pid)
+                    if -pid == 95:
+                        raise SpawnError(f"cannot start runs on a {os.uname().machine} "
+                                         "machine: its clone(2) number is not known", 95)
+                    raise SpawnError(f"cannot start the run's entry process: "
+                                     f"{os.strerror(-pid)}", -pid)
+                self._stop()
+            raise SpawnError("the run starter's fork server ends as soon as it starts")
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # end-of-file: it exits
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
 @dataclass
 class Entry:
     """An entry process waiting for its run, and what ``prepare`` made for it (its cgroup)."""
 
-    proc: subprocess.Popen[bytes]
+    proc: Child
     sock: socket.socket
     token: object = None
 
@@ -86,17 +183,17 @@ class Entries:
 
     ``prepare(pid)`` (the Manager: a cgroup made for the entry, with the entry
     placed in it) runs for each entry before it waits in the pool, so that
-    neither Python's start nor a cgroup migration (milliseconds on cgroup v2)
-    is on a run's way; ``release(token)`` undoes it for an entry never used.
+    neither the clone nor the cgroup's making and migration (milliseconds on
+    cgroup v2) is on a run's way; ``release(token)`` undoes it for an entry never
+    used.
     Invariant: every entry in ``_idle`` is a prepared child of ours that has not
     been given a run; ``take`` hands one out (starting one if none waits), and
     ``replace``, called once that entry has its run, has the pool filled again
     to ``size`` in the background, one entry at a time, by one thread at most
-    (``_filler``, which ``close`` waits for). Not from ``take``: a Python start
-    beside the hand-over takes the CPU the run's own start needs; and the pool
-    kept full, so that a run gets an entry whose Python has long started (one
-    started for the run before may still be starting). Entries exit by themselves
-    when their socket closes (a daemon that dies leaves none behind)."""
+    (``_filler``, which ``close`` waits for). Not from ``take``: that work beside
+    the hand-over takes the CPU the run's own start needs. Entries, and the fork
+    server, exit by themselves when their socket closes (a daemon that dies
+    leaves none behind)."""
 
     def __init__(self, prepare: Callable[[int], object] | None = None,
                  release: Callable[[object], None] | None = None, size: int = 4) -> None:
@@ -107,20 +204,15 @@ class Entries:
         self._idle: deque[Entry] = deque()
         self._filler: threading.Thread | None = None
         self._closed = False
+        self._server = ForkServer()
 
     def _start(self) -> Entry:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", ENTRY, str(theirs.fileno())],
-                cwd="/", env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),),
-                start_new_session=True,
-            )
-        except OSError as exc:
+            proc = self._server.clone(theirs)
+        except BaseException:
             ours.close()
-            raise SpawnError(f"cannot start the run's entry process: {exc.strerror}",
-                             exc.errno) from None
+            raise
         finally:
             theirs.close()
         entry = Entry(proc, ours)
@@ -185,6 +277,7 @@ class Entries:
             filler.join()
         for entry in idle:
             self.end(entry)
+        self._server.close()
 
 
 def namespaces(entries: Entries) -> tuple[str | None, str]:
@@ -212,7 +305,7 @@ def namespaces(entries: Entries) -> tuple[str | None, str]:
 
 
 def _hand_over(entry: Entry, spec: dict, fds: list[int]
-               ) -> tuple[subprocess.Popen[bytes], list[str]]:
+               ) -> tuple[Child, list[str]]:
     """Send an entry ``spec`` and ``fds``; its process once it exec'ed (or, for a probe,
     set up), and the notes it sent. Raises SpawnError with what the entry reported."""
     proc, sock = entry.proc, entry.sock
@@ -254,10 +347,10 @@ def start(
     hide: list[str],
     user: User | None,
     fd_limit: int | None = None,
-) -> tuple[subprocess.Popen[bytes], str | None]:
+) -> tuple[Child, str | None]:
     """Hand `argv` to `entry` (already in the run's cgroup). Raises SpawnError.
 
-    The returned Popen is the caller's to reap; its pid is the candidate's pid
+    The returned Child is the caller's to reap; its pid is the candidate's pid
     (the entry execs it, it does not fork). stdio None: this process's own. With
     it, why the kernel refused ``bind.overlay`` (None: mounted, or none asked).
     """
@@ -292,7 +385,7 @@ def _stdio(stdin: int | None, stdout: int | None, stderr: int | None, null: int)
 def _start(entry: Entry, argv: list[str], cwd: str, env: dict[str, str] | None,
            fds: list[int], ns: str | None, bind: Bind | None, hide: list[str],
            user: User | None, fd_limit: int | None
-           ) -> tuple[subprocess.Popen[bytes], str | None]:
+           ) -> tuple[Child, str | None]:
     target_fd = None
     if bind is not None:
         try:

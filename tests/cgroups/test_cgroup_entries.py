@@ -7,6 +7,8 @@ entry in its cgroup), which lets the test hold a start half way and see when it 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -78,3 +80,46 @@ def test_close_waits_for_the_entry_being_started_and_ends_it() -> None:
     finally:
         gate.set()
         entries.end(taken)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_entries_are_our_children_cloned_by_one_fork_server() -> None:
+    # CLONE_PARENT: the daemon reaps a run's process and reads its exit status itself,
+    # though the fork server made it (and no interpreter starts per entry)
+    entries = Entries(size=0)
+    taken = [entries.take() for _ in range(3)]
+    try:
+        server = entries._server._proc
+        assert server is not None
+        assert [_parent(e.proc.pid) for e in taken] == [os.getpid()] * 3
+        assert len({e.proc.pid for e in taken} | {server.pid}) == 4
+        os.kill(taken[0].proc.pid, signal.SIGTERM)
+        assert taken[0].proc.wait(10) == -signal.SIGTERM  # Popen's code for a signal
+        taken[0].proc.kill()  # reaped: never signalled again (its pid may be reused)
+    finally:
+        for entry in taken:
+            entries.end(entry)
+        entries.close()
+    assert server.poll() is not None  # close ends the fork server
+
+
+def test_a_fork_server_that_died_is_started_again() -> None:
+    entries = Entries(size=0)
+    taken = [entries.take()]
+    try:
+        first = entries._server._proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        taken.append(entries.take())  # the next clone finds it gone and starts one
+        second = entries._server._proc
+        assert second is not None and second.pid != first.pid
+        assert _parent(taken[1].proc.pid) == os.getpid()
+    finally:
+        for entry in taken:
+            entries.end(entry)
+        entries.close()
