@@ -73,6 +73,12 @@ class BenchWorkspace(ABC):
         """Run ``argv`` in the branch the way this backend runs a candidate; its exit status."""
         return subprocess.run(argv, cwd=self.path(name), check=False).returncode
 
+    def run_many(self, name: str, argv: list[str], n: int) -> list[int]:
+        """Start ``argv`` ``n`` times at once in the branch, then wait for all; the
+        exit statuses."""
+        procs = [subprocess.Popen(argv, cwd=self.path(name)) for _ in range(n)]
+        return [p.wait() for p in procs]
+
     def agent(self, name: str, tarball: Path, modules: int, edits: int,
               home: Path) -> dict[str, float]:
         """The agent workload in branch ``name``, run where this backend runs it (here,

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from branching.embedded import EmbeddedDaemon
 
 FUSE = "fuse"
 OVERLAY = "overlay"
+RUN_CONNECTIONS = 8  # client connections the concurrent-runs row starts its runs from
 
 
 class WrongBackend(AssertionError):
@@ -50,6 +52,7 @@ class ApiWorkspace(BenchWorkspace):
     def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.ws = Workspace(base, daemon=daemon.socket)
+        self.socket = daemon.socket
         self.log = daemon.log_path
         self.backend = backend
         self.branches: dict[str, Branch] = {}
@@ -73,6 +76,23 @@ class ApiWorkspace(BenchWorkspace):
 
     def run(self, name: str, argv: list[str]) -> int:
         return self.branches[name].run(argv).returncode
+
+    def run_many(self, name: str, argv: list[str], n: int) -> list[int]:
+        """As agents do it: ``n`` detached ``exec`` requests from a few connections at
+        once, then a ``wait`` for each run."""
+        socket, ws = self.socket, self.ws.name
+
+        def start(count: int) -> list[str]:
+            with Client(socket) as c:
+                return [c.call("exec", workspace=ws, name=name, detach=True, argv=argv)["run"]
+                        for _ in range(count)]
+
+        with ThreadPoolExecutor(RUN_CONNECTIONS) as pool:
+            shares = [n // RUN_CONNECTIONS + (i < n % RUN_CONNECTIONS)
+                      for i in range(RUN_CONNECTIONS)]
+            runs = [r for part in pool.map(start, shares) for r in part]
+        with Client(socket) as c:
+            return [c.call("wait", run=r)["result"]["exit_code"] for r in runs]
 
     def close(self) -> None:
         try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.agent import STEPS
 from bench.results import Results, Row
-from bench.scenarios import files_label, fmt_bytes
+from bench.scenarios import files_label, fmt_bytes, runs_label
 from bench.sizes import Sizes
 
 BRANCHD = "branchd"
@@ -100,6 +100,9 @@ def targets(sizes: Sizes) -> list[Target]:
         Target("cold sequential read >= 0.8x native throughput", ">= 0.8x native MB/s",
                "inside: cold seq read", fmt_bytes(sizes.seq_bytes),
                _ratio("native", inverse=True), 0.8, at_least=True),
+        Target(f"{runs_label(sizes)} at once end within {sizes.concurrent_sleep + 2:g} s",
+               f"< {sizes.concurrent_sleep + 2:g} s", "concurrent runs", runs_label(sizes),
+               _median(BRANCHD), sizes.concurrent_sleep + 2),
         Target(f"{sizes.parallel[-1]} parallel branches <= overlayfs in total",
                "<= overlayfs", "parallel branches", f"{sizes.parallel[-1]} branches",
                _ratio("overlay"), 1.0),

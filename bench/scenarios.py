@@ -374,6 +374,26 @@ def run_true(ctx: Context, backend: Backend) -> None:
         ws.discard(name)
 
 
+def concurrent_runs(ctx: Context, backend: Backend) -> None:
+    s = ctx.sizes
+    with ctx.workspace(backend, ctx.sizes.bases[0], "runs") as ws:
+        row = ctx.row("concurrent runs", runs_label(s), backend)
+        name = ctx.name("m")
+        ws.create_verified(name)
+        argv = ["sleep", f"{s.concurrent_sleep:g}"]
+        for _ in ctx.runs(s.heavy_repeat):
+            seconds, codes = timed(ws.run_many, name, argv, s.concurrent_runs)
+            if codes != [0] * s.concurrent_runs:
+                raise AssertionError(f"exit statuses {sorted(set(codes))}, expected 0 each")
+            row.samples.append(seconds)
+        row.checks.append(f"all {s.concurrent_runs} exited 0")
+        ws.discard(name)
+
+
+def runs_label(s: Sizes) -> str:
+    return f"{s.concurrent_runs} x sleep {s.concurrent_sleep:g}"
+
+
 SCENARIOS: dict[str, Callable[[Context, Backend], None]] = {
     "create": create,
     "commit": commit,
@@ -381,4 +401,5 @@ SCENARIOS: dict[str, Callable[[Context, Backend], None]] = {
     "agent": agent_workload,
     "parallel": parallel,
     "run": run_true,
+    "runs": concurrent_runs,
 }
