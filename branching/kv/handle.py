@@ -26,9 +26,26 @@ def block_keys(token_ids: Sequence[int], block_size: int,
 
     Key i depends on every token of blocks 0..i, and on the request's `cache_salt`
     (vLLM's, which it mixes into its first block's hash): equal keys mean an equal
-    prefix under the same salt. A partial last block has no key (vLLM never caches
-    it either).
+    prefix under the same salt. A partial last block has no key here (vLLM never
+    caches it): `tail_key` names it.
     """
+    return _chain(token_ids, block_size, cache_salt)[0]
+
+
+def tail_key(token_ids: Sequence[int], block_size: int,
+             cache_salt: str | None = None) -> str | None:
+    """The key of the partial last block of `token_ids` (None when there is none):
+    chained after the full blocks' keys, over the partial block's tokens, so that it
+    names those tokens at that position only."""
+    keys, parent = _chain(token_ids, block_size, cache_salt)
+    tail = token_ids[len(keys) * block_size:]
+    if not tail:
+        return None
+    return hashlib.sha256(parent + b"tail\0" + struct.pack(f"<{len(tail)}q", *tail)).hexdigest()
+
+
+def _chain(token_ids: Sequence[int], block_size: int, cache_salt: str | None
+           ) -> tuple[list[str], bytes]:
     keys = []
     parent = _ROOT_KEY
     if cache_salt:  # "" is no salt, as in vLLM
@@ -37,7 +54,7 @@ def block_keys(token_ids: Sequence[int], block_size: int,
         block = token_ids[start : start + block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
         keys.append(parent.hex())
-    return keys
+    return keys, parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +105,11 @@ class PrefixHandle:
     """A conversation prefix whose KV exists (or existed) in an engine or a store.
 
     Invariants: `keys == block_keys(token_ids, fingerprint.block_size, cache_salt)`;
-    `checksums` is empty (same-engine only) or has one CRC32C per key; a handle never
-    changes, a continued conversation (or a fork) gets a child handle whose `parent`
-    is this one's id and whose `cache_salt` is this one's.
+    `checksums` is empty (same-engine only) or has one CRC32C per key; `tail_key`, when
+    set, is `tail_key(token_ids, ...)` and the store holds that partial last block
+    (CRC32C `tail_checksum`); a handle never changes, a continued conversation (or a
+    fork) gets a child handle whose `parent` is this one's id and whose `cache_salt`
+    is this one's (a child has no tail: its last block was not saved).
     """
 
     handle_id: str
@@ -101,11 +120,21 @@ class PrefixHandle:
     parent: str | None = None
     store: str | None = None
     cache_salt: str | None = None
+    tail_key: str | None = None
+    tail_checksum: int | None = None
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens of the prefix that live in full blocks (what a cache can serve)."""
+        """Tokens of the prefix a cache can serve: its full blocks, and its partial last
+        block too when the handle carries it (`tail_key`)."""
+        if self.tail_key is not None:
+            return len(self.token_ids)
         return len(self.keys) * self.fingerprint.block_size
+
+    @property
+    def chunk_keys(self) -> tuple[str, ...]:
+        """The store chunks the handle holds: its full blocks', then its tail's."""
+        return self.keys + ((self.tail_key,) if self.tail_key is not None else ())
 
     def child(self, token_ids: Sequence[int], checksums: Sequence[int] = ()) -> PrefixHandle:
         """A handle for this prefix extended by more tokens (the next turn)."""
@@ -132,6 +161,8 @@ class PrefixHandle:
             "parent": self.parent,
             "store": self.store,
             "cache_salt": self.cache_salt,
+            "tail_key": self.tail_key,
+            "tail_checksum": self.tail_checksum,
         }
 
     def dumps(self) -> str:
@@ -151,10 +182,20 @@ class PrefixHandle:
             parent=data.get("parent"),
             store=data.get("store"),
             cache_salt=data.get("cache_salt"),
+            tail_key=None if data.get("tail_key") is None else str(data["tail_key"]),
+            tail_checksum=(None if data.get("tail_checksum") is None
+                           else int(data["tail_checksum"])),
         )
         keys = block_keys(handle.token_ids, fingerprint.block_size, handle.cache_salt)
         if list(handle.keys) != keys:
             raise ValueError(f"prefix handle {handle.handle_id}: keys do not match its tokens")
+        if handle.tail_key is not None and handle.tail_key != tail_key(
+                handle.token_ids, fingerprint.block_size, handle.cache_salt):
+            raise ValueError(f"prefix handle {handle.handle_id}: tail_key does not match "
+                             "its tokens")
+        if (handle.tail_key is None) != (handle.tail_checksum is None):
+            raise ValueError(f"prefix handle {handle.handle_id}: a tail_key goes with its "
+                             "tail_checksum")
         if handle.checksums and len(handle.checksums) != len(handle.keys):
             raise ValueError(f"prefix handle {handle.handle_id}: one checksum per key expected")
         return handle
