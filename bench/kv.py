@@ -212,11 +212,13 @@ def _tail_row(engine: Any, prefix_len: int, seed: int) -> dict[str, Any]:
     root = snapshot(engine, _prefix(prefix_len, seed))
     bare = dataclasses.replace(root, tail_key=None, tail_checksum=None)
     out: dict[str, Any] = {}
-    for method, handle in zip(TAIL_METHODS, (bare, root), strict=True):
+    for m, (method, handle) in enumerate(zip(TAIL_METHODS, (bare, root), strict=True)):
         times, prefill, loaded = [], 0, 0
         for i, branch in enumerate(fork(handle, 8)):
+            # new tokens of their own: a recomputed tail + the first new token fill a
+            # block that vLLM caches, which a branch starting the same way would hit
             t0 = time.perf_counter()
-            r = resume(engine, branch, [7 + i, 8, 9], sp)
+            r = resume(engine, branch, [100 + 10 * m + i, 8, 9], sp)
             times.append(time.perf_counter() - t0)
             prefill += r.computed_tokens
             loaded += r.loaded_tokens
@@ -225,6 +227,45 @@ def _tail_row(engine: Any, prefix_len: int, seed: int) -> dict[str, Any]:
     release(root)
     return {"prefix": prefix_len, "branches": 8, "turns": 1, "evicted": False,
             "methods": _ratios(out)}
+
+
+def _http_scenario(post: Callable[..., Any], complete: Callable[[list[int]], Any],
+                   prefix_len: int, n: int, evict: bool, seed: int) -> dict[str, Any]:
+    sampling = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    times: list[float] = []
+    prefill = 0
+    for br in range(n):
+        conv = _prefix(prefix_len, seed)
+        for turn in range(TURNS):
+            conv += _turn_tokens(br, turn)
+            post("/reset_prefix_cache")  # re-prefill: computed whole
+            t0 = time.perf_counter()
+            complete(conv)
+            times.append(time.perf_counter() - t0)
+            prefill += len(conv)
+            conv = conv + [5]  # its answer (the content costs nothing)
+    out = {"re-prefill-http": _summary(times, prefill, 0)}
+    times, loaded = [], 0
+    root = post("/v1/branchd/snapshot", {"prompt_token_ids": _prefix(prefix_len, seed + 1)})
+    prefill = prefix_len  # the snapshot's one prefill
+    for kid in post("/v1/branchd/fork", {"handle_id": root["handle_id"], "n": n})["handle_ids"]:
+        held = [kid]
+        for turn in range(TURNS):
+            if evict:
+                post("/reset_prefix_cache")
+            t0 = time.perf_counter()
+            r = post("/v1/branchd/resume", {
+                "handle_id": held[-1], "prompt_token_ids": _turn_tokens(0, turn),
+                "sampling": sampling, "save": evict})
+            times.append(time.perf_counter() - t0)
+            prefill += r["computed_tokens"]
+            loaded += r["loaded_tokens"]
+            held.append(r["handle_id"])
+        for hid in held:
+            post("/v1/branchd/release", {"handle_id": hid})
+    post("/v1/branchd/release", {"handle_id": root["handle_id"]})
+    out["fork-http"] = _summary(times, prefill, loaded)
+    return _ratios(out)
 
 
 def _http_rows(model: Path, store: Path, work: Path, device: str, prefix_len: int,
@@ -255,47 +296,15 @@ def _http_rows(model: Path, store: Path, work: Path, device: str, prefix_len: in
 
         for length in (64, prefix_len, prefix_len + 100):  # one-time setup: not measured
             complete(_prefix(length, 999))
+        _http_scenario(post, complete, prefix_len, 1, True, 998)  # the routes' too
         seed = 500
         for n in fanouts:
             for evict in (False, True):
                 seed += 2
-                times: list[float] = []
-                prefill = 0
-                for br in range(n):
-                    conv = _prefix(prefix_len, seed)
-                    for turn in range(TURNS):
-                        conv += _turn_tokens(br, turn)
-                        post("/reset_prefix_cache")  # re-prefill: computed whole
-                        t0 = time.perf_counter()
-                        complete(conv)
-                        times.append(time.perf_counter() - t0)
-                        prefill += len(conv)
-                        conv = conv + [5]  # its answer (the content costs nothing)
-                out = {"re-prefill-http": _summary(times, prefill, 0)}
-                times, loaded = [], 0
-                root = post("/v1/branchd/snapshot", {"prompt_token_ids": _prefix(prefix_len,
-                                                                                 seed + 1)})
-                prefill = prefix_len  # the snapshot's one prefill
-                for kid in post("/v1/branchd/fork", {"handle_id": root["handle_id"],
-                                                     "n": n})["handle_ids"]:
-                    held = [kid]
-                    for turn in range(TURNS):
-                        if evict:
-                            post("/reset_prefix_cache")
-                        t0 = time.perf_counter()
-                        r = post("/v1/branchd/resume", {
-                            "handle_id": held[-1], "prompt_token_ids": _turn_tokens(0, turn),
-                            "sampling": sampling, "save": evict})
-                        times.append(time.perf_counter() - t0)
-                        prefill += r["computed_tokens"]
-                        loaded += r["loaded_tokens"]
-                        held.append(r["handle_id"])
-                    for hid in held:
-                        post("/v1/branchd/release", {"handle_id": hid})
-                post("/v1/branchd/release", {"handle_id": root["handle_id"]})
-                out["fork-http"] = _summary(times, prefill, loaded)
                 rows.append({"prefix": prefix_len, "branches": n, "turns": TURNS,
-                             "evicted": evict, "transport": "http", "methods": _ratios(out)})
+                             "evicted": evict, "transport": "http",
+                             "methods": _http_scenario(post, complete, prefix_len, n, evict,
+                                                       seed)})
                 _print_row(rows[-1])
     return rows
 

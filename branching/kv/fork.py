@@ -148,7 +148,11 @@ def discard(branch: Any) -> int:
 def evict(engine: LLM) -> Eviction:
     """Evict every block of the engine's prefix cache that no request uses and no held
     handle pins (the pins of released handles are dropped first): what vLLM's
-    `reset_prefix_cache` does when nothing is pinned, which it refuses otherwise."""
+    `reset_prefix_cache` does when nothing is pinned, which it refuses otherwise.
+    Needs the connector (`make_engine(..., store=...)`): without it nothing is pinned,
+    and `reset_prefix_cache` is the way."""
+    if engine_store(engine) is None:
+        raise ValueError("evict needs an engine running BranchdConnector (a store)")
     prompt, params = evict_request()
     return evict_result(_generate(engine, prompt, params))
 
