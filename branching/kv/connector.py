@@ -50,7 +50,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from branching.kv.handle import Fingerprint, block_keys, fingerprint_of, tail_key
+from branching.kv.handle import (
+    Fingerprint,
+    block_keys,
+    fingerprint_of,
+    tail_key,
+    tail_key_after,
+)
 from branching.kv.store import DEFAULT_ROOT, ChunkError, ChunkStore
 
 if TYPE_CHECKING:
@@ -183,22 +189,29 @@ class BranchdConnector(KVConnectorBase_V1):
             claimed.append((key, expected.get(key)))
         tail = None
         if handle is not None and first + len(claimed) == len(handle["keys"]):
-            tail = self._claim_tail(request, tokens, handle, report)
+            tail = self._claim_tail(request, tokens, keys, handle, report)
         if not claimed and tail is None:
             return 0, False
         self._claims[request.request_id] = _Claim(claimed, first, tail)
         return len(claimed) * self._block_size + (tail[2] if tail else 0), False
 
-    def _claim_tail(self, request: Request, tokens: list[int], handle: dict[str, Any],
-                    report: dict[str, Any]) -> tuple[str, int, int] | None:
-        """The handle's partial last block, when the prompt goes on past it (vLLM must
-        compute one token) and the store holds it, checked."""
+    def _claim_tail(self, request: Request, tokens: list[int], keys: list[str],
+                    handle: dict[str, Any], report: dict[str, Any]
+                    ) -> tuple[str, int, int] | None:
+        """The handle's partial last block, when the prompt (its full blocks' `keys`)
+        goes on past it (vLLM must compute one token) and the store holds it, checked."""
         tail = handle.get("tail")
         if not tail:
             return None
-        end = len(handle["keys"]) * self._block_size + int(tail["tokens"])
-        if len(tokens) <= end or tail_key(tokens[:end], self._block_size,
-                                          request.cache_salt) != tail["key"]:
+        # chained on from the prompt's own keys: equal to the tail's key only if the
+        # prompt holds the handle's tokens up to the tail's end
+        blocks = len(handle["keys"])
+        end = blocks * self._block_size + int(tail["tokens"])
+        if len(tokens) <= end:
+            return None
+        last = keys[blocks - 1] if blocks else None  # keys cover tokens[:-1]: blocks of them
+        if tail_key_after(last, tokens[blocks * self._block_size:end],
+                          request.cache_salt) != tail["key"]:
             return None
         try:
             self._store.read(tail["key"], self._fingerprint, tail["checksum"])

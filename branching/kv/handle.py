@@ -38,9 +38,17 @@ def tail_key(token_ids: Sequence[int], block_size: int,
     chained after the full blocks' keys, over the partial block's tokens, so that it
     names those tokens at that position only."""
     keys, parent = _chain(token_ids, block_size, cache_salt)
-    tail = token_ids[len(keys) * block_size:]
+    return tail_key_after(keys[-1] if keys else None, token_ids[len(keys) * block_size:],
+                          cache_salt)
+
+
+def tail_key_after(last_key: str | None, tail: Sequence[int],
+                   cache_salt: str | None = None) -> str | None:
+    """`tail_key` from the full blocks' last key (None: there are none) and the partial
+    block's tokens, without hashing the whole prefix again."""
     if not tail:
         return None
+    parent = bytes.fromhex(last_key) if last_key is not None else _chain((), 1, cache_salt)[1]
     return hashlib.sha256(parent + b"tail\0" + struct.pack(f"<{len(tail)}q", *tail)).hexdigest()
 
 
