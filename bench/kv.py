@@ -7,7 +7,7 @@ A shared prefix (2k, 4k tokens) is forked into 1, 4, 16 branches; each branch ru
 turn we take the wall time of the request (time to first token: max_tokens=1) and
 vLLM's own count of prompt tokens it computed (`vllm:prompt_tokens_by_source`):
 
-- re-prefill: the whole conversation computed every turn (prefix cache emptied);
+- re-prefill: the whole conversation computed every turn (prefix cache not read);
 - prefix cache: plain requests, vLLM's prefix cache alone, store not consulted;
 - fork (same engine): `snapshot` + `fork` + `resume`;
 - fork (cross engine): the prefix snapshotted by engine A, every branch resumed in

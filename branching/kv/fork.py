@@ -187,12 +187,13 @@ def candidates(engine: LLM, handle: PrefixHandle, n: int, sampling: SamplingPara
 
 
 def prefill(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> ResumeResult:
-    """The baseline: `prompt` computed from scratch (vLLM's prefix cache emptied, the
-    store not consulted). Needs an idle engine: resetting the cache waits for none."""
+    """The baseline: `prompt` computed from scratch (vLLM's prefix cache not read, even
+    where blocks are pinned, and the store not consulted)."""
     fingerprint = fingerprint_of(engine.llm_engine.vllm_config)
-    engine.reset_prefix_cache()
+    cold = with_logprobs(sampling).clone()
+    cold.skip_reading_prefix_cache = True
     out = _generate(engine, TokensPrompt(prompt_token_ids=list(prompt)),
-                    transfer_params(with_logprobs(sampling), None, save=False, load=False))
+                    transfer_params(cold, None, save=False, load=False))
     completion = out.outputs[0]
     handle = PrefixHandle(new_handle_id(), fingerprint, tuple(prompt),
                           tuple(block_keys(prompt, fingerprint.block_size)))

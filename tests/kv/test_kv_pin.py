@@ -94,6 +94,7 @@ def test_pinned_prefix_stays_in_vllms_cache_under_other_traffic(
     gone = resume(engine, plain, [1, 2, 3], greedy())
     assert gone.loaded_tokens == 256 and not gone.pinned  # evicted: from the store
     cold = prefill(engine, prefix_of(20) + [1, 2, 3], greedy())
+    assert cold.cached_tokens == 0  # the baseline reads no cache, pinned blocks included
     assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(cold.logprobs, kept.logprobs,
                                                                  strict=True))
     # the last handle released: unpinned, and evicted by the next traffic
