@@ -210,7 +210,7 @@ def _tail_row(engine: Any, prefix_len: int, seed: int) -> dict[str, Any]:
 
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, detokenize=False)
     root = snapshot(engine, _prefix(prefix_len, seed))
-    bare = dataclasses.replace(root, tail_key=None, tail_checksum=None)
+    bare = dataclasses.replace(root, tail_key=None, tail_checksum=None, tail_tokens=None)
     out: dict[str, Any] = {}
     for m, (method, handle) in enumerate(zip(TAIL_METHODS, (bare, root), strict=True)):
         times, prefill, loaded = [], 0, 0

@@ -114,10 +114,11 @@ class PrefixHandle:
 
     Invariants: `keys == block_keys(token_ids, fingerprint.block_size, cache_salt)`;
     `checksums` is empty (same-engine only) or has one CRC32C per key; `tail_key`, when
-    set, is `tail_key(token_ids, ...)` and the store holds that partial last block
-    (CRC32C `tail_checksum`); a handle never changes, a continued conversation (or a
-    fork) gets a child handle whose `parent` is this one's id and whose `cache_salt`
-    is this one's (a child has no tail: its last block was not saved).
+    set, names the partial block of `tail_tokens` tokens right after the full blocks,
+    `tail_key(token_ids[:len(keys) * block_size + tail_tokens], ...)`, which the store
+    holds (CRC32C `tail_checksum`); a handle never changes, a continued conversation (or
+    a fork) gets a child handle whose `parent` is this one's id and whose `cache_salt`
+    is this one's (and this one's tail while its new tokens fill no block).
     """
 
     handle_id: str
@@ -130,14 +131,13 @@ class PrefixHandle:
     cache_salt: str | None = None
     tail_key: str | None = None
     tail_checksum: int | None = None
+    tail_tokens: int | None = None
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens of the prefix a cache can serve: its full blocks, and its partial last
-        block too when the handle carries it (`tail_key`)."""
-        if self.tail_key is not None:
-            return len(self.token_ids)
-        return len(self.keys) * self.fingerprint.block_size
+        """Tokens of the prefix a cache can serve: its full blocks, and the partial block
+        after them too when the handle carries it (`tail_key`)."""
+        return len(self.keys) * self.fingerprint.block_size + (self.tail_tokens or 0)
 
     @property
     def chunk_keys(self) -> tuple[str, ...]:
@@ -147,15 +147,20 @@ class PrefixHandle:
     def child(self, token_ids: Sequence[int], checksums: Sequence[int] = ()) -> PrefixHandle:
         """A handle for this prefix extended by more tokens (the next turn)."""
         full = tuple(self.token_ids) + tuple(token_ids)
+        keys = tuple(block_keys(full, self.fingerprint.block_size, self.cache_salt))
+        same_block = len(keys) == len(self.keys)  # the tail's block is not full yet
         return PrefixHandle(
             handle_id=new_handle_id(),
             fingerprint=self.fingerprint,
             token_ids=full,
-            keys=tuple(block_keys(full, self.fingerprint.block_size, self.cache_salt)),
+            keys=keys,
             checksums=tuple(checksums),
             parent=self.handle_id,
             store=self.store,
             cache_salt=self.cache_salt,
+            tail_key=self.tail_key if same_block else None,
+            tail_checksum=self.tail_checksum if same_block else None,
+            tail_tokens=self.tail_tokens if same_block else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -171,6 +176,7 @@ class PrefixHandle:
             "cache_salt": self.cache_salt,
             "tail_key": self.tail_key,
             "tail_checksum": self.tail_checksum,
+            "tail_tokens": self.tail_tokens,
         }
 
     def dumps(self) -> str:
@@ -193,17 +199,23 @@ class PrefixHandle:
             tail_key=None if data.get("tail_key") is None else str(data["tail_key"]),
             tail_checksum=(None if data.get("tail_checksum") is None
                            else int(data["tail_checksum"])),
+            tail_tokens=None if data.get("tail_tokens") is None else int(data["tail_tokens"]),
         )
         keys = block_keys(handle.token_ids, fingerprint.block_size, handle.cache_salt)
         if list(handle.keys) != keys:
             raise ValueError(f"prefix handle {handle.handle_id}: keys do not match its tokens")
-        if handle.tail_key is not None and handle.tail_key != tail_key(
-                handle.token_ids, fingerprint.block_size, handle.cache_salt):
+        tail = (handle.tail_key, handle.tail_checksum, handle.tail_tokens)
+        if any(t is None for t in tail) and any(t is not None for t in tail):
+            raise ValueError(f"prefix handle {handle.handle_id}: a tail_key goes with its "
+                             "tail_checksum and tail_tokens")
+        end = handle.cached_tokens
+        if handle.tail_tokens is not None and (
+                not 0 < handle.tail_tokens < fingerprint.block_size
+                or end > len(handle.token_ids)
+                or handle.tail_key != tail_key(handle.token_ids[:end], fingerprint.block_size,
+                                               handle.cache_salt)):
             raise ValueError(f"prefix handle {handle.handle_id}: tail_key does not match "
                              "its tokens")
-        if (handle.tail_key is None) != (handle.tail_checksum is None):
-            raise ValueError(f"prefix handle {handle.handle_id}: a tail_key goes with its "
-                             "tail_checksum")
         if handle.checksums and len(handle.checksums) != len(handle.keys):
             raise ValueError(f"prefix handle {handle.handle_id}: one checksum per key expected")
         return handle

@@ -107,8 +107,7 @@ def transfer_params(sampling: SamplingParams, handle: PrefixHandle | None, save:
                   "checksums": list(handle.checksums), "tail": None}
         if handle.tail_key is not None and handle.tail_checksum is not None:
             checks["tail"] = {"key": handle.tail_key, "checksum": handle.tail_checksum,
-                              "tokens": len(handle.token_ids) - handle.fingerprint.block_size
-                              * len(handle.keys)}
+                              "tokens": handle.tail_tokens}
     extra["kv_transfer_params"] = {PARAMS_KEY: {
         "handle": checks, "save": save, "load": load, "pin": pin, "tail": tail,
         "evict": evict}}
@@ -150,6 +149,7 @@ def start_snapshot(vllm_config: Any, prefix: Sequence[int], cache_salt: str | No
     computes (and saves, and with `pin` pins) them."""
     fingerprint = fingerprint_of(vllm_config)
     store = store_of(vllm_config)
+    tail = tail_key(prefix, fingerprint.block_size, cache_salt) if store else None
     handle = PrefixHandle(
         handle_id=new_handle_id(),
         fingerprint=fingerprint,
@@ -157,7 +157,8 @@ def start_snapshot(vllm_config: Any, prefix: Sequence[int], cache_salt: str | No
         keys=tuple(block_keys(prefix, fingerprint.block_size, cache_salt)),
         store=str(store.path) if store else None,
         cache_salt=cache_salt or None,
-        tail_key=tail_key(prefix, fingerprint.block_size, cache_salt) if store else None,
+        tail_key=tail,
+        tail_tokens=len(prefix) % fingerprint.block_size if tail else None,
     )
     if store is not None:
         store.retain(handle.handle_id, handle.chunk_keys)
@@ -183,7 +184,8 @@ def finish_snapshot(handle: PrefixHandle, out: Any = None) -> Snapshot:
     except ChunkError as e:
         log.warning("prefix %s not saved whole (%s): same-engine resume only",
                     handle.handle_id, e)
-        return Snapshot(dataclasses.replace(handle, tail_key=None), pinned, refused)
+        return Snapshot(dataclasses.replace(handle, tail_key=None, tail_tokens=None),
+                        pinned, refused)
     handle = dataclasses.replace(handle, checksums=tuple(checksums))
     if handle.tail_key is not None:
         try:
@@ -192,7 +194,7 @@ def finish_snapshot(handle: PrefixHandle, out: Any = None) -> Snapshot:
         except ChunkError as e:
             log.warning("prefix %s: partial last block not saved (%s): it is recomputed "
                         "on resume", handle.handle_id, e)
-            handle = dataclasses.replace(handle, tail_key=None)
+            handle = dataclasses.replace(handle, tail_key=None, tail_tokens=None)
             store.retain(handle.handle_id, handle.chunk_keys)
     return Snapshot(handle, pinned, refused)
 
@@ -233,14 +235,15 @@ def resume_result(out: Any, handle: PrefixHandle, new_tokens: Sequence[int],
     block = handle.fingerprint.block_size
     # vLLM computes at least the prompt's last token; its own cache serves full blocks,
     # the store the handle's tail too
-    expected = min(handle.cached_tokens, (prompt_len - 1) // block * block)
-    if handle.tail_key is not None and prompt_len > len(handle.token_ids):
+    expected = min(len(handle.keys) * block, (prompt_len - 1) // block * block)
+    if handle.tail_key is not None and prompt_len > handle.cached_tokens:
         expected = handle.cached_tokens
     child = handle.child(list(new_tokens) + list(completion.token_ids))
     if save and handle.store is not None:
         prompt = list(handle.token_ids) + list(new_tokens)
+        tail = [child.tail_key] if child.tail_key is not None else []
         ChunkStore(handle.store).retain(child.handle_id,
-                                        block_keys(prompt, block, handle.cache_salt))
+                                        block_keys(prompt, block, handle.cache_salt) + tail)
     result = ResumeResult(
         token_ids=list(completion.token_ids),
         cumulative_logprob=completion.cumulative_logprob,

@@ -140,7 +140,7 @@ def test_partial_last_block_comes_back_from_the_store(engine: Any, no_pins_left:
     root = snapshot(engine, prefix)
     assert root.tail_key is not None and root.tail_checksum is not None
     assert root.cached_tokens == 276 and PrefixHandle.loads(root.dumps()) == root
-    untailed = dataclasses.replace(root, tail_key=None, tail_checksum=None)
+    untailed = dataclasses.replace(root, tail_key=None, tail_checksum=None, tail_tokens=None)
     before = prompt_tokens_by_source(engine)
     exact = resume(engine, root, [1, 2, 3], greedy())
     mid = prompt_tokens_by_source(engine)
@@ -159,5 +159,10 @@ def test_partial_last_block_comes_back_from_the_store(engine: Any, no_pins_left:
     [branch] = fork(root, 1)
     assert branch.tail_key == root.tail_key
     assert resume(engine, branch, [], greedy(1)).computed_tokens == 20
+    # so do children (a candidate's handle) whose new tokens fill no block
+    child = root.child([50])
+    assert child.tail_key == root.tail_key
+    later = resume(engine, child, [51, 52], greedy())
+    assert later.loaded_tokens == 20 and later.computed_tokens == 3
     release(branch)
     release(root)

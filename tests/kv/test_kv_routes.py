@@ -94,8 +94,12 @@ def test_partial_last_block_is_not_recomputed(api: Callable[..., dict[str, Any]]
     r = api("/resume", {"handle_id": root["handle_id"], "prompt_token_ids": [1, 2, 3],
                         "sampling": greedy()})
     assert r["cached_tokens"] == 276 and r["loaded_tokens"] == 20 and r["computed_tokens"] == 3
-    assert r["handle"]["tail_key"] is None  # the child's last block was not saved
-    for h in (r, root):
+    # the child (285 tokens: no block filled) carries the tail: its next turn too
+    assert r["handle"]["tail_key"] == root["handle"]["tail_key"]
+    again = api("/resume", {"handle_id": r["handle_id"], "prompt_token_ids": [4],
+                            "sampling": greedy()})
+    assert again["loaded_tokens"] == 20 and again["computed_tokens"] == 3 + 6 + 1
+    for h in (again, r, root):
         api("/release", {"handle_id": h["handle_id"]})
 
 

@@ -57,13 +57,19 @@ def test_tail_key_names_the_partial_block_at_its_position() -> None:
     assert tail_key_after(block_keys([1, 2, 3, 4], 4)[0], [5, 6]) == a
     assert tail_key_after(None, [1, 2], "s") == tail_key([1, 2], 4, "s")
     h = PrefixHandle(new_handle_id(), FP, (1, 2, 3, 4, 5, 6), tuple(block_keys([1, 2, 3, 4], 4)),
-                     tail_key=a, tail_checksum=7)
+                     tail_key=a, tail_checksum=7, tail_tokens=2)
     assert h.cached_tokens == 6 and h.chunk_keys == (*h.keys, a)
-    assert PrefixHandle.loads(h.dumps()) == h and h.child([9]).tail_key is None
+    assert PrefixHandle.loads(h.dumps()) == h
+    child = h.child([9])  # the tail's block not full yet: the child carries the tail
+    assert child.tail_key == a and child.cached_tokens == 6
+    assert PrefixHandle.loads(child.dumps()) == child
+    assert h.child([9, 9]).tail_key is None  # a full block now: vLLM's to cache
     with pytest.raises(ValueError, match="tail_key does not match"):
         PrefixHandle.from_json({**h.to_json(), "tail_key": b})
     with pytest.raises(ValueError, match="tail_checksum"):
         PrefixHandle.from_json({**h.to_json(), "tail_checksum": None})
+    with pytest.raises(ValueError, match="tail_key does not match"):
+        PrefixHandle.from_json({**h.to_json(), "tail_tokens": 1})
 
 
 def test_store_generation_counts_reference_changes(tmp_path: Path) -> None:
