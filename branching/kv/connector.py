@@ -125,6 +125,9 @@ class BranchdConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._num_blocks = kv_cache_config.num_blocks
         self._pin_share = float(extra.get("pin_share", DEFAULT_PIN_SHARE))
+        if not 0 <= self._pin_share <= 1:
+            raise ValueError(f"kv_connector_extra_config pin_share {self._pin_share}: a share "
+                             "of the engine's KV blocks, 0 to 1")
         self._meta = BranchdConnectorMetadata()
         # scheduler side
         self._claims: dict[str, _Claim] = {}

@@ -530,5 +530,8 @@ class BranchdEndpoints:
                     "with --kv-transfer-config naming it (branching/kv/README.md)")
             return
         limit = os.environ.get("BRANCHD_KV_MAX_HANDLES", "")
+        if limit and not limit.isdigit():
+            log.warning("BRANCHD_KV_MAX_HANDLES=%r is not a count: %d handles at most",
+                        limit, MAX_HANDLES)
         setattr(state, STATE_KEY, KVService(engine_client, store,
                                             int(limit) if limit.isdigit() else MAX_HANDLES))
