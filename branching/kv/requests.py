@@ -167,12 +167,11 @@ def start_snapshot(vllm_config: Any, prefix: Sequence[int], cache_salt: str | No
     return handle, prompt_of(handle), params
 
 
-def finish_snapshot(handle: PrefixHandle, out: Any = None) -> Snapshot:
+def finish_snapshot(handle: PrefixHandle, out: Any) -> Snapshot:
     """After the snapshot's request (vLLM's output `out`): the handle with its blocks'
     checksums, or as it was (same-engine resume only) when the store lacks some of
     them, without its tail when the store lacks that; and the engine's pin report."""
-    report = ((out.kv_transfer_params if out is not None else None) or {}).get(PARAMS_KEY)
-    report = report or {}
+    report = (out.kv_transfer_params or {}).get(PARAMS_KEY) or {}
     pinned, refused = bool(report.get("pinned")), report.get("pin_refused")
     if refused:
         log.warning("prefix %s not pinned: %s", handle.handle_id, refused)
