@@ -7,7 +7,7 @@ A shared prefix (2k, 4k tokens) is forked into 1, 4, 16 branches; each branch ru
 turn we take the wall time of the request (time to first token: max_tokens=1) and
 vLLM's own count of prompt tokens it computed (`vllm:prompt_tokens_by_source`):
 
-- re-prefill: the whole conversation computed every turn (prefix cache emptied);
+- re-prefill: the whole conversation computed every turn (prefix cache not read);
 - prefix cache: plain requests, vLLM's prefix cache alone, store not consulted;
 - fork (same engine): `snapshot` + `fork` + `resume`;
 - fork (cross engine): the prefix snapshotted by engine A, every branch resumed in
@@ -15,7 +15,16 @@ vLLM's own count of prompt tokens it computed (`vllm:prompt_tokens_by_source`):
 
 Each is run idle and "evicted" (vLLM's prefix cache emptied before every turn, as
 other traffic on a busy engine would): there the prefix cache alone pays the prefill
-again, the forks load the prefix from the store. On the CPU with a tiny random model
+again, the forks load the prefix from the store.
+
+Then the same through HTTP, on a `vllm serve` with the connector and the branchd_kv
+routes (`serve.py`): re-prefill-http (vLLM's own /v1/completions, the conversation
+computed whole every turn) against fork-http (/v1/branchd/resume of a forked handle),
+idle and evicted. And the partial last block: a prefix of whole blocks plus
+block_size - 1 tokens resumed without its tail (recomputed, as before the connector
+carried it) and with it (loaded from the store).
+
+On the CPU with a tiny random model
 the times show overheads, not a GPU's prefill cost: run `--device cuda --model DIR`
 on a GPU machine for those (the code path is the same).
 """
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 TURNS = 3
 NEW_TOKENS = 32
 METHODS = ("re-prefill", "prefix-cache", "fork-same-engine", "fork-cross-engine")
+HTTP_METHODS = ("re-prefill-http", "fork-http")
+TAIL_METHODS = ("tail-recomputed", "tail-loaded")
 
 
 def _prefix(length: int, seed: int) -> list[int]:
@@ -170,12 +181,132 @@ def _scenario(a: Any, b: Any, prefix_len: int, branches: int, evict: bool, seed:
     measure("prefix-cache", a, prefix_cache)
     measure("fork-same-engine", a, forked(a, a, seed + 2))
     measure("fork-cross-engine", b, forked(b, a, seed + 3))
-    base = out["re-prefill"]
-    for method in METHODS[1:]:
-        row = out[method]
+    return _ratios(out)
+
+
+def _ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """Each method's speedup over the first (the baseline), in TTFT and prefill tokens."""
+    base, *others = out.values()
+    for row in others:
         row["ttft_speedup"] = base["ttft_mean_s"] / row["ttft_mean_s"]
         row["prefill_tokens_ratio"] = base["prefill_tokens"] / max(row["prefill_tokens"], 1)
     return out
+
+
+def _summary(times: list[float], prefill: int, loaded: int) -> dict[str, Any]:
+    return {"ttft_mean_s": statistics.fmean(times), "ttft_p50_s": statistics.median(times),
+            "requests": len(times), "prefill_tokens": prefill, "loaded_tokens": loaded}
+
+
+def _tail_row(engine: Any, prefix_len: int, seed: int) -> dict[str, Any]:
+    """A prefix ending block_size - 1 tokens into a block, resumed (3 new tokens) by
+    branches that recompute that partial block (their handle without its tail) and by
+    branches that load it (the handle as snapshot makes it); 8 resumes each."""
+    import dataclasses
+
+    from vllm import SamplingParams
+
+    from branching.kv.fork import fork, release, resume, snapshot
+
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, detokenize=False)
+    root = snapshot(engine, _prefix(prefix_len, seed))
+    bare = dataclasses.replace(root, tail_key=None, tail_checksum=None, tail_tokens=None)
+    out: dict[str, Any] = {}
+    for m, (method, handle) in enumerate(zip(TAIL_METHODS, (bare, root), strict=True)):
+        times, prefill, loaded = [], 0, 0
+        for i, branch in enumerate(fork(handle, 8)):
+            # new tokens of their own: a recomputed tail + the first new token fill a
+            # block that vLLM caches, which a branch starting the same way would hit
+            t0 = time.perf_counter()
+            r = resume(engine, branch, [100 + 10 * m + i, 8, 9], sp)
+            times.append(time.perf_counter() - t0)
+            prefill += r.computed_tokens
+            loaded += r.loaded_tokens
+            release(branch)
+        out[method] = _summary(times, prefill, loaded)
+    release(root)
+    return {"prefix": prefix_len, "branches": 8, "turns": 1, "evicted": False,
+            "methods": _ratios(out)}
+
+
+def _http_scenario(post: Callable[..., Any], complete: Callable[[list[int]], Any],
+                   prefix_len: int, n: int, evict: bool, seed: int) -> dict[str, Any]:
+    sampling = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    times: list[float] = []
+    prefill = 0
+    for br in range(n):
+        conv = _prefix(prefix_len, seed)
+        for turn in range(TURNS):
+            conv += _turn_tokens(br, turn)
+            post("/reset_prefix_cache")  # re-prefill: computed whole
+            t0 = time.perf_counter()
+            complete(conv)
+            times.append(time.perf_counter() - t0)
+            prefill += len(conv)
+            conv = conv + [5]  # its answer (the content costs nothing)
+    out = {"re-prefill-http": _summary(times, prefill, 0)}
+    times, loaded = [], 0
+    root = post("/v1/branchd/snapshot", {"prompt_token_ids": _prefix(prefix_len, seed + 1)})
+    prefill = prefix_len  # the snapshot's one prefill
+    for kid in post("/v1/branchd/fork", {"handle_id": root["handle_id"], "n": n})["handle_ids"]:
+        held = [kid]
+        for turn in range(TURNS):
+            if evict:
+                post("/reset_prefix_cache")
+            t0 = time.perf_counter()
+            r = post("/v1/branchd/resume", {
+                "handle_id": held[-1], "prompt_token_ids": _turn_tokens(0, turn),
+                "sampling": sampling, "save": evict})
+            times.append(time.perf_counter() - t0)
+            prefill += r["computed_tokens"]
+            loaded += r["loaded_tokens"]
+            held.append(r["handle_id"])
+        for hid in held:
+            post("/v1/branchd/release", {"handle_id": hid})
+    post("/v1/branchd/release", {"handle_id": root["handle_id"]})
+    out["fork-http"] = _summary(times, prefill, loaded)
+    return _ratios(out)
+
+
+def _http_rows(model: Path, store: Path, work: Path, device: str, prefix_len: int,
+               fanouts: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The HTTP rows: one `vllm serve` (the tests' command line), fork-http against
+    re-prefill-http for each fan-out, idle and evicted (/reset_prefix_cache, vLLM's
+    dev-mode route, before each turn: the fork then loads its prefix from the store)."""
+    import httpx
+
+    from branching.kv.serve import served
+
+    extra = ["--max-model-len", "8192", "--skip-tokenizer-init"]
+    extra += (["--dtype", "float32", "--enforce-eager"] if device == "cpu"
+              else ["--gpu-memory-utilization", "0.35"])
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    sampling = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    rows = []
+    with served(model, store=store / "http", log=work / "serve.log", extra=extra,
+                env=env) as server, httpx.Client(base_url=server.url, timeout=600) as http:
+
+        def post(path: str, body: dict[str, Any] | None = None) -> Any:
+            r = http.post(path, json=body) if body is not None else http.post(path)
+            r.raise_for_status()
+            return r.json()
+
+        def complete(prompt: list[int]) -> Any:
+            return post("/v1/completions", {"model": str(model), "prompt": prompt, **sampling})
+
+        for length in (64, prefix_len, prefix_len + 100):  # one-time setup: not measured
+            complete(_prefix(length, 999))
+        _http_scenario(post, complete, prefix_len, 1, True, 998)  # the routes' too
+        seed = 500
+        for n in fanouts:
+            for evict in (False, True):
+                seed += 2
+                rows.append({"prefix": prefix_len, "branches": n, "turns": TURNS,
+                             "evicted": evict, "transport": "http",
+                             "methods": _http_scenario(post, complete, prefix_len, n, evict,
+                                                       seed)})
+                _print_row(rows[-1])
+    return rows
 
 
 def run(quick: bool, device: str = "cpu", model: Path | None = None) -> dict[str, Any]:
@@ -192,6 +323,11 @@ def run(quick: bool, device: str = "cpu", model: Path | None = None) -> dict[str
         "vllm:prompt_tokens_by_source{source=local_compute}",
         "prefill tokens include the shared prefix's one prefill in the prefix-cache and "
         "fork rows (for cross-engine: computed by engine A, resumed in engine B)",
+        "tail rows: a prefix of block_size - 1 tokens past whole blocks, 8 branches, "
+        "3 new tokens each; tail-recomputed is the handle without its partial block",
+        "http rows (transport http): TTFT is the HTTP request's wall time on vllm serve "
+        "(re-prefill-http: /v1/completions after /reset_prefix_cache; fork-http: "
+        "/v1/branchd/resume)",
     ]
     if device == "cpu":
         notes.append("CPU, tiny random 2-layer model: times are overheads, not a GPU's "
@@ -216,6 +352,9 @@ def run(quick: bool, device: str = "cpu", model: Path | None = None) -> dict[str
                                          "evicted": evict, "methods": res,
                                          "seconds": time.perf_counter() - t0})
                             _print_row(rows[-1])
+                    rows.append(_tail_row(a, prefix_len - 1, 2000 + prefix_len))
+                    _print_row(rows[-1])
+            rows += _http_rows(model, store, work, device, prefixes[0], fanouts)
         usage = ChunkStore(store).usage()
         notes.append(f"store after all handles released: {usage.chunks} chunks, "
                      f"{usage.bytes} bytes")

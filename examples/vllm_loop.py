@@ -136,11 +136,14 @@ def loop(engine: LLM, store: ChunkStore) -> int:
     test_output = toy_tokens(f"Applied {outcome.winner.label}. All tests pass. Next step?")
     turn = resume(engine, winner.handle, test_output,
                   SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, detokenize=False))
-    print(f"next turn: prompt {turn.prompt_tokens} tokens, {turn.cached_tokens} served from "
-          f"vLLM's prefix cache, {turn.computed_tokens} computed "
-          f"= the {len(test_output)} tokens of test output, the chosen token and the "
-          f"prefix's partial last block (vLLM caches whole blocks of "
-          f"{winner.handle.fingerprint.block_size})")
+    # the chosen token's KV was never computed; the prefix's partial last block comes
+    # from the store unless the chosen token filled that block
+    rest = turn.computed_tokens - len(test_output) - 1
+    print(f"next turn: prompt {turn.prompt_tokens} tokens, {turn.cached_tokens} not computed "
+          f"({turn.loaded_tokens} of them loaded from the store: the prefix's partial last "
+          f"block), {turn.computed_tokens} computed = the {len(test_output)} tokens of test "
+          f"output and the chosen token" + (f" and {rest} of the prefix's last block" if rest
+                                            else ""))
     release(winner.handle)
     release(root)
     usage = store.usage()

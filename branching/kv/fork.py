@@ -7,11 +7,14 @@
     result = resume(llm, branches[0], test_output_ids, sampling)
     result.cached_tokens                          # vLLM's own count: prefix not recomputed
 
-Same engine: the prefix is served from vLLM's prefix cache. vLLM offers no public
-way to pin blocks against eviction, so a resume checks vLLM's cached-token count;
-when the engine runs `BranchdConnector` with a store, blocks it evicted (or that
-another engine process computed) are loaded from the store instead, and
-otherwise they are recomputed; both are reported in the `ResumeResult`.
+Same engine: the prefix is served from vLLM's prefix cache; `snapshot(..., pin=True)`
+keeps its blocks there (the connector holds them in vLLM's block pool) while some
+handle on it is not released, up to the engine's `pin_share`. A resume checks vLLM's
+cached-token count; when the engine runs `BranchdConnector` with a store, blocks it
+evicted (or that another engine process computed) are loaded from the store instead,
+and otherwise they are recomputed; both are reported in the `ResumeResult`. With a
+store the prefix's partial last block is saved too, so a resume computes only its
+new tokens.
 """
 
 from __future__ import annotations
@@ -24,9 +27,19 @@ from typing import Any
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from branching.kv.handle import PrefixHandle, block_keys, fingerprint_of, new_handle_id
+from branching.kv.handle import (
+    PrefixHandle,
+    block_keys,
+    fingerprint_of,
+    handle_of,
+    new_handle_id,
+)
 from branching.kv.requests import (
+    Eviction,
     ResumeResult,
+    Snapshot,
+    evict_request,
+    evict_result,
     finish_snapshot,
     kv_transfer_config,
     prompt_of,
@@ -41,17 +54,20 @@ from branching.kv.requests import (
 from branching.kv.store import ChunkStore
 
 
-def engine_kwargs(store: str | None = None, capacity: int | None = None) -> dict[str, Any]:
+def engine_kwargs(store: str | None = None, capacity: int | None = None,
+                  pin_share: float | None = None) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` that enable prefix caching and, with `store`,
-    the connector that shares blocks through that store directory."""
+    the connector that shares blocks through that store directory (and pins at most
+    `pin_share` of the engine's blocks)."""
     kwargs: dict[str, Any] = {"enable_prefix_caching": True}
     if store is not None:
-        kwargs["kv_transfer_config"] = kv_transfer_config(store, capacity)
+        kwargs["kv_transfer_config"] = kv_transfer_config(store, capacity, pin_share)
     return kwargs
 
 
 def make_engine(model: str | os.PathLike[str], *, store: str | None = None,
-                capacity: int | None = None, **overrides: Any) -> LLM:
+                capacity: int | None = None, pin_share: float | None = None,
+                **overrides: Any) -> LLM:
     """A `vllm.LLM` for token-id prompts, with prefix caching and (with `store`) the
     connector. Block size 32: vLLM's CPU attention needs a multiple of 32."""
     # vLLM's CPU backend sizes its KV cache from this variable only (GiB); 1 is
@@ -59,7 +75,7 @@ def make_engine(model: str | os.PathLike[str], *, store: str | None = None,
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     kwargs: dict[str, Any] = {
         "skip_tokenizer_init": True, "block_size": 32, "max_model_len": 8192,
-        "disable_log_stats": False, **engine_kwargs(store, capacity),
+        "disable_log_stats": False, **engine_kwargs(store, capacity, pin_share),
     }
     kwargs.update(overrides)
     return LLM(model=str(model), **kwargs)
@@ -84,14 +100,22 @@ def _generate(engine: LLM, prompt: TokensPrompt, params: SamplingParams) -> Any:
     return engine.generate([prompt], params, use_tqdm=False)[0]
 
 
-def snapshot(engine: LLM, prefix: Sequence[int], *, cache_salt: str | None = None
-             ) -> PrefixHandle:
+def snapshot(engine: LLM, prefix: Sequence[int], *, cache_salt: str | None = None,
+             pin: bool = False) -> PrefixHandle:
     """Prefill `prefix` once; with a store, also save its blocks there (checksummed).
     With `cache_salt`, the prefix's blocks are shared only by requests of that salt
-    (vLLM's prefix cache and the store alike); the handle and its forks carry it."""
-    handle, prompt, params = start_snapshot(engine.llm_engine.vllm_config, prefix, cache_salt)
-    _generate(engine, prompt, params)
-    return finish_snapshot(handle)
+    (vLLM's prefix cache and the store alike); the handle and its forks carry it.
+    With `pin`, its blocks stay in the engine's cache while any handle on it is held
+    (`take_snapshot` says whether the engine pinned them)."""
+    return take_snapshot(engine, prefix, cache_salt=cache_salt, pin=pin).handle
+
+
+def take_snapshot(engine: LLM, prefix: Sequence[int], *, cache_salt: str | None = None,
+                  pin: bool = False) -> Snapshot:
+    """`snapshot`, with the engine's answer to `pin`: `pinned`, or `pin_refused` (why)."""
+    handle, prompt, params = start_snapshot(engine.llm_engine.vllm_config, prefix,
+                                            cache_salt, pin)
+    return finish_snapshot(handle, _generate(engine, prompt, params))
 
 
 def fork(handle: PrefixHandle, n: int) -> list[PrefixHandle]:
@@ -101,15 +125,36 @@ def fork(handle: PrefixHandle, n: int) -> list[PrefixHandle]:
     if handle.store is not None:
         store = ChunkStore(handle.store)
         for child in children:
-            store.retain(child.handle_id, child.keys)
+            store.retain(child.handle_id, child.chunk_keys)
     return children
 
 
 def release(handle: PrefixHandle) -> int:
-    """A discarded branch gives its handle back; returns the store bytes freed."""
+    """A discarded branch gives its handle back; returns the store bytes freed. The last
+    handle on a pinned prefix unpins it (at the engine's next scheduler step)."""
     if handle.store is None:
         return 0
     return ChunkStore(handle.store).release(handle.handle_id)
+
+
+def discard(branch: Any) -> int:
+    """Discard a workspace branch (`Branch.abort`) and release the handle it carries
+    (`attach`), if any; returns the store bytes freed."""
+    handle = handle_of(branch)
+    branch.abort()
+    return release(handle) if handle is not None else 0
+
+
+def evict(engine: LLM) -> Eviction:
+    """Evict every block of the engine's prefix cache that no request uses and no held
+    handle pins (the pins of released handles are dropped first): what vLLM's
+    `reset_prefix_cache` does when nothing is pinned, which it refuses otherwise.
+    Needs the connector (`make_engine(..., store=...)`): without it nothing is pinned,
+    and `reset_prefix_cache` is the way."""
+    if engine_store(engine) is None:
+        raise ValueError("evict needs an engine running BranchdConnector (a store)")
+    prompt, params = evict_request()
+    return evict_result(_generate(engine, prompt, params))
 
 
 def resume(engine: LLM, handle: PrefixHandle, new_tokens: Sequence[int],
@@ -142,12 +187,13 @@ def candidates(engine: LLM, handle: PrefixHandle, n: int, sampling: SamplingPara
 
 
 def prefill(engine: LLM, prompt: Sequence[int], sampling: SamplingParams) -> ResumeResult:
-    """The baseline: `prompt` computed from scratch (vLLM's prefix cache emptied, the
-    store not consulted). Needs an idle engine: resetting the cache waits for none."""
+    """The baseline: `prompt` computed from scratch (vLLM's prefix cache not read, even
+    where blocks are pinned, and the store not consulted)."""
     fingerprint = fingerprint_of(engine.llm_engine.vllm_config)
-    engine.reset_prefix_cache()
+    cold = with_logprobs(sampling).clone()
+    cold.skip_reading_prefix_cache = True
     out = _generate(engine, TokensPrompt(prompt_token_ids=list(prompt)),
-                    transfer_params(with_logprobs(sampling), None, save=False, load=False))
+                    transfer_params(cold, None, save=False, load=False))
     completion = out.outputs[0]
     handle = PrefixHandle(new_handle_id(), fingerprint, tuple(prompt),
                           tuple(block_keys(prompt, fingerprint.block_size)))

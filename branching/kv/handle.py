@@ -26,9 +26,34 @@ def block_keys(token_ids: Sequence[int], block_size: int,
 
     Key i depends on every token of blocks 0..i, and on the request's `cache_salt`
     (vLLM's, which it mixes into its first block's hash): equal keys mean an equal
-    prefix under the same salt. A partial last block has no key (vLLM never caches
-    it either).
+    prefix under the same salt. A partial last block has no key here (vLLM never
+    caches it): `tail_key` names it.
     """
+    return _chain(token_ids, block_size, cache_salt)[0]
+
+
+def tail_key(token_ids: Sequence[int], block_size: int,
+             cache_salt: str | None = None) -> str | None:
+    """The key of the partial last block of `token_ids` (None when there is none):
+    chained after the full blocks' keys, over the partial block's tokens, so that it
+    names those tokens at that position only."""
+    keys, parent = _chain(token_ids, block_size, cache_salt)
+    return tail_key_after(keys[-1] if keys else None, token_ids[len(keys) * block_size:],
+                          cache_salt)
+
+
+def tail_key_after(last_key: str | None, tail: Sequence[int],
+                   cache_salt: str | None = None) -> str | None:
+    """`tail_key` from the full blocks' last key (None: there are none) and the partial
+    block's tokens, without hashing the whole prefix again."""
+    if not tail:
+        return None
+    parent = bytes.fromhex(last_key) if last_key is not None else _chain((), 1, cache_salt)[1]
+    return hashlib.sha256(parent + b"tail\0" + struct.pack(f"<{len(tail)}q", *tail)).hexdigest()
+
+
+def _chain(token_ids: Sequence[int], block_size: int, cache_salt: str | None
+           ) -> tuple[list[str], bytes]:
     keys = []
     parent = _ROOT_KEY
     if cache_salt:  # "" is no salt, as in vLLM
@@ -37,7 +62,7 @@ def block_keys(token_ids: Sequence[int], block_size: int,
         block = token_ids[start : start + block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
         keys.append(parent.hex())
-    return keys
+    return keys, parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +113,12 @@ class PrefixHandle:
     """A conversation prefix whose KV exists (or existed) in an engine or a store.
 
     Invariants: `keys == block_keys(token_ids, fingerprint.block_size, cache_salt)`;
-    `checksums` is empty (same-engine only) or has one CRC32C per key; a handle never
-    changes, a continued conversation (or a fork) gets a child handle whose `parent`
-    is this one's id and whose `cache_salt` is this one's.
+    `checksums` is empty (same-engine only) or has one CRC32C per key; `tail_key`, when
+    set, names the partial block of `tail_tokens` tokens right after the full blocks,
+    `tail_key(token_ids[:len(keys) * block_size + tail_tokens], ...)`, which the store
+    holds (CRC32C `tail_checksum`); a handle never changes, a continued conversation (or
+    a fork) gets a child handle whose `parent` is this one's id and whose `cache_salt`
+    is this one's (and this one's tail while its new tokens fill no block).
     """
 
     handle_id: str
@@ -101,24 +129,38 @@ class PrefixHandle:
     parent: str | None = None
     store: str | None = None
     cache_salt: str | None = None
+    tail_key: str | None = None
+    tail_checksum: int | None = None
+    tail_tokens: int | None = None
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens of the prefix that live in full blocks (what a cache can serve)."""
-        return len(self.keys) * self.fingerprint.block_size
+        """Tokens of the prefix a cache can serve: its full blocks, and the partial block
+        after them too when the handle carries it (`tail_key`)."""
+        return len(self.keys) * self.fingerprint.block_size + (self.tail_tokens or 0)
+
+    @property
+    def chunk_keys(self) -> tuple[str, ...]:
+        """The store chunks the handle holds: its full blocks', then its tail's."""
+        return self.keys + ((self.tail_key,) if self.tail_key is not None else ())
 
     def child(self, token_ids: Sequence[int], checksums: Sequence[int] = ()) -> PrefixHandle:
         """A handle for this prefix extended by more tokens (the next turn)."""
         full = tuple(self.token_ids) + tuple(token_ids)
+        keys = tuple(block_keys(full, self.fingerprint.block_size, self.cache_salt))
+        same_block = len(keys) == len(self.keys)  # the tail's block is not full yet
         return PrefixHandle(
             handle_id=new_handle_id(),
             fingerprint=self.fingerprint,
             token_ids=full,
-            keys=tuple(block_keys(full, self.fingerprint.block_size, self.cache_salt)),
+            keys=keys,
             checksums=tuple(checksums),
             parent=self.handle_id,
             store=self.store,
             cache_salt=self.cache_salt,
+            tail_key=self.tail_key if same_block else None,
+            tail_checksum=self.tail_checksum if same_block else None,
+            tail_tokens=self.tail_tokens if same_block else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +174,9 @@ class PrefixHandle:
             "parent": self.parent,
             "store": self.store,
             "cache_salt": self.cache_salt,
+            "tail_key": self.tail_key,
+            "tail_checksum": self.tail_checksum,
+            "tail_tokens": self.tail_tokens,
         }
 
     def dumps(self) -> str:
@@ -151,10 +196,26 @@ class PrefixHandle:
             parent=data.get("parent"),
             store=data.get("store"),
             cache_salt=data.get("cache_salt"),
+            tail_key=None if data.get("tail_key") is None else str(data["tail_key"]),
+            tail_checksum=(None if data.get("tail_checksum") is None
+                           else int(data["tail_checksum"])),
+            tail_tokens=None if data.get("tail_tokens") is None else int(data["tail_tokens"]),
         )
         keys = block_keys(handle.token_ids, fingerprint.block_size, handle.cache_salt)
         if list(handle.keys) != keys:
             raise ValueError(f"prefix handle {handle.handle_id}: keys do not match its tokens")
+        tail = (handle.tail_key, handle.tail_checksum, handle.tail_tokens)
+        if any(t is None for t in tail) and any(t is not None for t in tail):
+            raise ValueError(f"prefix handle {handle.handle_id}: a tail_key goes with its "
+                             "tail_checksum and tail_tokens")
+        end = handle.cached_tokens
+        if handle.tail_tokens is not None and (
+                not 0 < handle.tail_tokens < fingerprint.block_size
+                or end > len(handle.token_ids)
+                or handle.tail_key != tail_key(handle.token_ids[:end], fingerprint.block_size,
+                                               handle.cache_salt)):
+            raise ValueError(f"prefix handle {handle.handle_id}: tail_key does not match "
+                             "its tokens")
         if handle.checksums and len(handle.checksums) != len(handle.keys):
             raise ValueError(f"prefix handle {handle.handle_id}: one checksum per key expected")
         return handle

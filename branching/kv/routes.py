@@ -2,7 +2,7 @@
 point `branchd_kv` (enabled, with the general plugin of the same name, by
 `VLLM_PLUGINS=branchd_kv`).
 
-    POST /v1/branchd/snapshot      messages or prompt_token_ids (+ cache_salt) -> handle
+    POST /v1/branchd/snapshot      messages or prompt_token_ids (+ cache_salt, pin) -> handle
     POST /v1/branchd/fork          handle_id, n -> n child handles
     POST /v1/branchd/resume        handle_id (or handle), new messages or tokens, sampling
     POST /v1/branchd/release       handle_id -> store bytes freed
@@ -13,20 +13,23 @@ point `branchd_kv` (enabled, with the general plugin of the same name, by
 The engine runs in another process: requests go through the server's `EngineClient`
 (`run_request`), with the prompts and `kv_transfer_params` that `requests.py` builds
 for the in-process API too. Handles live in an in-memory registry of this server
-process; their blocks' references live in the store (files), refcounted as in
-`fork.py`. Every bad input is a `BranchdError`, answered in one place as
+process, at most `max_handles` (`$BRANCHD_KV_MAX_HANDLES`, default `MAX_HANDLES`);
+their blocks' references live in the store (files), refcounted as in `fork.py`.
+Every bad input is a `BranchdError`, answered in one place as
 `{"error": {"code", "message"}}` with the status of its `ErrorCode`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import uuid
 from argparse import Namespace
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # a 4k-token handle is ~30 KB of JSON
 MAX_FORK = 64  # handles per fork call
 MAX_OUTPUT_TOKENS = 4096  # max_tokens of one resume
+MAX_HANDLES = 4096  # registered at once ($BRANCHD_KV_MAX_HANDLES); then 409 too_many_handles
 # and prompt + max_tokens <= the engine's --max-model-len
 
 
@@ -74,6 +78,7 @@ NO_TOKENIZER = ErrorCode("no_tokenizer", 400)  # messages to a server without a 
 UNKNOWN_HANDLE = ErrorCode("unknown_handle", 404)
 FINGERPRINT = ErrorCode("fingerprint_mismatch", 409)  # a handle from another model/engine kind
 TOO_LARGE = ErrorCode("too_large", 413)  # body, tokens, n or max_tokens over the limits
+TOO_MANY = ErrorCode("too_many_handles", 409)  # the registry is full: release handles first
 UNAVAILABLE = ErrorCode("kv_fork_unavailable", 503)  # no connector, no engine, engine dead
 
 
@@ -129,6 +134,7 @@ class SnapshotBody(_Body):
     messages: list[Message] | None = None
     prompt_token_ids: list[int] | None = None
     cache_salt: str | None = None
+    pin: bool = False  # keep the prefix's blocks in vLLM's cache while a handle holds them
 
     @field_validator("cache_salt")
     @classmethod
@@ -257,7 +263,8 @@ class KVService:
     """What the routes serve from: the engine client, its store and fingerprint, the
     tokenizer (or None) and the registry of handles (in memory: lost on restart)."""
 
-    def __init__(self, engine_client: Any, store: ChunkStore) -> None:
+    def __init__(self, engine_client: Any, store: ChunkStore,
+                 max_handles: int = MAX_HANDLES) -> None:
         config = engine_client.vllm_config
         self.engine = engine_client
         self.store = store
@@ -266,8 +273,24 @@ class KVService:
         self.vocab = int(config.model_config.get_vocab_size())
         self.tokenizer = getattr(engine_client.renderer, "tokenizer", None)
         self.handles: dict[str, Entry] = {}
+        self.max_handles = max_handles
+        self._reserved = 0  # places taken by requests that will register handles
 
     # the registry
+
+    @contextlib.contextmanager
+    def room(self, n: int) -> Iterator[None]:
+        """Places for `n` new handles, held while the request that registers them runs
+        (refused, before any work, when the registry would grow past `max_handles`)."""
+        held = len(self.handles) + self._reserved
+        if held + n > self.max_handles:
+            raise BranchdError(TOO_MANY, f"{held} handles registered here, {n} more would "
+                                         f"pass the limit of {self.max_handles}: release some")
+        self._reserved += n
+        try:
+            yield
+        finally:
+            self._reserved -= n
 
     def entry(self, handle_id: str) -> Entry:
         try:
@@ -278,7 +301,7 @@ class KVService:
     async def register(self, handle: PrefixHandle, messages: list[dict[str, str]] | None,
                        retain: bool) -> Entry:
         if retain:
-            await asyncio.to_thread(self.store.retain, handle.handle_id, handle.keys)
+            await asyncio.to_thread(self.store.retain, handle.handle_id, handle.chunk_keys)
         entry = self.handles[handle.handle_id] = Entry(handle, messages)
         return entry
 
@@ -297,7 +320,8 @@ class KVService:
             return self.handles[handle.handle_id]
         self.check_tokens(handle.token_ids, 1)
         handle = dataclasses.replace(handle, store=str(self.store.path))
-        return await self.register(handle, None, retain=True)
+        with self.room(1):
+            return await self.register(handle, None, retain=True)
 
     async def continuation(self, entry: Entry, messages: list[Message] | None,
                            prompt_token_ids: list[int] | None
@@ -381,16 +405,17 @@ async def snapshot(request: Request) -> dict[str, Any]:
     else:
         prefix = list(body.prompt_token_ids or [])
     kv.check_tokens(prefix, 1)
-    handle, prompt, params = await asyncio.to_thread(
-        start_snapshot, kv.engine.vllm_config, prefix, body.cache_salt)
-    try:
-        await run_request(kv.engine, prompt, params)
-    except BranchdError:
-        await asyncio.to_thread(kv.store.release, handle.handle_id)
-        raise
-    handle = await asyncio.to_thread(finish_snapshot, handle)
-    entry = await kv.register(handle, messages, retain=False)  # start_snapshot retained it
-    return entry.to_json()
+    with kv.room(1):
+        handle, prompt, params = await asyncio.to_thread(
+            start_snapshot, kv.engine.vllm_config, prefix, body.cache_salt, body.pin)
+        try:
+            out = await run_request(kv.engine, prompt, params)
+        except BranchdError:
+            await asyncio.to_thread(kv.store.release, handle.handle_id)
+            raise
+        snap = await asyncio.to_thread(finish_snapshot, handle, out)
+        entry = await kv.register(snap.handle, messages, retain=False)  # already retained
+    return {**entry.to_json(), "pinned": snap.pinned, "pin_refused": snap.pin_refused}
 
 
 @router.post("/fork")
@@ -401,10 +426,11 @@ async def fork(request: Request) -> dict[str, Any]:
         raise BranchdError(TOO_LARGE, f"n={body.n} > {MAX_FORK} handles per fork")
     parent = kv.entry(body.handle_id)
     children = []
-    for _ in range(body.n):
-        child = dataclasses.replace(parent.handle, handle_id=new_handle_id(),
-                                    parent=parent.handle.handle_id)
-        children.append(await kv.register(child, parent.messages, retain=True))
+    with kv.room(body.n):
+        for _ in range(body.n):
+            child = dataclasses.replace(parent.handle, handle_id=new_handle_id(),
+                                        parent=parent.handle.handle_id)
+            children.append(await kv.register(child, parent.messages, retain=True))
     return {"handle_ids": [c.handle.handle_id for c in children],
             "handles": [c.handle.to_json() for c in children]}
 
@@ -421,12 +447,14 @@ async def resume(request: Request) -> dict[str, Any]:
     messages, new = await kv.continuation(entry, body.messages, body.prompt_token_ids)
     kv.check_tokens(list(handle.token_ids) + new, body.sampling.max_tokens)
     sampling = body.sampling.to_vllm(detokenize=kv.tokenizer is not None)
-    prompt, params = resume_request(handle, new, sampling, body.save)
-    out = await run_request(kv.engine, prompt, params)
-    result: ResumeResult = await asyncio.to_thread(resume_result, out, handle, new, body.save)
-    if messages is not None:
-        messages = messages + [{"role": "assistant", "content": result.text}]
-    child = await kv.register(result.handle, messages, retain=False)
+    with kv.room(1):
+        prompt, params = resume_request(handle, new, sampling, body.save)
+        out = await run_request(kv.engine, prompt, params)
+        result: ResumeResult = await asyncio.to_thread(resume_result, out, handle, new,
+                                                       body.save)
+        if messages is not None:
+            messages = messages + [{"role": "assistant", "content": result.text}]
+        child = await kv.register(result.handle, messages, retain=False)
     return {
         **child.to_json(),
         "token_ids": result.token_ids,
@@ -439,6 +467,7 @@ async def resume(request: Request) -> dict[str, Any]:
         "loaded_tokens": result.loaded_tokens,
         "evicted": result.evicted,
         "fallback": result.fallback,
+        "pinned": result.pinned,
     }
 
 
@@ -500,4 +529,9 @@ class BranchdEndpoints:
             setattr(state, STATE_KEY, "the server runs without BranchdConnector: start it "
                     "with --kv-transfer-config naming it (branching/kv/README.md)")
             return
-        setattr(state, STATE_KEY, KVService(engine_client, store))
+        limit = os.environ.get("BRANCHD_KV_MAX_HANDLES", "")
+        if limit and not limit.isdigit():
+            log.warning("BRANCHD_KV_MAX_HANDLES=%r is not a count: %d handles at most",
+                        limit, MAX_HANDLES)
+        setattr(state, STATE_KEY, KVService(engine_client, store,
+                                            int(limit) if limit.isdigit() else MAX_HANDLES))

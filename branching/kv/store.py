@@ -6,6 +6,8 @@ memory that any engine process on the machine can map):
     chunks/<key>.kv      magic, header length, JSON header (crc32c, nbytes,
                          fingerprint), then the block's KV bytes for every layer
     refs/<handle>.json   the keys a handle holds; a chunk no ref names is garbage
+    generation           a counter bumped by every reference change, so that an engine
+                         pinning blocks (connector.py) rereads the refs only when needed
     lock                 flock'd around reference changes and collection
 
 Writers never modify a chunk in place: a chunk is written to a temporary name and
@@ -154,6 +156,7 @@ class ChunkStore:
             tmp = self._refs / (handle_id + ".tmp")
             tmp.write_text(json.dumps(list(keys)))
             os.replace(tmp, self._refs / (handle_id + ".json"))
+            self._bump()
 
     def release(self, handle_id: str) -> int:
         """Drop a handle's references and free what nobody references; returns bytes freed."""
@@ -161,16 +164,37 @@ class ChunkStore:
         with self._locked():
             with contextlib.suppress(FileNotFoundError):
                 (self._refs / (handle_id + ".json")).unlink()
+            self._bump()
             return self._collect()
+
+    def _bump(self) -> None:
+        # under the lock: read, add one, replace (a reader sees the old or new count)
+        path = self.path / "generation"
+        tmp = path.with_name(f"generation.{os.getpid()}.tmp")
+        tmp.write_text(str(self.generation() + 1))
+        os.replace(tmp, path)
+
+    def generation(self) -> int:
+        """How many reference changes the store has seen (0 before the first)."""
+        try:
+            return int((self.path / "generation").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def live_keys(self) -> set[str]:
+        """Every key some handle's ref names."""
+        live: set[str] = set()
+        for ref in self._refs.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):  # released meanwhile
+                live.update(json.loads(ref.read_text()))
+        return live
 
     def collect(self) -> int:
         with self._locked():
             return self._collect()
 
     def _collect(self) -> int:
-        live: set[str] = set()
-        for ref in self._refs.glob("*.json"):
-            live.update(json.loads(ref.read_text()))
+        live = self.live_keys()
         freed = 0
         for chunk in self._chunks.glob("*.kv"):
             if chunk.stem not in live:

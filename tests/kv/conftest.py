@@ -40,7 +40,12 @@ except ModuleNotFoundError as e:
     # the engine tests skip themselves (importorskip), saying why
 
 HERE = Path(__file__).parent
-ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True}
+# A small KV cache (192 blocks of 32 tokens; vLLM's CPU default would hold ~32k of the
+# tiny model's): the pinning tests fill it with other traffic in a few requests.
+# pin_share 0.25: at most 48 blocks pinned.
+NUM_BLOCKS = 192
+ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
+                               "num_gpu_blocks_override": NUM_BLOCKS}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -126,7 +131,8 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat"), tokenizer=True)
 
 
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+               "--num-gpu-blocks-override", str(NUM_BLOCKS)]
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """The KV fork's HTTP routes on a real `vllm serve` (CPU, tiny model, BranchdConnector):
-every route, vLLM's own cached-token counts through HTTP, cache salts, every refusal."""
+every route, vLLM's own cached-token counts through HTTP, cache salts, pinned prefixes
+under other traffic, the partial last block, every refusal, the registry's bound."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,56 @@ def api(http: httpx.Client) -> Callable[..., dict[str, Any]]:
 def reset_prefix_cache(kv_server: Any) -> None:
     r = httpx.post(kv_server.url + "/reset_prefix_cache", timeout=60)
     assert r.status_code == 200 and r.json()["success"], r.text  # none held: all evicted
+
+
+def other_traffic(kv_server: Any, chat_model: Path, seed: int) -> None:
+    """Plain completions (vLLM's own route) of more blocks than the server's cache holds
+    (conftest's NUM_BLOCKS), sharing no prefix with prefix_of's: vLLM reuses every
+    block no request or pin holds."""
+    rng = random.Random(seed)
+    for _ in range(2):
+        prompt = [rng.randrange(7, 500) for _ in range(3200)]
+        r = httpx.post(kv_server.url + "/v1/completions", timeout=300, json={
+            "model": str(chat_model), "prompt": prompt, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+
+
+def test_pinned_prefix_resumes_from_vllms_cache_under_other_traffic(
+        api: Callable[..., dict[str, Any]], kv_server: Any, chat_model: Path) -> None:
+    pinned = api("/snapshot", {"prompt_token_ids": prefix_of(30), "pin": True})
+    assert pinned["pinned"] and pinned["pin_refused"] is None
+    plain = api("/snapshot", {"prompt_token_ids": prefix_of(31)})
+    assert not plain["pinned"]
+    [kid] = api("/fork", {"handle_id": pinned["handle_id"], "n": 1})["handle_ids"]
+    api("/release", {"handle_id": pinned["handle_id"]})  # its fork still holds the prefix
+    other_traffic(kv_server, chat_model, 1)
+    new = {"prompt_token_ids": [1, 2, 3], "sampling": greedy(2)}
+    kept = api("/resume", {"handle_id": kid, **new})
+    # vLLM's own count through HTTP: all from its cache, nothing loaded or recomputed
+    assert kept["cached_tokens"] == 256 and kept["loaded_tokens"] == 0
+    assert kept["computed_tokens"] == 3 and kept["pinned"] and not kept["evicted"]
+    gone = api("/resume", {"handle_id": plain["handle_id"], **new})
+    assert gone["loaded_tokens"] == 256 and not gone["pinned"]  # evicted: from the store
+    for hid in (kid, plain["handle_id"], kept["handle_id"], gone["handle_id"]):
+        api("/release", {"handle_id": hid})
+    step = api("/snapshot", {"prompt_token_ids": [9]})  # a step of the engine: it unpins
+    api("/release", {"handle_id": step["handle_id"]})
+    reset_prefix_cache(kv_server)  # which vLLM refuses while any block is pinned
+
+
+def test_partial_last_block_is_not_recomputed(api: Callable[..., dict[str, Any]]) -> None:
+    root = api("/snapshot", {"prompt_token_ids": prefix_of(32, 256 + 20)})
+    assert root["handle"]["tail_key"] and root["handle"]["tail_checksum"] is not None
+    r = api("/resume", {"handle_id": root["handle_id"], "prompt_token_ids": [1, 2, 3],
+                        "sampling": greedy()})
+    assert r["cached_tokens"] == 276 and r["loaded_tokens"] == 20 and r["computed_tokens"] == 3
+    # the child (285 tokens: no block filled) carries the tail: its next turn too
+    assert r["handle"]["tail_key"] == root["handle"]["tail_key"]
+    again = api("/resume", {"handle_id": r["handle_id"], "prompt_token_ids": [4],
+                            "sampling": greedy()})
+    assert again["loaded_tokens"] == 20 and again["computed_tokens"] == 3 + 6 + 1
+    for h in (again, r, root):
+        api("/release", {"handle_id": h["handle_id"]})
 
 
 def test_snapshot_fork_resume_release(api: Callable[..., dict[str, Any]],
@@ -121,7 +173,9 @@ def test_messages_are_rendered_with_the_chat_template(
                         "sampling": greedy()})
     full = render(first + then, True)
     assert r["prompt_tokens"] == len(full)
-    assert r["cached_tokens"] == len(render(first, False)) // BLOCK * BLOCK > 0
+    # the whole prefix: its full blocks from vLLM's cache, its partial last one loaded
+    prefix = len(render(first, False))
+    assert r["cached_tokens"] == prefix and r["loaded_tokens"] == prefix % BLOCK > 0
     # vLLM's incremental detokenizer keeps the space before the first word
     assert r["text"].strip() == tok.decode(r["token_ids"], skip_special_tokens=True).strip()
     assert r["messages"] == first + then + [{"role": "assistant", "content": r["text"]}]
@@ -291,3 +345,55 @@ def test_plugin_is_found_by_name_and_refuses_what_its_server_lacks(
     with TestClient(app_with(bare)) as client:
         r = client.post("/v1/branchd/snapshot", json=body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_tokenizer"
+
+
+def test_the_registry_holds_at_most_max_handles(
+        chat_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`$BRANCHD_KV_MAX_HANDLES` handles at most; a request that would register more is
+    refused (409 `too_many_handles`) before any work, until some are released. On an
+    app of our own with a stand-in engine client (no request reaches an engine)."""
+    import asyncio
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from branching.kv.handle import fingerprint_of
+    from branching.kv.requests import kv_transfer_config
+    from branching.kv.routes import BranchdEndpoints
+
+    monkeypatch.setenv("BRANCHD_KV_MAX_HANDLES", "3")
+    kv = KVTransferConfig(**kv_transfer_config(tmp_path / "store"))
+    config = EngineArgs(model=str(chat_model), dtype="float32", max_model_len=4096,
+                        block_size=BLOCK, kv_transfer_config=kv).create_engine_config()
+    engine = SimpleNamespace(vllm_config=config, renderer=SimpleNamespace(tokenizer=None))
+    app = FastAPI()
+    plugin = BranchdEndpoints()
+    plugin.attach_router(app)
+    asyncio.run(plugin.init_state(engine, app.state, Namespace()))
+    tokens = tuple(prefix_of(6, 64))
+
+    def handle() -> dict[str, Any]:
+        return PrefixHandle(new_handle_id(), fingerprint_of(config), tokens,
+                            tuple(block_keys(tokens, BLOCK))).to_json()
+
+    with TestClient(app, base_url="http://test/v1/branchd") as client:
+        ids = [client.post("/handles", json={"handle": handle()}).json()["handle_id"]
+               for _ in range(3)]
+        for route, body in (("/handles", {"handle": handle()}),
+                            ("/fork", {"handle_id": ids[0], "n": 1}),
+                            ("/resume", {"handle": handle()})):
+            r = client.post(route, json=body)
+            assert r.status_code == 409, r.text
+            error = r.json()["error"]
+            assert error["code"] == "too_many_handles" and "limit of 3" in error["message"]
+        assert client.post("/release", json={"handle_id": ids[1]}).status_code == 200
+        r = client.post("/fork", json={"handle_id": ids[0], "n": 2})  # 2 + 2 > 3: all or none
+        assert r.status_code == 409
+        r = client.post("/fork", json={"handle_id": ids[0], "n": 1})
+        assert r.status_code == 200, r.text
+        for hid in (ids[0], ids[2], r.json()["handle_ids"][0]):
+            assert client.post("/release", json={"handle_id": hid}).status_code == 200

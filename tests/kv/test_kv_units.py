@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from branching.kv.handle import Fingerprint, PrefixHandle, block_keys, new_handle_id
+from branching.kv.handle import (
+    Fingerprint,
+    PrefixHandle,
+    block_keys,
+    new_handle_id,
+    tail_key,
+    tail_key_after,
+)
 from branching.kv.store import ChunkError, ChunkStore
 
 pytestmark = pytest.mark.kv
@@ -40,6 +47,39 @@ def test_keys_depend_on_the_cache_salt() -> None:
     data["cache_salt"] = "b"  # another tenant's salt on these keys
     with pytest.raises(ValueError, match="keys do not match"):
         PrefixHandle.from_json(data)
+
+
+def test_tail_key_names_the_partial_block_at_its_position() -> None:
+    assert tail_key(list(range(8)), 4) is None  # whole blocks: no tail
+    a, b = tail_key([1, 2, 3, 4, 5, 6], 4), tail_key([0, 2, 3, 4, 5, 6], 4)
+    assert a and b and a != b  # chained over the full blocks before it
+    assert a != tail_key([1, 2, 3, 4, 5, 6], 4, "salt") and a != tail_key([1, 2, 3, 4, 5], 4)
+    assert tail_key_after(block_keys([1, 2, 3, 4], 4)[0], [5, 6]) == a
+    assert tail_key_after(None, [1, 2], "s") == tail_key([1, 2], 4, "s")
+    h = PrefixHandle(new_handle_id(), FP, (1, 2, 3, 4, 5, 6), tuple(block_keys([1, 2, 3, 4], 4)),
+                     tail_key=a, tail_checksum=7, tail_tokens=2)
+    assert h.cached_tokens == 6 and h.chunk_keys == (*h.keys, a)
+    assert PrefixHandle.loads(h.dumps()) == h
+    child = h.child([9])  # the tail's block not full yet: the child carries the tail
+    assert child.tail_key == a and child.cached_tokens == 6
+    assert PrefixHandle.loads(child.dumps()) == child
+    assert h.child([9, 9]).tail_key is None  # a full block now: vLLM's to cache
+    with pytest.raises(ValueError, match="tail_key does not match"):
+        PrefixHandle.from_json({**h.to_json(), "tail_key": b})
+    with pytest.raises(ValueError, match="tail_checksum"):
+        PrefixHandle.from_json({**h.to_json(), "tail_checksum": None})
+    with pytest.raises(ValueError, match="tail_key does not match"):
+        PrefixHandle.from_json({**h.to_json(), "tail_tokens": 1})
+
+
+def test_store_generation_counts_reference_changes(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    assert store.generation() == 0 and store.live_keys() == set()
+    store.retain("aa", ["01", "02"])
+    store.retain("bb", ["02"])
+    assert store.generation() == 2 and store.live_keys() == {"01", "02"}
+    store.release("aa")
+    assert store.generation() == 3 and store.live_keys() == {"02"}
 
 
 def test_handle_round_trips_through_json_and_rejects_tampering() -> None:
