@@ -33,7 +33,7 @@ from daemon.protocol import ADMIN, ANYONE, BRANCH, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
 
 if TYPE_CHECKING:
-    from daemon.overlays import Overlays
+    from daemon.dataplane import Plane
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default:
 
 class Handlers:
     """State shared by all connections: the store, the runs, the branches' metadata, the
-    overlays."""
+    data plane (``daemon.dataplane``: the one way to the backends serving branches)."""
 
     def __init__(
         self,
         store: branchfs.Store,
         runs: RunTable,
         meta: MetaStore,
-        overlays: Overlays,
+        data: Plane,
         *,
         mountpoint: Path,
         socket_path: Path,
@@ -109,7 +109,7 @@ class Handlers:
         self.store = store
         self.runs = runs
         self.meta = meta
-        self.overlays = overlays
+        self.data = data
         self.mountpoint = mountpoint
         self.socket_path = socket_path
         self.allow_uids = allow_uids
@@ -296,16 +296,24 @@ class Handlers:
         return f"workspace path ({why})"
 
     def path_of(self, branch: branchfs.Branch) -> str:
-        return self.overlays.path_of(branch)  # the same path with both backends
+        return self.data.path_of(branch)  # the same path with both backends
 
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
         out["base"] = self.store.workspace(branch.workspace).base
         # an ended or invalidated branch is gone from its path: nothing serves it
-        out["backend"] = (self.overlays.backend_of(branch.id)
+        out["backend"] = (self.data.backend_of(branch.id)
                           if branch.status == ACTIVE else None)
         out["meta"] = self.meta.get(branch.id)
+        return out
+
+    def _subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
+        """*branch* and its live descendants, parents first."""
+        live = [b for b in self.store.branches(branch.workspace) if b.status == ACTIVE]
+        out = [branch]
+        for b in out:
+            out.extend(c for c in live if c.parent == b.name)
         return out
 
     def _ended(self, branches: list[branchfs.Branch], reason: str) -> None:
@@ -344,8 +352,8 @@ class Handlers:
                            for b in seen if b.conflicts],
             "runs_active": sum(1 for r in self.runs.runs.values()
                                if r.result is None and self._visible(peer, r)),
-            "backend": self.overlays.backend,
-            "backend_reason": self.overlays.reason,
+            "backend": self.data.backend,
+            "backend_reason": self.data.reason,
             "runs_at": self.runs_at(),
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
@@ -382,8 +390,8 @@ class Handlers:
         await self._settle(ws.name)
         force = bool(arg(args, "force", bool, False))
         if force:
-            self.overlays.detach([b for b in self.store.branches(ws.name)
-                                  if b.status == "active"])
+            self.data.detach([b for b in self.store.branches(ws.name)
+                              if b.status == "active"])
         removed = self.store.remove_workspace(ws.name, force=force)
         self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
@@ -412,7 +420,7 @@ class Handlers:
             session.branches.append((branch.workspace, branch.name, branch.id))
         if meta:
             self.meta.set(branch.id, meta)
-        await self.overlays.serve(branch)
+        await self.data.serve(branch)
         self.on_change()
         return self.describe(branch)
 
@@ -429,14 +437,14 @@ class Handlers:
         if workspace is None and not self.privileged(peer):
             usable = {ws.name for ws in await self._usable(peer)}
             branches = [b for b in branches if b.workspace in usable]
-        await self.overlays.heal(branches)
+        await self.data.heal(branches)
         return {"branches": [self.describe(b) for b in branches]}
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)
         branch = self._branch(args)  # as it is now
-        await self.overlays.heal([branch])
+        await self.data.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
             r.describe() for r in self.runs.runs.values()
@@ -485,14 +493,14 @@ class Handlers:
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
         # The kernel must not write the upper dir while the commit moves it away.
-        self.overlays.detach([branch])
+        self.data.detach([branch])
         try:
             result = self.store.commit(branch.workspace, branch.name, force=force)
         except Exception:
             # refused: still the user's (but not a half-moved delta: see Store.pending)
             if (self.store.status(branch.id) == "active"
                     and not self.store.pending(branch.workspace)):
-                await self.overlays.serve(branch)
+                await self.data.serve(branch)
             raise
         await self._after_commit(result)
         return result.to_dict()
@@ -507,14 +515,14 @@ class Handlers:
             # pending (Overlays.serve_all): the fast path for all of them now
             for b in self.store.branches(workspace):
                 if b.status == "active":
-                    await self.overlays.serve(b)
+                    await self.data.serve(b)
 
     async def _after_commit(self, result: branchfs.CommitResult) -> None:
+        """The backends had the commit's events (the overlays detached the ended
+        branches and remount the parent); the runs of the ended branches end."""
         branch = self.store.branch(result.workspace, result.branch)
         invalidated = [self.store.branch(result.workspace, n) for n in result.invalidated]
-        self.overlays.detach([branch, *invalidated])  # a finished one may still be served
-        if branch.parent is not None:  # its upper dir changed behind the kernel's back
-            await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
+        await self.data.settle()
         self._ended([branch], "commit")
         self._ended(invalidated, "invalidated")
 
@@ -533,21 +541,21 @@ class Handlers:
         how = arg(args, "how", str)
         left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str), how)
         if how == "theirs":  # an entry of its upper dir went behind the kernel's back
-            await self.overlays.remount(branch)
+            await self.data.remount(branch)
         return {"branch": branch.name, "conflicts": left}
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
-        subtree = self.overlays.subtree(branch)
-        self.overlays.detach(subtree)
+        subtree = self._subtree(branch)
+        self.data.detach(subtree)
         try:
             removed = self.store.discard(branch.workspace, branch.name)
         except Exception:
             # refused (a full disk): the branches stay, and so does their fast path
             for b in subtree:
                 if self.store.status(b.id) == "active":
-                    await self.overlays.serve(b)
+                    await self.data.serve(b)
             raise
         self._ended(removed, "discard")
         return {"discarded": [b.name for b in removed]}
@@ -561,7 +569,7 @@ class Handlers:
         ws = self.store.workspace(branch.workspace)
         await self._settle(ws.name)
         branch = self._active(self._branch(args))  # as it is now
-        await self.overlays.heal([branch])  # the run should get the fast path
+        await self.data.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
             raise RequestError("bad-request", "argv must be a non-empty list of NUL-free strings")
@@ -611,7 +619,7 @@ class Handlers:
     async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Check the state against the disk and the kernel (daemon.fsck); ``repair``
         puts right what can be without losing anything."""
-        check = fsck.Fsck(self.store, self.overlays, self.runs,
+        check = fsck.Fsck(self.store, self.data.overlays, self.runs,
                           mountpoint=str(self.mountpoint),
                           repair=bool(arg(args, "repair", bool, False)))
         findings = await check.run()
