@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import agent
@@ -87,6 +88,11 @@ class BenchWorkspace(ABC):
 
     def settle(self) -> None:  # noqa: B027 (a hook: most backends defer nothing)
         """Finish deferred work (untimed)."""
+
+    def probes(self) -> dict[str, Callable[[], object]]:
+        """The control requests whose latency the ``control`` scenario measures, by row
+        name (only a daemon has any)."""
+        return {}
 
     def close(self) -> None:
         """Discard the branches a failed scenario left, then release what the workspace holds."""

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,30 @@ class ApiWorkspace(BenchWorkspace):
     def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.ws = Workspace(base, daemon=daemon.socket)
-        self.socket = daemon.socket
+        self.daemon = daemon
         self.log = daemon.log_path
         self.backend = backend
         self.branches: dict[str, Branch] = {}
+        self._client: Client | None = None
+
+    def probes(self) -> dict[str, Callable[[], object]]:
+        """``branchctl list`` (a process, as a user runs it) and the API's list (one
+        connection); the FUSE column only: its loads are FUSE's."""
+        if self.backend != FUSE:
+            return {}
+        exe, env = branchctl(), cli_env(self.daemon)
+        argv = [exe, "list", "--json"]
+        subprocess.run(argv, env=env, capture_output=True, check=True)  # bytecode cached
+        self._client = client = Client(self.daemon.socket)
+
+        def cli_list() -> None:
+            subprocess.run(argv, env=env, capture_output=True, check=True)
+
+        def python() -> None:  # no request: what the machine's load alone costs a process
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+        return {"branchctl list": cli_list, "API list": lambda: client.call("list"),
+                "python -c pass": python}
 
     def path(self, name: str) -> Path:
         return self.branches[name].path
@@ -80,7 +101,7 @@ class ApiWorkspace(BenchWorkspace):
     def run_many(self, name: str, argv: list[str], n: int) -> list[int]:
         """As agents do it: ``n`` detached ``exec`` requests from a few connections at
         once, then a ``wait`` for each run."""
-        socket, ws = self.socket, self.ws.name
+        socket, ws = self.daemon.socket, self.ws.name
 
         def start(count: int) -> list[str]:
             with Client(socket) as c:
@@ -98,6 +119,8 @@ class ApiWorkspace(BenchWorkspace):
         try:
             super().close()
         finally:
+            if self._client is not None:
+                self._client.close()
             self.ws.close()
 
 
@@ -107,6 +130,14 @@ def branchctl() -> str:
     if exe is None:
         raise FileNotFoundError("branchctl is not installed beside this Python")
     return exe
+
+
+def cli_env(daemon: EmbeddedDaemon) -> dict[str, str]:
+    """branchctl's environment: the daemon's socket, bytecode cached (see CliWorkspace)."""
+    env = dict(os.environ, BRANCHD_SOCKET=str(daemon.socket),
+               PYTHONPYCACHEPREFIX=str(daemon.root / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 class CliWorkspace(BenchWorkspace):
@@ -120,10 +151,8 @@ class CliWorkspace(BenchWorkspace):
     def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.exe = branchctl()
-        self.env = dict(os.environ, BRANCHD_SOCKET=str(daemon.socket),
-                        PYTHONPYCACHEPREFIX=str(daemon.root / "pycache"))
+        self.env = cli_env(daemon)
         self.log = daemon.log_path
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.backend = backend
         self.replies: dict[str, dict[str, Any]] = {}
         self._cli("workspace", "add", str(base))

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.agent import STEPS
 from bench.results import Results, Row
-from bench.scenarios import files_label, fmt_bytes, runs_label
+from bench.scenarios import control_loads, files_label, fmt_bytes, runs_label
 from bench.sizes import Sizes
 
 BRANCHD = "branchd"
@@ -80,6 +80,14 @@ def _fast_path(results: Results, scenario: str, param: str) -> float | None:
     return ours.median / allowed
 
 
+def _over_idle(results: Results, scenario: str, param: str) -> float | None:
+    """A control row's median over the same request's idle one (branchd's column)."""
+    row, idle = results.get(scenario, param, BRANCHD), results.get(scenario, "idle", BRANCHD)
+    if not row or not idle or not row.median or not idle.median:
+        return None
+    return row.median / idle.median
+
+
 def targets(sizes: Sizes) -> list[Target]:
     big = files_label(sizes.bases[-1])
     many = files_label(sizes.commit_files[-1])
@@ -106,6 +114,9 @@ def targets(sizes: Sizes) -> list[Target]:
         Target(f"{sizes.parallel[-1]} parallel branches <= overlayfs in total",
                "<= overlayfs", "parallel branches", f"{sizes.parallel[-1]} branches",
                _ratio("overlay"), 1.0),
+        *(Target(f"{probe} {load} <= 2x idle", "<= 2x idle", f"control: {probe}", load,
+                 _over_idle, 2.0)
+          for probe in ("branchctl list", "API list") for load in control_loads(sizes)),
         *(Target(f"fast path: {scenario} {param} <= max({FAST_PATH_LIMIT}x native, overlayfs)",
                  f"fast path <= max({FAST_PATH_LIMIT}x, overlayfs)", scenario, param,
                  _fast_path, 1.0)

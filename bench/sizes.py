@@ -31,6 +31,9 @@ class Sizes:
     job_file_size: int
     concurrent_runs: int  # runs of `sleep concurrent_sleep` started at once in one branch
     concurrent_sleep: float
+    control_copy_bytes: int  # the copy-up the control requests are timed during
+    control_commit_files: int  # the commit they are timed during
+    control_parallel: int  # the parallel branches they are timed during
     scenario_timeout: int  # seconds one scenario may take on one backend before it is failed
     row_seconds: int  # after this long, a row takes no more samples (it has at least one)
 
@@ -56,6 +59,9 @@ FULL = Sizes(
     job_file_size=64 * KiB,
     concurrent_runs=200,
     concurrent_sleep=5,
+    control_copy_bytes=500 * MiB,
+    control_commit_files=10_000,
+    control_parallel=16,
     scenario_timeout=3600,
     # the slow rows (a native copy of 100k files, 10k-file commits) get one to three samples:
     # the whole run fits in about 20 minutes on a 2-core machine instead of 45
@@ -80,6 +86,9 @@ QUICK = Sizes(
     job_file_size=16 * KiB,
     concurrent_runs=200,
     concurrent_sleep=5,
+    control_copy_bytes=500 * MiB,  # the loads: the rows are about the daemon
+    control_commit_files=10_000,
+    control_parallel=16,
     scenario_timeout=600,
     row_seconds=120,  # in practice every row gets its samples
 )
@@ -102,6 +111,9 @@ TINY = Sizes(
     job_file_size=4 * KiB,
     concurrent_runs=4,
     concurrent_sleep=0.2,
+    control_copy_bytes=4 * MiB,
+    control_commit_files=50,
+    control_parallel=2,
     scenario_timeout=120,
     row_seconds=60,
 )

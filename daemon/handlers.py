@@ -16,7 +16,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,13 @@ import cgroups
 from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, diffpage, fsck, patch
+from daemon.lanes import Lanes
 from daemon.meta import MetaStore
 from daemon.protocol import ADMIN, ANYONE, BRANCH, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
 
 if TYPE_CHECKING:
-    from daemon.overlays import Overlays
+    from daemon.dataplane import Plane
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +93,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default:
 
 class Handlers:
     """State shared by all connections: the store, the runs, the branches' metadata, the
-    overlays."""
+    data plane (``daemon.dataplane``: the one way to the backends serving branches)."""
 
     def __init__(
         self,
         store: branchfs.Store,
         runs: RunTable,
         meta: MetaStore,
-        overlays: Overlays,
+        data: Plane,
         *,
         mountpoint: Path,
         socket_path: Path,
@@ -109,7 +111,8 @@ class Handlers:
         self.store = store
         self.runs = runs
         self.meta = meta
-        self.overlays = overlays
+        self.data = data
+        self.lanes = Lanes(data)
         self.mountpoint = mountpoint
         self.socket_path = socket_path
         self.allow_uids = allow_uids
@@ -267,7 +270,8 @@ class Handlers:
         ws = self.store.workspace(branch.workspace)
         target = (ws.base if branch.parent is None
                   else self.path_of(self.store.branch(ws.name, branch.parent)))
-        changes = self.store.diff(ws.name, branch.name)
+        changes = await self.lanes.off_loop(
+            ws.name, functools.partial(self.store.diff, ws.name, branch.name))
         made = {c.path for c in changes if c.kind == "added" and c.type == "dir"}
 
         def first_refused() -> str | None:
@@ -296,16 +300,24 @@ class Handlers:
         return f"workspace path ({why})"
 
     def path_of(self, branch: branchfs.Branch) -> str:
-        return self.overlays.path_of(branch)  # the same path with both backends
+        return self.data.path_of(branch)  # the same path with both backends
 
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
         out["base"] = self.store.workspace(branch.workspace).base
         # an ended or invalidated branch is gone from its path: nothing serves it
-        out["backend"] = (self.overlays.backend_of(branch.id)
+        out["backend"] = (self.data.backend_of(branch.id)
                           if branch.status == ACTIVE else None)
         out["meta"] = self.meta.get(branch.id)
+        return out
+
+    def _subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
+        """*branch* and its live descendants, parents first."""
+        live = [b for b in self.store.branches(branch.workspace) if b.status == ACTIVE]
+        out = [branch]
+        for b in out:
+            out.extend(c for c in live if c.parent == b.name)
         return out
 
     def _ended(self, branches: list[branchfs.Branch], reason: str) -> None:
@@ -344,8 +356,8 @@ class Handlers:
                            for b in seen if b.conflicts],
             "runs_active": sum(1 for r in self.runs.runs.values()
                                if r.result is None and self._visible(peer, r)),
-            "backend": self.overlays.backend,
-            "backend_reason": self.overlays.reason,
+            "backend": self.data.backend,
+            "backend_reason": self.data.reason,
             "runs_at": self.runs_at(),
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
@@ -379,25 +391,30 @@ class Handlers:
     async def op_workspace_remove(self, peer: Peer, args: dict[str, Any],
                                   fds: list[int]) -> dict:
         ws = self._workspace(arg(args, "workspace", str))
-        await self._settle(ws.name)
         force = bool(arg(args, "force", bool, False))
-        if force:
-            self.overlays.detach([b for b in self.store.branches(ws.name)
+        async with self._lane(ws.name):
+            if force:
+                self.data.detach([b for b in self.store.branches(ws.name)
                                   if b.status == "active"])
-        removed = self.store.remove_workspace(ws.name, force=force)
+            removed = self.store.remove_workspace(ws.name, force=force)
         self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
 
     async def op_create(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        name = arg(args, "name", str)
         parent_name = arg(args, "parent", str, None)
-        meta = arg(args, "meta", dict, None)
         if parent_name is not None:
             parent = self._active(self._branch({**args, "name": parent_name}))
             ws = self.store.workspace(parent.workspace)
         else:
             ws = self._workspace(arg(args, "workspace", str))
-        await self._settle(ws.name)
+        async with self._lane(ws.name):  # not over a base that a commit is changing
+            return await self._create(peer, ws, args)
+
+    async def _create(self, peer: Peer, ws: branchfs.Workspace, args: dict[str, Any]
+                      ) -> dict[str, Any]:
+        name = arg(args, "name", str)
+        parent_name = arg(args, "parent", str, None)
+        meta = arg(args, "meta", dict, None)
         if meta:
             self.meta.check(meta, META_LIMIT)
         policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
@@ -412,7 +429,7 @@ class Handlers:
             session.branches.append((branch.workspace, branch.name, branch.id))
         if meta:
             self.meta.set(branch.id, meta)
-        await self.overlays.serve(branch)
+        await self.data.serve(branch)
         self.on_change()
         return self.describe(branch)
 
@@ -420,7 +437,7 @@ class Handlers:
         workspace = arg(args, "workspace", str, None)
         if workspace is not None:
             workspace = self._workspace(workspace).name
-            await self._settle(workspace)
+            await self._settled(workspace)
         else:
             for w in self.store.workspaces():
                 self.store.refresh(w.name)
@@ -429,14 +446,14 @@ class Handlers:
         if workspace is None and not self.privileged(peer):
             usable = {ws.name for ws in await self._usable(peer)}
             branches = [b for b in branches if b.workspace in usable]
-        await self.overlays.heal(branches)
+        await self.data.heal(branches)
         return {"branches": [self.describe(b) for b in branches]}
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)
+        await self._settled(branch.workspace)
         branch = self._branch(args)  # as it is now
-        await self.overlays.heal([branch])
+        await self.data.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
             r.describe() for r in self.runs.runs.values()
@@ -456,11 +473,17 @@ class Handlers:
     async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
-        await self._settle(ws.name)
         paths = arg(args, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise RequestError("bad-request", "'paths' must be a list of strings")
-        changes = diffpage.select(self.store.diff(branch.workspace, branch.name), paths)
+        async with self._lane(ws.name):  # no commit moves the files while they are read
+            return await self._diff(peer, branch, ws, paths, args)
+
+    async def _diff(self, peer: Peer, branch: branchfs.Branch, ws: branchfs.Workspace,
+                    paths: list[str] | None, args: dict[str, Any]) -> dict[str, Any]:
+        found = await self.lanes.off_loop(
+            ws.name, functools.partial(self.store.diff, ws.name, branch.name))
+        changes = diffpage.select(found, paths)
         out: dict[str, Any] = {"stat": diffpage.stat(changes), "total": len(changes)}
         if arg(args, "stat", bool, False):
             return out
@@ -479,75 +502,96 @@ class Handlers:
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)
-        await self._check_writable(peer, branch)
-        if self.runs.kill_branch(branch.id, "commit"):
-            log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
-        # The kernel must not write the upper dir while the commit moves it away.
-        self.overlays.detach([branch])
-        try:
-            result = self.store.commit(branch.workspace, branch.name, force=force)
-        except Exception:
-            # refused: still the user's (but not a half-moved delta: see Store.pending)
-            if (self.store.status(branch.id) == "active"
-                    and not self.store.pending(branch.workspace)):
-                await self.overlays.serve(branch)
-            raise
-        await self._after_commit(result)
+        async with self._lane(branch.workspace):
+            await self._check_writable(peer, branch)
+            if self.runs.kill_branch(branch.id, "commit"):
+                log.info("killed the remaining processes of %s before its commit", branch.name)
+            # On a worker thread, the workspace quiesced: its FUSE requests wait, and no
+            # kernel overlay writes the upper dir while the commit moves it away (one
+            # refused is served again).
+            result = await self.lanes.off_loop(
+                branch.workspace,
+                functools.partial(self.store.commit, branch.workspace, branch.name,
+                                  force=force),
+                moving=[branch])
+            await self._after_commit(result)
         return result.to_dict()
+
+    @asynccontextmanager
+    async def _lane(self, workspace: str) -> AsyncIterator[None]:
+        """Hold *workspace*'s lane (daemon.lanes), a commit of it that failed half way
+        finished first."""
+        async with self.lanes.hold(workspace):
+            await self._settle(workspace)
+            yield
+
+    async def _settled(self, workspace: str) -> None:
+        """For a request that holds no lane: finish a commit of *workspace* that failed
+        half way, if there is one (waiting for the lane only then)."""
+        if self.store.pending(workspace):
+            async with self._lane(workspace):
+                pass
 
     async def _settle(self, workspace: str) -> None:
         """Finish a commit of *workspace* that failed half way before anything else is
-        done there (Store.finish_pending raises Busy while it still cannot be)."""
-        result = self.store.finish_pending(workspace)
+        done there (Store.finish_pending raises Busy while it still cannot be); the
+        caller holds the lane."""
+        if not self.store.pending(workspace):
+            return
+        result = await self.lanes.off_loop(
+            workspace, functools.partial(self.store.finish_pending, workspace), moving=[])
         if result is not None:
             await self._after_commit(result)
             # start-up served none of this workspace's branches while its commit was
             # pending (Overlays.serve_all): the fast path for all of them now
             for b in self.store.branches(workspace):
                 if b.status == "active":
-                    await self.overlays.serve(b)
+                    await self.data.serve(b)
 
     async def _after_commit(self, result: branchfs.CommitResult) -> None:
+        """The backends had the commit's events (the overlays detached the ended
+        branches and remount the parent); the runs of the ended branches end."""
         branch = self.store.branch(result.workspace, result.branch)
         invalidated = [self.store.branch(result.workspace, n) for n in result.invalidated]
-        self.overlays.detach([branch, *invalidated])  # a finished one may still be served
-        if branch.parent is not None:  # its upper dir changed behind the kernel's back
-            await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
+        await self.data.settle()
         self._ended([branch], "commit")
         self._ended(invalidated, "invalidated")
 
     async def op_rebase(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        await self._settle(branch.workspace)
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        merged, conflicts = self.store.rebase(branch.workspace, branch.name)
+        async with self._lane(branch.workspace):
+            merged, conflicts = self.store.rebase(branch.workspace, branch.name)
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
     async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str), how)
-        if how == "theirs":  # an entry of its upper dir went behind the kernel's back
-            await self.overlays.remount(branch)
+        async with self._lane(branch.workspace):
+            left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
+                                      how)
+            if how == "theirs":  # an entry of its upper dir went behind the kernel's back
+                await self.data.remount(branch)
         return {"branch": branch.name, "conflicts": left}
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)  # a branch with a journal is never discarded
-        subtree = self.overlays.subtree(branch)
-        self.overlays.detach(subtree)
+        async with self._lane(branch.workspace):  # a branch with a journal is never discarded
+            return await self._discard(branch)
+
+    async def _discard(self, branch: branchfs.Branch) -> dict[str, Any]:
+        subtree = self._subtree(branch)
+        self.data.detach(subtree)
         try:
             removed = self.store.discard(branch.workspace, branch.name)
         except Exception:
             # refused (a full disk): the branches stay, and so does their fast path
             for b in subtree:
                 if self.store.status(b.id) == "active":
-                    await self.overlays.serve(b)
+                    await self.data.serve(b)
             raise
         self._ended(removed, "discard")
         return {"discarded": [b.name for b in removed]}
@@ -558,10 +602,13 @@ class Handlers:
         runs go when this host gives no namespace); ``cwd`` is the directory relative
         to the workspace's root to start in."""
         branch = self._active(self._branch(args))
-        ws = self.store.workspace(branch.workspace)
-        await self._settle(ws.name)
+        async with self._lane(branch.workspace):  # not into a commit of the workspace
+            return await self._exec(peer, args, fds)
+
+    async def _exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))  # as it is now
-        await self.overlays.heal([branch])  # the run should get the fast path
+        ws = self.store.workspace(branch.workspace)
+        await self.data.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
             raise RequestError("bad-request", "argv must be a non-empty list of NUL-free strings")
@@ -611,7 +658,7 @@ class Handlers:
     async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Check the state against the disk and the kernel (daemon.fsck); ``repair``
         puts right what can be without losing anything."""
-        check = fsck.Fsck(self.store, self.overlays, self.runs,
+        check = fsck.Fsck(self.store, self.data.overlays, self.runs,
                           mountpoint=str(self.mountpoint),
                           repair=bool(arg(args, "repair", bool, False)))
         findings = await check.run()

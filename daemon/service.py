@@ -23,6 +23,7 @@ import trio
 import branchfs
 import cgroups
 from daemon.config import Config
+from daemon.dataplane import Plane
 from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
 from daemon.notify import Notifier
@@ -81,17 +82,19 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)
-        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
         backend, why = choose(cfg.backend, cfg.state_dir)
         log.info("backend %s: %s", backend, why)
         overlays = Overlays(store, cfg.mountpoint, backend, why)
         stack.callback(overlays.close)  # whatever ended the nursery: never leave one behind
+        fuse = branchfs.FuseBackend(store)
+        data = Plane(store, cfg.mountpoint, fuse, overlays)  # the Store's one subscriber
+        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store, data.settle)
 
         async with trio.open_nursery() as nursery:
 
             def stop() -> None:
-                overlays.close()  # before the FUSE mount they sit on goes
+                data.close()  # the overlays before the FUSE mount they sit on goes
                 nursery.cancel_scope.cancel()
 
             def orphan() -> None:  # the owner ended: stop, and remove what it cannot
@@ -103,7 +106,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                                 f"{len(store.branches())} branches, {runs.active()} runs")
 
             handlers = Handlers(
-                store, runs, meta, overlays,
+                store, runs, meta, data,
                 mountpoint=cfg.mountpoint, socket_path=cfg.socket, allow_uids=cfg.allow_uids,
                 on_change=report, shutdown=stop,
             )
@@ -113,7 +116,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                             why)
             else:
                 log.info("runs see their branch at the workspace's path: %s", why)
-            await nursery.start(_serve_fs, store, cfg)
+            await nursery.start(_serve_fs, fuse, cfg)
             await overlays.serve_all()
             await nursery.start(overlays.watch)
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids,
@@ -129,9 +132,9 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         log.info("branchd stopping")
 
 
-async def _serve_fs(store: branchfs.Store, cfg: Config, *,
+async def _serve_fs(fuse: branchfs.FuseBackend, cfg: Config, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    await branchfs.serve(store, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
+    await branchfs.serve(fuse, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
 
 
 async def _signals(stop: Callable[[], None], *,
