@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 USER_UID=65534
 user_venv=$1
 shift
-top=$(mktemp -d /var/tmp/branchd-user-pass.XXXXXX)
+top=$(mktemp -d /tmp/branchd-user.XXXXXX)  # short: unix socket paths below it
 cgroups=()
 
 cleanup() {
