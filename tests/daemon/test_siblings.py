@@ -57,9 +57,10 @@ def edit_line(path: Path, n: int, text: str) -> None:
     path.write_text("".join(lines))
 
 
-def holder(client: Client, ws: Path, name: str, file: str) -> str:
+def holder(client: Client, ws: Path, name: str, file: str, at_branch_path: bool = False) -> str:
     stop = ws.parent / f"stop-{name}"
     run = client.call("exec", workspace=str(ws), name=name, detach=True,
+                      at_branch_path=at_branch_path,
                       argv=["/bin/sh", "-c", HOLDER.format(file=file, stop=stop)])["run"]
     return str(run)
 
@@ -113,7 +114,10 @@ def test_the_same_file_merges_in_place_where_the_hunks_differ(
     edit_line(p1 / "f.txt", 2, "line 2 by s1\n")
     edit_line(p2 / "f.txt", 9, "line 9 by s2\n")
     with Client(daemon.socket) as c:
-        run = holder(c, project, "s2", "f.txt")
+        # A run served by its own overlay (an unprivileged daemon's) reads a file it holds
+        # open at the size it had when opened (README's Caveats): this one gets FUSE.
+        own = "unprivileged" in c.call("status")["runs_at"]
+        run = holder(c, project, "s2", "f.txt", at_branch_path=own)
         time.sleep(0.3)
         assert cli.json("commit", "s1")["conflicted"] == []
         merged = (p2 / "f.txt").read_text()
