@@ -158,8 +158,8 @@ def test_exit_on_its_own(cli: CLI, ws: Path, client: Client, execs: list[Exec]) 
     cli("create", "kx", "-w", str(ws))
     # waits until seen running, so that start() finds it
     e, run = start(cli, execs, client, "kx", ws,
-                   ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; exit 3"])
-    (Path(client.call("info", workspace=str(ws), name="kx")["path"]) / "go").write_text("")
+                   ["sh", "-c", f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; exit 3"])
+    (ws.parent / "go").write_text("")  # not in the branch: see tests/daemon/test_siblings.py
     rc, result, err = e.finish()
     assert result["ended_by"] == "exit" and not result["killed"], result
     assert rc == 3 and killed_line(err, run) == []
@@ -169,8 +169,8 @@ def test_signal_nobody_in_branchd_sent(cli: CLI, ws: Path, client: Client,
                                        execs: list[Exec]) -> None:
     cli("create", "ks", "-w", str(ws))
     e, run = start(cli, execs, client, "ks", ws,
-                   ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; kill -TERM $$"])
-    (Path(client.call("info", workspace=str(ws), name="ks")["path"]) / "go").write_text("")
+                   ["sh", "-c", f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; kill -TERM $$"])
+    (ws.parent / "go").write_text("")  # not in the branch: see tests/daemon/test_siblings.py
     rc, result, err = e.finish()
     assert result["ended_by"] == "signal" and not result["killed"], result
     assert result["signal"] == 15 and rc == 128 + 15
