@@ -169,7 +169,8 @@ def test_signal_nobody_in_branchd_sent(cli: CLI, ws: Path, client: Client,
                                        execs: list[Exec]) -> None:
     cli("create", "ks", "-w", str(ws))
     e, run = start(cli, execs, client, "ks", ws,
-                   ["sh", "-c", f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; kill -TERM $$"])
+                   ["sh", "-c",
+                    f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; kill -TERM $$"])
     (ws.parent / "go").write_text("")  # not in the branch: see tests/daemon/test_siblings.py
     rc, result, err = e.finish()
     assert result["ended_by"] == "signal" and not result["killed"], result
