@@ -159,7 +159,8 @@ class Handlers:
     # --- who may do what: protocol.OPS declares it, authorize checks it --------------------
 
     def privileged(self, peer: Peer) -> bool:
-        """Root and the daemon's own uid may do everything, to anyone's workspaces and runs."""
+        """Root and the daemon's own uid may do everything, to anyone's workspaces and runs
+        (but for root, ``exec`` in an unprivileged daemon: ``authorize``)."""
         return peer.uid in (0, os.geteuid())
 
     async def authorize(self, peer: Peer, op: str, args: dict[str, Any]) -> None:

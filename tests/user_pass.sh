@@ -40,7 +40,8 @@ mkdir "$top/src" "$top/home" "$top/tmp" "$top/run"
 if git rev-parse --show-toplevel >/dev/null 2>&1; then
     git ls-files -z --cached --others --exclude-standard
 else
-    find . \( -path ./.git -o -path ./.venv -o -name __pycache__ \) -prune -o -type f -print0
+    find . \( -path ./.git -o -path ./.venv -o -name __pycache__ -o -name ".*_cache" \) -prune \
+        -o -type f -print0
 fi | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$top/src"
 chown -R "$USER_UID:$USER_UID" "$top"
 chmod 0755 "$top"
