@@ -122,7 +122,19 @@ def _execute(ctx: click.Context, make: Callable[..., Pattern], *, ws: str, as_js
         click.echo(json.dumps(outcome.to_dict(), indent=2, sort_keys=True))
     else:  # with live output, stdout is the command's: the summary is a log line then
         click.echo(summary(outcome), err=live)
-    return 0 if outcome.committed else 1
+    return 0 if outcome.committed else refused(outcome)
+
+
+def refused(outcome: Outcome) -> int:
+    """The exit code of an outcome that committed nothing: 1, or where the daemon refused
+    every candidate for one reason (a run this daemon may not start for the caller),
+    that error's own code."""
+    from branching.errors import BranchError
+
+    errors = [r.exception for r in outcome.candidates]
+    codes = {e.exit_code for e in errors if isinstance(e, BranchError)}
+    return codes.pop() if errors and len(codes) == 1 and all(
+        isinstance(e, BranchError) for e in errors) else 1
 
 
 def summary(outcome: Outcome) -> str:

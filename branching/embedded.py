@@ -45,7 +45,7 @@ class EmbeddedDaemon:
         # a deep root the sockets go to a short private directory of their own.
         self._socket_dir: Path | None = None
         sockets = self.root
-        if len(os.fsencode(self.root / "notify.sock")) >= SUN_PATH_MAX:
+        if len(os.fsencode(self.root / "branchd.sock")) >= SUN_PATH_MAX:  # the longer name
             sockets = self._socket_dir = Path(tempfile.mkdtemp(prefix="branchd-"))
         self.socket = sockets / "branchd.sock"
         self._notify_path = sockets / "notify.sock"

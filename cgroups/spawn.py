@@ -207,7 +207,11 @@ class Entries:
         self._server = ForkServer()
 
     def _start(self) -> Entry:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:  # (out of descriptors: the filler thread logs it, the daemon goes on)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise SpawnError(f"cannot start the run's entry process: {exc.strerror}",
+                             exc.errno) from None
         try:
             proc = self._server.clone(theirs)
         except BaseException:

@@ -28,7 +28,20 @@ _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "ppc64le": 81,
 _SYS_FACCESSAT2 = 439  # one number on every architecture (Linux 5.8)
 _AT_FDCWD = -100
 _AT_EACCESS = 0x200
+_CAP_CHOWN, _CAP_SETGID, _CAP_SETUID = 0, 6, 7
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def acts_for_others() -> bool:
+    """Whether this process may act as another user: give them their run records
+    (CAP_CHOWN), take their credentials for reads and drop to them for runs
+    (CAP_SETGID, CAP_SETUID), as root may. An unprivileged daemon acts only as itself."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                return all(caps >> c & 1 for c in (_CAP_CHOWN, _CAP_SETGID, _CAP_SETUID))
+    return False
 
 
 def call_as(uid: int, gid: int, groups: list[int], fn: Callable[[], T]) -> T:

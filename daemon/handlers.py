@@ -119,6 +119,9 @@ class Handlers:
         self.on_change = on_change
         self.shutdown = shutdown
         self.started = time.time()
+        # root may act as anyone; an unprivileged daemon only as itself (and refuses, at
+        # start, --allow-uid of anyone else: daemon.main), so root is the one other peer
+        self.for_others = ascaller.acts_for_others()
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -159,7 +162,8 @@ class Handlers:
     # --- who may do what: protocol.OPS declares it, authorize checks it --------------------
 
     def privileged(self, peer: Peer) -> bool:
-        """Root and the daemon's own uid may do everything, to anyone's workspaces and runs."""
+        """Root and the daemon's own uid may do everything, to anyone's workspaces and runs
+        (but for root, ``exec`` in an unprivileged daemon: ``authorize``)."""
         return peer.uid in (0, os.geteuid())
 
     async def authorize(self, peer: Peer, op: str, args: dict[str, Any]) -> None:
@@ -168,6 +172,12 @@ class Handlers:
         the run that the request names. What a listing shows is filtered by the same
         rule (``_usable``, ``_visible``)."""
         need = OPS[op].permission
+        if op == "exec" and not self._acts_as(peer):
+            me = os.geteuid()
+            raise branchfs.PermissionDenied(
+                f"this daemon runs as uid {me} without the privileges to act as another "
+                f"user: it runs commands as uid {me} only, not as uid {peer.uid} (run "
+                f"branchctl as uid {me}, or run branchd as root)")
         if need == ANYONE or self.privileged(peer):
             return
         if need == ADMIN:
@@ -234,8 +244,16 @@ class Handlers:
                                             f"branch {name}")
         raise branchfs.NotFound(f"no branch named {name}")
 
+    def _acts_as(self, peer: Peer) -> bool:
+        return self.for_others or peer.uid == os.geteuid()
+
     async def _as_caller(self, peer: Peer, fn: Callable[[], Any]) -> Any:
-        """``fn()`` off the event loop with the caller's filesystem credentials."""
+        """``fn()`` off the event loop with the caller's filesystem credentials; where
+        this daemon cannot take them (it is unprivileged, the caller root), with its own:
+        root may read whatever the daemon may, so that shows root nothing it could not
+        read itself."""
+        if not self._acts_as(peer):
+            peer = Peer(peer.pid, os.geteuid(), os.getegid())
         return await trio.to_thread.run_sync(
             ascaller.call_as, peer.uid, peer.gid, list(peer.groups), fn)
 
@@ -496,8 +514,7 @@ class Handlers:
                                      diffpage.PATCH_BYTES)
             # off the event loop (the reads go through our own FUSE mount), with the
             # caller's own permissions: a patch shows only what the caller could read
-            out["patch"] = await trio.to_thread.run_sync(
-                ascaller.call_as, peer.uid, peer.gid, list(peer.groups), make)
+            out["patch"] = await self._as_caller(peer, make)
         return out
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:

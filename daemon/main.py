@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from daemon import service
+from daemon import ascaller, service
 from daemon.config import Config
 from daemon.overlays import CHOICES
 from daemon.protocol import ERROR_EXIT
@@ -109,6 +109,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str]:
     if a.backend not in CHOICES:
         p.error(f"--backend (or BRANCHD_BACKEND) must be one of {', '.join(CHOICES)}, "
                 f"not {a.backend!r}")
+    others = sorted(set(a.allow_uid) - {0, os.geteuid()})
+    if others and not ascaller.acts_for_others():
+        p.error(f"--allow-uid {others[0]}: this daemon runs as uid {os.geteuid()} without the "
+                "privileges to act as another user (to check files or run commands as them); "
+                "run branchd as root to serve other users")
     cfg = Config(state_dir=a.state_dir, mountpoint=a.mountpoint, socket=a.socket,
                  socket_mode=a.socket_mode, socket_group=a.socket_group,
                  allow_uids=frozenset(a.allow_uid), idle_timeout=a.idle_timeout,

@@ -7,6 +7,7 @@ FUSE, close the state.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import fcntl
 import hashlib
@@ -188,6 +189,12 @@ def _remove_owned(dirs: tuple[Path, ...], orphaned: list[bool]) -> None:
         if any(p == str(d) or p.startswith(f"{d}/") for p in points):
             log.warning("%s still has a mount below it: left in place", d)
             continue
+        for parent, subdirs, _ in os.walk(d):  # a run's overlay work dir: the kernel's, 0
+            for sub in subdirs:
+                path = os.path.join(parent, sub)
+                if not os.path.islink(path):
+                    with contextlib.suppress(OSError):
+                        os.chmod(path, 0o700)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -184,6 +184,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``root(why)`` are skipped, saying why, when pytest runs as a user."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if (marker := item.get_closest_marker("root")) is not None:
+            item.add_marker(pytest.mark.skip(reason=f"root only: {marker.args[0]}"))
+
+
 USER_PYTHON_ENV = "BRANCHD_USER_PYTHON"
 
 

@@ -3,6 +3,8 @@
 tests/run.sh runs the daemon-level suites once per backend (``BRANCHD_BACKEND``
 read by every daemon the fixtures start): a daemon that silently fell back to
 the other backend would make the second run test nothing new, so this fails then.
+So for its unprivileged pass (tests/user_pass.sh, ``BRANCHD_TEST_UNPRIVILEGED=1``):
+its daemons must run as the user, their runs in user namespaces, with limits.
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ def test_branches_report_the_backend_the_run_asked_for(cli: CLI, ws: Path) -> No
     assert made["backend"] == backend
     cli("discard", "bk1")
     assert not overlay_mounted(Path(made["path"]))
+
+
+def test_the_daemon_is_as_privileged_as_the_pass_says(cli: CLI, daemon: EmbeddedDaemon,
+                                                      ws: Path) -> None:
+    assert daemon.proc is not None
+    assert os.stat(f"/proc/{daemon.proc.pid}").st_uid == os.geteuid()
+    if os.environ.get("BRANCHD_TEST_UNPRIVILEGED") != "1":
+        return
+    assert os.geteuid() != 0, "the unprivileged pass runs as root"
+    status = cli.json("status")
+    assert status["backend"] == "fuse"  # the overlay backend needs root
+    assert status["runs_at"].startswith(
+        "workspace path (unprivileged: a user and mount namespace per run"), status
+    assert status["cgroup_warnings"] == [], status  # every limit, in the delegated cgroups
+    cli("create", "pv1", "-w", str(ws))
+    got = cli("exec", "pv1", "--", "cat", "/proc/self/uid_map")
+    uid = os.geteuid()
+    assert got.stdout.split() == [str(uid), str(uid), "1"]  # a user namespace of its own
+    cli("discard", "pv1")
 
 
 def test_an_invalidated_sibling_is_gone_from_its_path(cli: CLI, ws: Path) -> None:

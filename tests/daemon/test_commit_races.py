@@ -33,7 +33,8 @@ from branching import EmbeddedDaemon
 
 from .conftest import forget_workspaces, passable_dir
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(240),
+              pytest.mark.root("a root daemon attacked by uid 65534 (setpriv), on its tmpfs")]
 
 NOBODY = 65534
 FILES = 40

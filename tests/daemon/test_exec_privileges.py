@@ -27,7 +27,8 @@ from daemon.protocol import ExitCode
 
 from .conftest import passable_dir
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(180),
+              pytest.mark.root("a root daemon's runs for uid 65534 (setpriv): the drop")]
 
 NOBODY = 65534
 EVIL_C = r"""

@@ -30,7 +30,8 @@ from daemon.protocol import ExitCode
 from .conftest import CLI
 from .test_full_disk import fill
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
+              pytest.mark.root("mounts a small tmpfs to fill")]
 
 FILES = 40
 SIZE = 64 << 10

@@ -18,7 +18,8 @@ from daemon.protocol import ExitCode
 
 from .conftest import CLI
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
+              pytest.mark.root("mounts a small tmpfs to fill")]
 
 
 @pytest.fixture

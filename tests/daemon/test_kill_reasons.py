@@ -39,12 +39,14 @@ class Exec:
             [sys.executable, "-m", "branching.cli", "exec", name, "-w", str(ws), "--json",
              *opts, "--", *argv],
             env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.run = ""  # its id, once finished
 
     def finish(self) -> tuple[int, dict[str, Any], str]:
         """Its exit code, the run's result and what it wrote on stderr."""
         out, err = self.proc.communicate(timeout=60)
         assert out.strip(), (self.proc.returncode, err)
         reply = json.loads(out[out.index("{"):])  # the command's own output comes first
+        self.run = reply["run"]
         return self.proc.returncode, reply["result"], err
 
     def kill(self) -> None:
@@ -128,9 +130,11 @@ def test_timeout(cli: CLI, ws: Path, client: Client, execs: list[Exec]) -> None:
 
 def test_oom(cli: CLI, ws: Path, client: Client, execs: list[Exec]) -> None:
     cli("create", "ko", "-w", str(ws))
-    e, run = start(cli, execs, client, "ko", ws, [sys.executable, "-c", HOG],
-                   "--memory", "32M")
+    # not start(): killed within milliseconds, the run may be over before it is seen
+    e = Exec(cli, "ko", ws, [sys.executable, "-c", HOG], ("--memory", "32M"))
+    execs.append(e)
     rc, result, err = e.finish()
+    run = e.run
     unenforced = [w for w in client.call("status")["cgroup_warnings"]
                   if w.startswith("memory limit cannot be enforced")]
     if unenforced:
@@ -158,8 +162,8 @@ def test_exit_on_its_own(cli: CLI, ws: Path, client: Client, execs: list[Exec]) 
     cli("create", "kx", "-w", str(ws))
     # waits until seen running, so that start() finds it
     e, run = start(cli, execs, client, "kx", ws,
-                   ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; exit 3"])
-    (Path(client.call("info", workspace=str(ws), name="kx")["path"]) / "go").write_text("")
+                   ["sh", "-c", f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; exit 3"])
+    (ws.parent / "go").write_text("")  # not in the branch: see tests/daemon/test_siblings.py
     rc, result, err = e.finish()
     assert result["ended_by"] == "exit" and not result["killed"], result
     assert rc == 3 and killed_line(err, run) == []
@@ -169,8 +173,9 @@ def test_signal_nobody_in_branchd_sent(cli: CLI, ws: Path, client: Client,
                                        execs: list[Exec]) -> None:
     cli("create", "ks", "-w", str(ws))
     e, run = start(cli, execs, client, "ks", ws,
-                   ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; kill -TERM $$"])
-    (Path(client.call("info", workspace=str(ws), name="ks")["path"]) / "go").write_text("")
+                   ["sh", "-c",
+                    f"while [ ! -e {ws.parent}/go ]; do sleep 0.05; done; kill -TERM $$"])
+    (ws.parent / "go").write_text("")  # not in the branch: see tests/daemon/test_siblings.py
     rc, result, err = e.finish()
     assert result["ended_by"] == "signal" and not result["killed"], result
     assert result["signal"] == 15 and rc == 128 + 15

@@ -19,7 +19,8 @@ from branching import EmbeddedDaemon
 
 from .conftest import forget_workspaces, passable_dir
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
+              pytest.mark.root("a root daemon reading as uid 65534 (setpriv), on both backends")]
 
 NOBODY = 65534
 SECRET = "root's secret\n"

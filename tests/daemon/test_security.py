@@ -18,7 +18,8 @@ from daemon.protocol import ExitCode
 
 from .conftest import forget_workspaces, passable_dir
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
+              pytest.mark.root("a root daemon and another user played by setpriv")]
 
 NOBODY = 65534
 

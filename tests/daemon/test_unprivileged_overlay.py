@@ -166,6 +166,7 @@ def stacked() -> Iterator[Path]:
                 subprocess.run(["umount", "-l", str(m)], check=False)
 
 
+@pytest.mark.root("mounts the workspace's overlay over an overlay itself")
 def test_a_run_whose_overlay_the_kernel_refuses_gets_the_fuse_bind(
         nobody_top: Path, stacked: Path, user_python: str, delegated: list[str]) -> None:
     (nobody_top / "base").write_text(str(stacked))
