@@ -420,6 +420,16 @@ class Store:
                                         origins=self._origins_of(bid))
         return v
 
+    def reload_origins(self, bid: str) -> None:
+        """Read a branch's origins log again: a FUSE server process appended to it."""
+        o = self._origins.pop(bid, None)
+        if o is None:
+            return
+        o.close()
+        v = self._views.get(bid)
+        if v is not None:
+            v.origins = self._origins_of(bid)
+
     def _origins_of(self, bid: str) -> origins.Origins:
         o = self._origins.get(bid)
         if o is None:

@@ -384,7 +384,8 @@ class Handlers:
         if force:
             self.overlays.detach([b for b in self.store.branches(ws.name)
                                   if b.status == "active"])
-        removed = self.store.remove_workspace(ws.name, force=force)
+        async with self.overlays.quiesced(ws.name):
+            removed = self.store.remove_workspace(ws.name, force=force)
         self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
 
@@ -487,7 +488,8 @@ class Handlers:
         # The kernel must not write the upper dir while the commit moves it away.
         self.overlays.detach([branch])
         try:
-            result = self.store.commit(branch.workspace, branch.name, force=force)
+            async with self.overlays.quiesced(branch.workspace):
+                result = self.store.commit(branch.workspace, branch.name, force=force)
         except Exception:
             # refused: still the user's (but not a half-moved delta: see Store.pending)
             if (self.store.status(branch.id) == "active"
@@ -500,7 +502,10 @@ class Handlers:
     async def _settle(self, workspace: str) -> None:
         """Finish a commit of *workspace* that failed half way before anything else is
         done there (Store.finish_pending raises Busy while it still cannot be)."""
-        result = self.store.finish_pending(workspace)
+        if not self.store.pending(workspace):
+            return
+        async with self.overlays.quiesced(workspace):
+            result = self.store.finish_pending(workspace)
         if result is not None:
             await self._after_commit(result)
             # start-up served none of this workspace's branches while its commit was
@@ -524,14 +529,17 @@ class Handlers:
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        merged, conflicts = self.store.rebase(branch.workspace, branch.name)
+        async with self.overlays.quiesced(branch.workspace):
+            merged, conflicts = self.store.rebase(branch.workspace, branch.name)
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
     async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str), how)
+        async with self.overlays.quiesced(branch.workspace):
+            left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
+                                      how)
         if how == "theirs":  # an entry of its upper dir went behind the kernel's back
             await self.overlays.remount(branch)
         return {"branch": branch.name, "conflicts": left}
@@ -542,7 +550,8 @@ class Handlers:
         subtree = self.overlays.subtree(branch)
         self.overlays.detach(subtree)
         try:
-            removed = self.store.discard(branch.workspace, branch.name)
+            async with self.overlays.quiesced(branch.workspace):
+                removed = self.store.discard(branch.workspace, branch.name)
         except Exception:
             # refused (a full disk): the branches stay, and so does their fast path
             for b in subtree:

@@ -24,7 +24,8 @@ import secrets
 import select
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -146,6 +147,12 @@ class Overlays:
         for b in out:
             out.extend(c for c in live if c.parent == b.name)
         return out
+
+    @asynccontextmanager
+    async def quiesced(self, workspace: str) -> AsyncIterator[None]:
+        """Nothing to hold for an overlay: the daemon detaches what a change moves
+        (``detach``), the kernel writes nothing else behind the Store."""
+        yield
 
     async def remount(self, branch: branchfs.Branch) -> None:
         """Serve an active branch afresh: its upper dir changed behind the kernel."""

@@ -22,11 +22,13 @@ import trio
 
 import branchfs
 import cgroups
+from daemon import fuseprocs
 from daemon.config import Config
+from daemon.fuseprocs import FuseProcs
 from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
 from daemon.notify import Notifier
-from daemon.overlays import Overlays, choose
+from daemon.overlays import FUSE, Overlays, choose
 from daemon.runs import RunTable
 from daemon.server import bind_socket, serve_control
 
@@ -85,7 +87,9 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
         backend, why = choose(cfg.backend, cfg.state_dir)
         log.info("backend %s: %s", backend, why)
-        overlays = Overlays(store, cfg.mountpoint, backend, why)
+        overlays = (FuseProcs(store, cfg.mountpoint, why, cfg.debug_fuse)
+                    if backend == FUSE and fuseprocs.per_branch() else
+                    Overlays(store, cfg.mountpoint, backend, why))
         stack.callback(overlays.close)  # whatever ended the nursery: never leave one behind
 
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,424 @@
+"""The FUSE backend in processes of its own: one FUSE server process per active branch.
+
+Why one per branch (measured on the 2-core test VM, load about 1): pyfuse3
+allows one session per process and a session is one mount, so only a mount
+per branch lets parallel branches use more than one core (one per workspace
+would leave the 16-parallel-branches case, 16 branches of one workspace, on
+one core, as today); a fixed pool would have to share a mount between
+processes, which FUSE does not do. The price: about 33 MiB of peak RSS per
+process (``/usr/bin/time`` of the child's imports; most of it shared pages of
+the interpreter and libfuse) and 0.33 s to start one (the imports of pyfuse3,
+trio and branchfs), which a branch create (1.5 ms) cannot pay: a *spare*
+process is started ahead, takes the next branch, and the next spare is started
+behind it.
+
+The process mounts the branch on its own directory inside the daemon's FUSE
+mount, ``<mountpoint>/<ws>/<branch>``, as the overlay backend does, so the path
+does not change; the daemon's own mount still answers the directories above it
+and an ended branch (ESTALE), and serves the branch itself while no process
+does (a spare still starting, a process that died, a host where the process
+cannot mount). The on-disk delta is the only data both share (``Replica``).
+
+The daemon talks to each process over a socket pair (``branchfs.wire``):
+every Store event of the workspace is sent to its processes (no request of
+ours ever waits for a process, except a commit's quiesce and the wait for
+events to be applied, both bounded by a timeout); a commit, rebase, resolve or
+discard first quiesces every process of the workspace (``quiesced``), so no
+write of theirs lands while the Store moves the deltas. A process that dies
+is logged, its mount detached (the daemon's mount serves the branch at once)
+and a new one started, up to RESTARTS times per branch. Each process has
+PR_SET_PDEATHSIG: a daemon killed with SIGKILL leaves none behind, and the
+next daemon detaches the dead mounts with its own (``prepare_mountpoint``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import branchfs
+from branchfs import origins, overlay
+from branchfs.replica import event_message
+from branchfs.wire import Conn, WireError
+from daemon.handlers import RequestError
+from daemon.overlays import FUSE, Overlays
+
+log = logging.getLogger(__name__)
+
+MOUNT_TIMEOUT = 10.0  # a spare still importing takes 0.3 s, more on a loaded host
+QUIESCE_TIMEOUT = 10.0  # a request being answered (a copy-up of a large file) may take long
+APPLY_TIMEOUT = 2.0  # the child waits up to 1 s for the kernel per event (fs.DRAIN_TIMEOUT)
+MAX_PATHS = 2000  # more paths in one event: the child forgets the whole branch
+MAX_PENDING = 8 << 20  # bytes a child has not read: it is stuck, and killed
+RESTARTS = 3
+
+
+def per_branch() -> bool:
+    """Whether FUSE branches get server processes: where the daemon may mount (root)
+    and ``BRANCHD_FUSE_SERVERS`` is not ``daemon`` (the benchmark compares both)."""
+    return os.geteuid() == 0 and os.environ.get("BRANCHD_FUSE_SERVERS", "process") != "daemon"
+
+
+@dataclass(eq=False)
+class Child:
+    """One FUSE server process. ``root`` is an O_PATH fd on its mount's root, kept
+    from the ``mounted`` answer on; the mount is detached through it."""
+
+    proc: subprocess.Popen[bytes]
+    conn: Conn
+    branch: branchfs.Branch | None = None
+    root: int | None = None
+    mounted: trio.Event = field(default_factory=trio.Event)
+    failed: str | None = None
+    wake: trio.Event = field(default_factory=trio.Event)
+    acks: dict[int, trio.Event] = field(default_factory=dict)
+    ended: bool = False  # its branch ended: detached, serving its last users
+
+    @property
+    def name(self) -> str:
+        b = self.branch
+        return f"{b.workspace}/{b.name} (pid {self.proc.pid})" if b else f"pid {self.proc.pid}"
+
+
+class FuseProcs(Overlays):
+    """The FUSE backend with a server process per active branch (see the module
+    docstring). Invariant: ``_children[bid]`` is the process serving active
+    branch *bid* (mounted or still mounting); a branch without one is served by
+    the daemon's own mount."""
+
+    def __init__(self, store: branchfs.Store, mountpoint: Path, reason: str,
+                 debug: bool = False) -> None:
+        super().__init__(store, mountpoint, FUSE, reason)
+        self.debug = debug
+        self._children: dict[str, Child] = {}
+        self._others: set[Child] = set()  # spares and ended branches' processes
+        self._spare: Child | None = None
+        self._restarts: dict[str, int] = {}
+        self._seq = itertools.count(1)
+        self._locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closing = False
+        store.subscribe(self._on_event)
+
+    # -- processes -----------------------------------------------------------------
+
+    def _spawn(self) -> Child:
+        """Start a process; it imports, then waits for its branch (a spare)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "branchfs.child", str(os.getpid()), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        child = Child(proc, Conn(ours))
+        self._others.add(child)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._supervise, child)
+        self._nursery.start_soon(self._reader, child)
+        self._nursery.start_soon(self._writer, child)
+        return child
+
+    def _take_spare(self) -> Child:
+        child = self._spare if self._spare is not None else self._spawn()
+        self._spare = self._spawn()
+        return child
+
+    def _send(self, child: Child, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        if child.conn.closed:
+            return
+        try:
+            child.conn.send(msg, fds)
+        except WireError:
+            return  # it died: _supervise tells
+        if child.conn.pending > MAX_PENDING:
+            log.error("the FUSE server of %s reads nothing from the daemon: killed",
+                      child.name)
+            child.proc.kill()
+        elif child.conn.pending:
+            self._wake(child)
+
+    def _wake(self, child: Child) -> None:
+        if self._token is not None:
+            self._token.run_sync_soon(child.wake.set)  # from any thread
+
+    async def _writer(self, child: Child) -> None:
+        try:
+            while not child.conn.closed:
+                await child.wake.wait()
+                child.wake = trio.Event()
+                while not child.conn.flush():
+                    await trio.lowlevel.wait_writable(child.conn.fileno())
+        except (WireError, OSError):
+            return
+
+    async def _reader(self, child: Child) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(child.conn.fileno())
+                child.conn.read()
+                while (got := child.conn.next()) is not None:
+                    self._received(child, *got)
+        except (WireError, OSError, trio.ClosedResourceError):
+            return
+        finally:
+            if not child.mounted.is_set():
+                child.failed = child.failed or "it ended before mounting"
+                child.mounted.set()
+
+    def _received(self, child: Child, msg: dict[str, Any], fds: list[int]) -> None:
+        op = msg.get("op")
+        if op == "mounted" and fds:
+            child.root = fds.pop(0)
+            child.mounted.set()
+        elif op == "failed":
+            child.failed = str(msg.get("error"))
+            child.mounted.set()
+        elif op in ("done", "quiesced"):
+            ack = child.acks.pop(int(msg.get("seq") or 0), None)
+            if ack is not None:
+                ack.set()
+        elif op == "changed":
+            self._relay(child, msg)
+        for fd in fds:
+            os.close(fd)
+
+    def _relay(self, child: Child, msg: dict[str, Any]) -> None:
+        """A write in *child*'s branch changed what its descendants see through it."""
+        b = child.branch
+        if b is None:
+            return
+        for d in self.subtree(b)[1:]:
+            kid = self._children.get(d.id)
+            if kid is not None:
+                self._send(kid, msg)
+
+    async def _supervise(self, child: Child) -> None:
+        fd = os.pidfd_open(child.proc.pid)
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+        code = child.proc.wait()
+        self._others.discard(child)
+        if self._spare is child:
+            self._spare = None
+        b = child.branch
+        mine = b is not None and self._children.get(b.id) is child
+        if mine and b is not None:
+            del self._children[b.id]
+        self._detach_child(child)
+        _close(child.conn)
+        for ack in child.acks.values():
+            ack.set()
+        if self._closing:
+            return
+        why = f"signal {-code}" if code < 0 else f"exit status {code}"
+        if not mine or b is None or self.store.status(b.id) != "active":
+            if code != 0 and b is not None and not child.ended:
+                log.warning("the FUSE server of %s ended (%s)", child.name, why)
+            return
+        n = self._restarts[b.id] = self._restarts.get(b.id, 0) + 1
+        if n > RESTARTS:
+            log.error("the FUSE server of %s died (%s), %d times: the daemon serves the "
+                      "branch from now on", child.name, why, n)
+            return
+        log.error("the FUSE server of %s died (%s): the daemon serves the branch until "
+                  "a new one is mounted", child.name, why)
+        await self.serve(self.store.branch_by_id(b.id) or b)
+
+    def _detach_child(self, child: Child) -> None:
+        root, child.root = child.root, None
+        if root is None:
+            return
+        try:
+            overlay.detach(overlay.fd_path(root), follow=True)
+        except OSError as exc:
+            log.error("cannot detach the FUSE mount of %s: %s", child.name, exc)
+        finally:
+            os.close(root)
+
+    # -- the backend -----------------------------------------------------------------
+
+    async def serve(self, branch: branchfs.Branch) -> None:
+        """Hand an active branch to a server process and wait for its mount; a
+        process that cannot mount leaves the branch to the daemon, with a warning."""
+        if (branch.id in self._children or self._nursery is None or self._closing
+                or self.store.pending(branch.workspace)):
+            return
+        view = self.store.view(branch.workspace, branch.name)
+        assert view.work is not None
+        child = self._take_spare()
+        self._others.discard(child)
+        child.branch = branch
+        self._children[branch.id] = child
+        self._send(child, {
+            "op": "serve", "state_dir": self.store.state_dir, "ws": branch.workspace,
+            "bid": branch.id, "name": branch.name, "path": self.path_of(branch),
+            "owner": self.store.workspace(branch.workspace).owner,
+            "origins": os.path.join(self.store.state_dir, "branches", branch.id,
+                                    origins.FILE),
+            "shared": self.store.shared(branch.id), "debug": self.debug,
+            "log_level": logging.getLogger().level,
+            "branches": [b.to_dict() for b in self.store.branches(branch.workspace)],
+        }, [*view.layers, view.work])
+        with trio.move_on_after(MOUNT_TIMEOUT):
+            await child.mounted.wait()
+        if child.root is None:
+            log.warning("branch %s/%s stays on the daemon's FUSE mount: its server "
+                        "process did not mount it (%s)", branch.workspace, branch.name,
+                        child.failed or f"no answer in {MOUNT_TIMEOUT:.0f} s")
+            if self._children.get(branch.id) is child:
+                del self._children[branch.id]
+            child.proc.kill()
+            return
+        if self.store.status(branch.id) != "active":
+            self._end(child)  # ended while it mounted
+            return
+        log.debug("branch %s served by %s", branch.name, child.name)
+
+    def backend_of(self, bid: str) -> str:
+        return FUSE
+
+    def server_pid(self, bid: str) -> int | None:
+        """The pid of the process serving *bid*, None where the daemon does."""
+        child = self._children.get(bid)
+        return child.proc.pid if child is not None and child.root is not None else None
+
+    def detach(self, branches: list[branchfs.Branch]) -> None:
+        """Detach the mounts of *branches* that ended; an active one stays served
+        (a commit quiesces its process instead: ``quiesced``)."""
+        for b in branches:
+            child = self._children.get(b.id)
+            if child is not None and self.store.status(b.id) != "active":
+                self._end(child)
+
+    def _end(self, child: Child) -> None:
+        """Its branch ended: detach its mount (what is open in it goes on getting
+        ESTALE from it until closed; then the kernel ends its session, and it exits)."""
+        b = child.branch
+        if b is not None and self._children.get(b.id) is child:
+            del self._children[b.id]
+            self._restarts.pop(b.id, None)
+        child.ended = True
+        self._others.add(child)
+        self._detach_child(child)
+
+    async def remount(self, branch: branchfs.Branch) -> None:
+        """Nothing: the events sent to the process invalidate what changed."""
+
+    async def serve_all(self) -> None:
+        """Served by ``watch``, which holds the processes' nursery."""
+
+    def _on_event(self, ev: branchfs.Event) -> None:
+        """A Store change (on the trio thread or a worker of it): to every process
+        of the workspace, and an ended branch's mount detached."""
+        msg = event_message(ev, MAX_PATHS)
+        for child in list(self._children.values()):
+            if child.branch is None or child.branch.workspace != ev.workspace:
+                continue
+            seq = next(self._seq)
+            if self._token is not None:
+                child.acks[seq] = trio.Event()
+            self._send(child, {**msg, "seq": seq})
+        if ev.kind == "branch-ended" and ev.branch is not None:
+            ended = self._children.get(ev.branch.id)
+            if ended is not None:
+                self._end(ended)
+
+    @asynccontextmanager
+    async def quiesced(self, workspace: str) -> AsyncIterator[None]:
+        """Every process of *workspace* holds still (no FUSE request of theirs is
+        being answered, none will be) for the ``with``; afterwards they go on, and
+        the events of the change have been applied, or APPLY_TIMEOUT passed.
+        RequestError("busy") where a process did not answer in QUIESCE_TIMEOUT."""
+        lock = self._locks.setdefault(workspace, trio.Lock())
+        async with lock:
+            kids = [c for c in self._children.values()
+                    if c.branch is not None and c.branch.workspace == workspace
+                    and c.root is not None]
+            held: list[Child] = []
+            try:
+                for child in kids:
+                    seq = next(self._seq)
+                    ack = child.acks[seq] = trio.Event()
+                    self._send(child, {"op": "quiesce", "seq": seq})
+                    with trio.move_on_after(QUIESCE_TIMEOUT):
+                        await ack.wait()
+                    if not ack.is_set():
+                        raise RequestError("busy", f"the FUSE server of {child.name} did not "
+                                           f"hold still in {QUIESCE_TIMEOUT:.0f} s; try again")
+                    held.append(child)
+                    self.store.reload_origins(child.branch.id)  # type: ignore[union-attr]
+                yield
+            finally:
+                for child in held:
+                    self._send(child, {"op": "resume"})
+            await self._applied(held)
+
+    async def _applied(self, kids: list[Child]) -> None:
+        with trio.move_on_after(APPLY_TIMEOUT):
+            for child in kids:
+                for ack in list(child.acks.values()):
+                    await ack.wait()
+        for child in kids:
+            if child.acks:
+                log.warning("the FUSE server of %s has not applied a change yet", child.name)
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Hold the processes' nursery, serve every active branch, then supervise."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._spare = self._spawn()
+                for b in self.store.branches():
+                    if b.status == "active":
+                        await self.serve(b)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Detach every process's mount and kill the processes (nothing in them
+        needs flushing: their writes are the upper dirs' own)."""
+        self._closing = True
+        kids = [*self._children.values(), *self._others]
+        self._children.clear()
+        self._others.clear()
+        self._spare = None
+        for child in kids:
+            self._detach_child(child)
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGKILL)
+        for child in kids:
+            try:
+                child.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("FUSE server %s did not end after SIGKILL", child.name)
+            _close(child.conn)
+
+
+def _close(conn: Conn) -> None:
+    if conn.closed:
+        return
+    try:
+        trio.lowlevel.notify_closing(conn.sock)  # its reader and writer tasks wait on it
+    except RuntimeError:
+        pass  # outside trio: no task is left to wait
+    conn.close()
