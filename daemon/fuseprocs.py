@@ -111,6 +111,7 @@ class FuseProcs(Overlays):
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
+        self.mounted_one = trio.Event()  # set (and replaced) whenever a process mounted
         store.subscribe(self._on_event)
 
     # -- processes -----------------------------------------------------------------
@@ -133,9 +134,17 @@ class FuseProcs(Overlays):
         return child
 
     def _take_spare(self) -> Child:
+        """The spare (or a new process where there is none); the next spare is started
+        after the request that takes this one was answered."""
         child = self._spare if self._spare is not None else self._spawn()
-        self._spare = self._spawn()
+        self._spare = None
+        assert self._nursery is not None
+        self._nursery.start_soon(self._new_spare)
         return child
+
+    async def _new_spare(self) -> None:
+        if self._spare is None and not self._closing:
+            self._spare = self._spawn()
 
     def _send(self, child: Child, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if child.conn.closed:
@@ -254,8 +263,9 @@ class FuseProcs(Overlays):
     # -- the backend -----------------------------------------------------------------
 
     async def serve(self, branch: branchfs.Branch) -> None:
-        """Hand an active branch to a server process and wait for its mount; a
-        process that cannot mount leaves the branch to the daemon, with a warning."""
+        """Hand an active branch to a server process. Not waited for (a create stays
+        a few ms): the daemon's own mount serves the branch until the process's mount
+        lands on it, over the same delta (``_mounting``)."""
         if (branch.id in self._children or self._nursery is None or self._closing
                 or self.store.pending(branch.workspace)):
             return
@@ -269,15 +279,23 @@ class FuseProcs(Overlays):
             "op": "serve", "state_dir": self.store.state_dir, "ws": branch.workspace,
             "bid": branch.id, "name": branch.name, "path": self.path_of(branch),
             "owner": self.store.workspace(branch.workspace).owner,
+            # (an Origins of a path that does not exist keeps no records)
             "origins": os.path.join(self.store.state_dir, "branches", branch.id,
                                     origins.FILE),
             "shared": self.store.shared(branch.id), "debug": self.debug,
             "log_level": logging.getLogger().level,
             "branches": [b.to_dict() for b in self.store.branches(branch.workspace)],
         }, [*view.layers, view.work])
+        self._nursery.start_soon(self._mounting, child, branch)
+
+    async def _mounting(self, child: Child, branch: branchfs.Branch) -> None:
+        """Wait for *child*'s mount; one that cannot mount leaves the branch to the
+        daemon, with a warning."""
         with trio.move_on_after(MOUNT_TIMEOUT):
             await child.mounted.wait()
         if child.root is None:
+            if self._closing:
+                return
             log.warning("branch %s/%s stays on the daemon's FUSE mount: its server "
                         "process did not mount it (%s)", branch.workspace, branch.name,
                         child.failed or f"no answer in {MOUNT_TIMEOUT:.0f} s")
@@ -285,10 +303,17 @@ class FuseProcs(Overlays):
                 del self._children[branch.id]
             child.proc.kill()
             return
-        if self.store.status(branch.id) != "active":
-            self._end(child)  # ended while it mounted
+        if self._children.get(branch.id) is not child:
+            self._end(child)  # its branch ended while it mounted
             return
+        self.mounted_one.set()
+        self.mounted_one = trio.Event()
         log.debug("branch %s served by %s", branch.name, child.name)
+
+    async def wait_mounted(self, bid: str) -> None:
+        """Until *bid*'s process has mounted it, or the daemon serves it (tests)."""
+        while (c := self._children.get(bid)) is not None and c.root is None:
+            await self.mounted_one.wait()
 
     def backend_of(self, bid: str) -> str:
         return FUSE
@@ -350,24 +375,28 @@ class FuseProcs(Overlays):
             kids = [c for c in self._children.values()
                     if c.branch is not None and c.branch.workspace == workspace
                     and c.root is not None]
-            held: list[Child] = []
+            asked: list[tuple[Child, trio.Event]] = []
             try:
                 for child in kids:
                     seq = next(self._seq)
                     ack = child.acks[seq] = trio.Event()
                     self._send(child, {"op": "quiesce", "seq": seq})
-                    with trio.move_on_after(QUIESCE_TIMEOUT):
+                    asked.append((child, ack))
+                with trio.move_on_after(QUIESCE_TIMEOUT):
+                    for _, ack in asked:
                         await ack.wait()
+                for child, ack in asked:
                     if not ack.is_set():
                         raise RequestError("busy", f"the FUSE server of {child.name} did not "
                                            f"hold still in {QUIESCE_TIMEOUT:.0f} s; try again")
-                    held.append(child)
                     self.store.reload_origins(child.branch.id)  # type: ignore[union-attr]
                 yield
             finally:
-                for child in held:
+                # (one that never answered gets it too: it holds still, when it wakes,
+                # only until it reads this)
+                for child, _ in asked:
                     self._send(child, {"op": "resume"})
-            await self._applied(held)
+            await self._applied(kids)
 
     async def _applied(self, kids: list[Child]) -> None:
         with trio.move_on_after(APPLY_TIMEOUT):

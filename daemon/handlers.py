@@ -305,6 +305,8 @@ class Handlers:
         # an ended or invalidated branch is gone from its path: nothing serves it
         out["backend"] = (self.overlays.backend_of(branch.id)
                           if branch.status == ACTIVE else None)
+        # the FUSE server process serving it, where one does (None: the daemon)
+        out["server_pid"] = self.overlays.server_pid(branch.id)
         out["meta"] = self.meta.get(branch.id)
         return out
 

@@ -80,6 +80,10 @@ class Overlays:
     def backend_of(self, bid: str) -> str:
         return OVERLAY if bid in self._roots else FUSE
 
+    def server_pid(self, bid: str) -> int | None:
+        """The process serving *bid* apart from the daemon: none (``FuseProcs`` has)."""
+        return None
+
     def served(self) -> dict[str, int]:
         """The branches this thinks are served by an overlay, with the id of each
         one's mount (fsck compares them with the mount table)."""
