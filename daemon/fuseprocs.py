@@ -355,8 +355,11 @@ class FuseProcs(Overlays):
         for child in list(self._children.values()):
             if child.branch is None or child.branch.workspace != ev.workspace:
                 continue
-            seq = next(self._seq)
-            if self._token is not None:
+            # waited for (``_applied``) where it changes what the process shows
+            seq = None
+            mine = child.branch.id in (ev.target, ev.branch and ev.branch.id)
+            if self._token is not None and mine:
+                seq = next(self._seq)
                 child.acks[seq] = trio.Event()
             self._send(child, {**msg, "seq": seq})
         if ev.kind == "branch-ended" and ev.branch is not None:
@@ -365,16 +368,19 @@ class FuseProcs(Overlays):
                 self._end(ended)
 
     @asynccontextmanager
-    async def quiesced(self, workspace: str) -> AsyncIterator[None]:
-        """Every process of *workspace* holds still (no FUSE request of theirs is
-        being answered, none will be) for the ``with``; afterwards they go on, and
-        the events of the change have been applied, or APPLY_TIMEOUT passed.
-        RequestError("busy") where a process did not answer in QUIESCE_TIMEOUT."""
+    async def quiesced(self, workspace: str,
+                       branches: list[branchfs.Branch] | None = None) -> AsyncIterator[None]:
+        """The processes of *branches* (default: every branch of *workspace*) hold
+        still (no FUSE request of theirs is being answered, none will be) for the
+        ``with``; afterwards they go on, and the events of the change that concern
+        them have been applied, or APPLY_TIMEOUT passed. RequestError("busy") where
+        a process did not answer in QUIESCE_TIMEOUT."""
         lock = self._locks.setdefault(workspace, trio.Lock())
+        ids = None if branches is None else {b.id for b in branches}
         async with lock:
             kids = [c for c in self._children.values()
                     if c.branch is not None and c.branch.workspace == workspace
-                    and c.root is not None]
+                    and c.root is not None and (ids is None or c.branch.id in ids)]
             asked: list[tuple[Child, trio.Event]] = []
             try:
                 for child in kids:

@@ -531,7 +531,7 @@ class Handlers:
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        async with self.overlays.quiesced(branch.workspace):
+        async with self.overlays.quiesced(branch.workspace, [branch]):
             merged, conflicts = self.store.rebase(branch.workspace, branch.name)
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
@@ -539,7 +539,7 @@ class Handlers:
         branch = self._active(self._branch(args))
         await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        async with self.overlays.quiesced(branch.workspace):
+        async with self.overlays.quiesced(branch.workspace, [branch]):
             left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
                                       how)
         if how == "theirs":  # an entry of its upper dir went behind the kernel's back
@@ -552,7 +552,7 @@ class Handlers:
         subtree = self.overlays.subtree(branch)
         self.overlays.detach(subtree)
         try:
-            async with self.overlays.quiesced(branch.workspace):
+            async with self.overlays.quiesced(branch.workspace, subtree):
                 removed = self.store.discard(branch.workspace, branch.name)
         except Exception:
             # refused (a full disk): the branches stay, and so does their fast path

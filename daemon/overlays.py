@@ -153,7 +153,8 @@ class Overlays:
         return out
 
     @asynccontextmanager
-    async def quiesced(self, workspace: str) -> AsyncIterator[None]:
+    async def quiesced(self, workspace: str,
+                       branches: list[branchfs.Branch] | None = None) -> AsyncIterator[None]:
         """Nothing to hold for an overlay: the daemon detaches what a change moves
         (``detach``), the kernel writes nothing else behind the Store."""
         yield
