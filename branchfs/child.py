@@ -122,7 +122,11 @@ async def serve(conn: Conn, msg: dict[str, Any], fds: list[int]) -> None:
     server = Server(conn, ops, replica)
     ops.relay = server.relay
     path = msg["path"]
-    pyfuse3.init(ops, path, fuse_options(msg.get("debug", False)))
+    try:
+        pyfuse3.init(ops, path, fuse_options(msg.get("debug", False)))
+    except RuntimeError as exc:  # libfuse said why on stderr; the daemon decides
+        replica.close()
+        raise MountFailed(f"cannot mount {path}: {exc}") from None
     try:
         ops.start()
         async with trio.open_nursery() as nursery:
@@ -165,15 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(msg.get("log_level", logging.INFO))
     try:
         trio.run(functools.partial(serve, conn, msg, fds))
+    except MountFailed as exc:
+        # (a branch that ended before its mount: its directory is gone already)
+        _tell(conn, str(exc))
     except Exception as exc:
         log.exception("FUSE server of %s/%s failed", msg.get("ws"), msg.get("name"))
-        try:
-            conn.send({"op": "failed", "error": str(exc)})
-            conn.flush()
-        except WireError:
-            pass
+        _tell(conn, str(exc))
         return 1
     return 0
+
+
+class MountFailed(Exception):
+    pass
+
+
+def _tell(conn: Conn, error: str) -> None:
+    try:
+        conn.send({"op": "failed", "error": error})
+        conn.flush()
+    except WireError:
+        pass
 
 
 if __name__ == "__main__":

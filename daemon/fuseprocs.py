@@ -294,7 +294,9 @@ class FuseProcs(Overlays):
         with trio.move_on_after(MOUNT_TIMEOUT):
             await child.mounted.wait()
         if child.root is None:
-            if self._closing:
+            if self._children.get(branch.id) is not child or self._closing:
+                log.debug("%s ended before its mount: %s", child.name, child.failed)
+                child.proc.kill()
                 return
             log.warning("branch %s/%s stays on the daemon's FUSE mount: its server "
                         "process did not mount it (%s)", branch.workspace, branch.name,
