@@ -15,10 +15,11 @@ left).
 Frames from the daemon, answered in order: ``event`` (a Store event, applied
 and its invalidations waited for, then ``done``), ``changed`` (an ancestor
 branch served elsewhere was written: ``Operations.changed_in``), ``quiesce``
-(``quiesced`` once no request is being handled; then nothing is served, events
-are only queued, until ``resume``: the daemon applies a commit meanwhile),
-``stop``. To the daemon, unasked: ``changed`` after a write in this branch when
-it has live descendants. The mount is never unmounted by path from here (the
+(``quiesced`` at once: no request is half done between two of them; then the
+requests wait at the workspace's gate, ``Operations.quiesce``, and other frames
+are kept, until ``resume``: the daemon changes the delta meanwhile), ``stop``.
+To the daemon, unasked: ``changed`` after a write in this branch when it has
+live descendants. The mount is never unmounted by path from here (the
 path may reach another branch's mount by then): the daemon detaches it.
 """
 
@@ -62,42 +63,43 @@ class Server:
         self.conn = conn
         self.ops = ops
         self.replica = replica
+        self.held: list[dict[str, Any]] | None = None  # frames kept while quiesced
 
     def relay(self, bid: str, parts: tuple[str, ...], name_changed: bool) -> None:
         self.conn.send({"op": "changed", "bid": bid, "parts": list(parts),
                         "name_changed": name_changed})
 
-    def handle(self, msg: dict[str, Any]) -> bool:
+    async def handle(self, msg: dict[str, Any]) -> bool:
         """Act on one frame; False once the daemon said stop."""
         op = msg.get("op")
+        if self.held is not None and op not in ("resume", "stop"):
+            self.held.append(msg)  # after the resume: the daemon is changing the delta
+            return True
         if op == "event":
-            self.replica.apply(msg)
+            ev = self.replica.apply(msg)
+            self.ops.on_event(ev)
             if msg.get("paths") is None and msg.get("target") == self.replica.bid:
                 self.ops.forget_all(self.replica.bid)
+            await self.ops.settle()
             self.conn.send({"op": "done", "seq": msg.get("seq")})
         elif op == "changed":
             self.ops.changed_in(self.replica.bid, msg["parts"], msg["name_changed"])
         elif op == "quiesce":
-            return self.quiesced(msg)
+            # (a handler never awaits past its gate: none is half done now)
+            self.ops.quiesce(self.replica.workspace_name)
+            self.held = []
+            self.conn.send({"op": "quiesced", "seq": msg.get("seq")})
+        elif op == "resume":
+            later, self.held = self.held or [], None
+            self.ops.resume(self.replica.workspace_name)
+            for m in later:
+                if not await self.handle(m):
+                    return False
         elif op == "stop":
             return False
         else:
             log.error("unknown frame from the daemon: %r", op)
         return True
-
-    def quiesced(self, msg: dict[str, Any]) -> bool:
-        """Hold the trio thread (so no FUSE request is answered) until ``resume``;
-        what arrives meanwhile is handled after it."""
-        self.conn.send({"op": "quiesced", "seq": msg.get("seq")})
-        later: list[dict[str, Any]] = []
-        while True:
-            nxt, fds = self.conn.wait_blocking()
-            for fd in fds:
-                os.close(fd)
-            if nxt.get("op") == "resume":
-                break
-            later.append(nxt)
-        return all([self.handle(m) for m in later])
 
     async def control(self) -> None:
         fd = self.conn.fileno()
@@ -112,7 +114,7 @@ class Server:
                 msg, fds = got
                 for f in fds:
                     os.close(f)
-                if not self.handle(msg):
+                if not await self.handle(msg):
                     return
 
 

@@ -7,8 +7,11 @@ Every handler runs inside one error boundary (``_boundary``): OSError becomes
 its errno, a domain error its own errno, anything else is logged with its
 traceback, answered with EIO and puts only that branch into failsafe mode
 (reads EIO, writes EPERM) so the mount itself never dies of one bad request.
-Handlers never await: each runs to completion on the trio thread, which is
-also the thread the daemon calls the Store from.
+Handlers await nothing but the gate of a quiesced workspace (``quiesce``,
+while a commit changes its files off the loop): each otherwise runs to
+completion on the trio thread, the thread the daemon answers requests on.
+The daemon reaches this adapter as a data-plane backend (``mount.FuseBackend``):
+Store events come through ``on_event``, never a subscription of its own.
 
 Inodes are ours, not the backing files': a node is a name in a view
 (parent node + name, so renaming a directory renames its subtree for free),
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from .backing import PRIVATE_XATTR_PREFIX
@@ -56,7 +60,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 ENTRY_TIMEOUT = 10.0  # seconds the kernel may trust a name; commit/discard invalidate
 ATTR_TIMEOUT = 10.0
-DRAIN_TIMEOUT = 1.0  # longest wait for the kernel after a Store change (see _on_event)
+DRAIN_TIMEOUT = 1.0  # longest wait for the kernel after a Store change (see settle)
 CAP_FSETID = 4  # linux/capability.h
 
 
@@ -210,8 +214,11 @@ class Operations(pyfuse3.Operations):
         self._current: str | None = None  # branch of the request being handled
         self._descendants: dict[str, list[str]] = {}
         self._started = time.time_ns()
+        # workspace -> the gate its requests wait at while a long operation (a commit)
+        # changes its files off the event loop (quiesce/resume; see _wait)
+        self.quiesced: dict[str, trio.Event] = {}
+        self._undrained = False  # invalidations queued since the last settle()
         self._rebuild_descendants()
-        store.subscribe(self._on_event)  # until stop()
 
     # -- plumbing -----------------------------------------------------------
 
@@ -219,7 +226,9 @@ class Operations(pyfuse3.Operations):
         self.notifier = Notifier()
 
     def stop(self) -> None:
-        self.store.unsubscribe(self._on_event)
+        for gate in self.quiesced.values():  # nothing waits for a commit that will not end
+            gate.set()
+        self.quiesced.clear()
         if self.notifier is not None:
             self.notifier.close()
             self.notifier = None
@@ -398,10 +407,46 @@ class Operations(pyfuse3.Operations):
             out[top] = seen
         self._descendants = out
 
-    def _on_event(self, ev: Event) -> None:
-        """A Store change (made by the daemon, never inside a FUSE request):
-        invalidate what it changed and wait for the kernel to have dropped it,
-        so the change is visible through the mount when the daemon answers."""
+    def quiesce(self, ws: str) -> None:
+        """Hold every request of workspace *ws* (its branches' files, its list of
+        branches) at a gate until ``resume``: a long operation changes them."""
+        self.quiesced.setdefault(ws, trio.Event())
+
+    def resume(self, ws: str) -> None:
+        gate = self.quiesced.pop(ws, None)
+        if gate is not None:
+            gate.set()
+
+    async def _wait(self, ino: int) -> None:
+        """Hold a request of a quiesced workspace until it resumes (its one pyfuse3
+        worker task waits; mount.serve lets others answer the other workspaces)."""
+        node = self.nodes.get(ino)
+        while node is not None and node.ws is not None:
+            gate = self.quiesced.get(node.ws)
+            if gate is None:
+                return
+            await gate.wait()
+            node = self.nodes.get(ino)
+
+    def _fh_ino(self, fh: int) -> int:
+        h = self.handles.get(fh)
+        return h.ino if h is not None else ROOT
+
+    async def settle(self) -> None:
+        """Wait, off the event loop (the kernel may need a request answered first),
+        until the invalidations queued by ``on_event`` reached the kernel."""
+        n = self.notifier
+        if n is None or not self._undrained:
+            return
+        self._undrained = False
+        if not await trio.to_thread.run_sync(n.drain, DRAIN_TIMEOUT):
+            log.warning("kernel cache invalidation after a Store change is still pending")
+
+    def on_event(self, ev: Event) -> None:
+        """A Store change (made by the daemon, never inside a FUSE request, on the
+        event loop thread): queue the invalidation of what it changed; ``settle``
+        waits for the kernel to have dropped it, so the change is visible through
+        the mount when the daemon answers."""
         if ev.kind in ("branch-created", "branch-ended"):
             self._rebuild_descendants()
         n = self.notifier
@@ -416,8 +461,7 @@ class Operations(pyfuse3.Operations):
             # kernel detaches mounts from a dentry it invalidates.
             return
         self._invalidate_for(n, ev)
-        if not n.drain(DRAIN_TIMEOUT):
-            log.warning("kernel cache invalidation after %s is still pending", ev.kind)
+        self._undrained = True
 
     def _invalidate_for(self, n: Notifier, ev: Event) -> None:
         if ev.kind in ("workspace-added", "workspace-removed"):
@@ -501,7 +545,7 @@ class Operations(pyfuse3.Operations):
 
     def forget_all(self, bid: str) -> None:
         """Drop everything the kernel holds of branch *bid* (a change too large to
-        list path by path), and wait for it as ``_on_event`` does."""
+        list path by path); ``settle`` waits for it."""
         n = self.notifier
         if n is None:
             return
@@ -509,8 +553,7 @@ class Operations(pyfuse3.Operations):
             if node.bid == bid:
                 node.xattrs = None
                 n.inode(node.ino)
-        if not n.drain(DRAIN_TIMEOUT):
-            log.warning("kernel cache invalidation of a whole branch is still pending")
+        self._undrained = True
 
     # -- lookups and attributes ----------------------------------------------
 
@@ -556,6 +599,8 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             return self._lookup(parent_inode, os.fsdecode(name))
 
@@ -571,12 +616,16 @@ class Operations(pyfuse3.Operations):
                 log.exception("forget of inode %d failed", ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             return self._node_attr(self._node(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             view = self._view(node, write=True)
@@ -641,6 +690,8 @@ class Operations(pyfuse3.Operations):
             h.upper = True
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             return os.fsencode(self._view(node).readlink(self._parts(node)))
@@ -655,6 +706,8 @@ class Operations(pyfuse3.Operations):
             return out
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if self.quiesced:
+            await self._wait(inode)
         return True  # default_permissions: the kernel checks
 
     # -- namespace -----------------------------------------------------------
@@ -680,6 +733,8 @@ class Operations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             parent = self._node(parent_inode)
             view = self._view(parent, write=True)
@@ -690,6 +745,8 @@ class Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             parent = self._node(parent_inode)
             view = self._view(parent, write=True)
@@ -700,6 +757,8 @@ class Operations(pyfuse3.Operations):
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             parent = self._node(parent_inode)
             view = self._view(parent, write=True)
@@ -711,6 +770,8 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             parent = self._node(parent_inode)
             view = self._view(parent, write=True)
@@ -723,6 +784,8 @@ class Operations(pyfuse3.Operations):
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             parent = self._node(new_parent_inode)
@@ -742,10 +805,14 @@ class Operations(pyfuse3.Operations):
             return self._attr(node, view.stat(parts))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             self._remove(parent_inode, os.fsdecode(name), want_dir=False)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.quiesced:
+            await self._wait(parent_inode)
         with self._boundary():
             self._remove(parent_inode, os.fsdecode(name), want_dir=True)
 
@@ -762,6 +829,8 @@ class Operations(pyfuse3.Operations):
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if self.quiesced:
+            await self._wait(parent_inode_old)
         with self._boundary():
             sp = self._node(parent_inode_old)
             dp = self._node(parent_inode_new)
@@ -822,6 +891,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
@@ -854,11 +925,15 @@ class Operations(pyfuse3.Operations):
         return h, node
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.quiesced:
+            await self._wait(self._fh_ino(fh))
         with self._boundary():
             h, _ = self._fh(fh, write=False)
             return os.pread(h.fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.quiesced:
+            await self._wait(self._fh_ino(fh))
         with self._boundary():
             h, node = self._fh(fh, write=True)
             if h.writer is not None:
@@ -884,6 +959,8 @@ class Operations(pyfuse3.Operations):
     # the ENOSYS (pyfuse3's default) makes the kernel stop sending one per close.
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.quiesced:
+            await self._wait(self._fh_ino(fh))
         with self._boundary():
             h, _ = self._fh(fh, write=False)
             if datasync:
@@ -903,6 +980,8 @@ class Operations(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             entries: list[tuple[str, int, pyfuse3.EntryAttributes]] = []
@@ -947,6 +1026,8 @@ class Operations(pyfuse3.Operations):
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             view = self._view(node, write=True)
@@ -957,6 +1038,8 @@ class Operations(pyfuse3.Operations):
             self._changed(node, parts, name_changed=False)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             if node.kind != "view":
@@ -980,6 +1063,8 @@ class Operations(pyfuse3.Operations):
         return names
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             if node.kind != "view":
@@ -987,6 +1072,8 @@ class Operations(pyfuse3.Operations):
             return [os.fsencode(n) for n in self._view(node).listxattr(self._parts(node))]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.quiesced:
+            await self._wait(inode)
         with self._boundary():
             node = self._node(inode)
             view = self._view(node, write=True)

@@ -1,4 +1,5 @@
-"""serve(): mount the Store's branches with pyfuse3 and run the FUSE session."""
+"""The FUSE mount as a data-plane backend: ``FuseBackend``, and ``serve()``, which
+mounts the Store's branches with pyfuse3 and runs the FUSE session."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Sequence
 
 import pyfuse3
 import trio
 
 from .fs import Operations
-from .store import Store
+from .model import ACTIVE, Branch
+from .store import Event, Store
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +23,60 @@ log = logging.getLogger(__name__)
 # for up to max_pages at a time, ahead of the reader (measured: 128 MiB cold
 # read 215-420 ms -> 80-160 ms here; 2 MiB and more gave nothing more).
 READ_AHEAD_KB = 1024
+# pyfuse3 worker tasks at most. One answers everything (our handlers do not await,
+# and more hand pyfuse3's read lock back and forth); the others exist only while
+# requests of a quiesced workspace wait at its gate, so that those of the other
+# workspaces are answered meanwhile.
+MAX_TASKS = 64
 
 
-async def serve(store: Store, mountpoint: str, *, debug: bool = False,
+class FuseBackend:
+    """The daemon's FUSE mount (``branchfs.backend.Backend``): it serves every active
+    branch from the Store's records, so ``serve`` and ``detach`` have nothing to
+    do (an ended branch answers ESTALE); quiescing holds a workspace's requests
+    at a gate, and Store events invalidate the kernel's caches."""
+
+    name = "fuse"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.ops = Operations(store)
+
+    def serves(self, bid: str) -> bool:
+        return self.store.status(bid) == ACTIVE
+
+    async def serve(self, branch: Branch) -> None:
+        pass
+
+    def detach(self, branches: Sequence[Branch]) -> None:
+        pass
+
+    async def quiesce(self, workspace: str, moving: Sequence[Branch]) -> None:
+        self.ops.quiesce(workspace)
+
+    async def resume(self, workspace: str, moving: Sequence[Branch]) -> None:
+        self.ops.resume(workspace)
+
+    def invalidate(self, event: Event) -> None:
+        self.ops.on_event(event)
+
+    async def settle(self) -> None:
+        await self.ops.settle()
+
+    def close(self) -> None:
+        pass  # the mount goes when serve() ends
+
+
+async def serve(fuse: FuseBackend, mountpoint: str, *, debug: bool = False,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Mount *store* at *mountpoint* and serve it until cancelled.
+    """Mount *fuse*'s Store at *mountpoint* and serve it until cancelled.
 
     One FUSE session per process (pyfuse3's rule). ``task_status.started()``
     is called once the mount is live; the mount is always removed on the way
     out, whatever ended the session.
     """
     await _clear_dead_mount(os.fspath(mountpoint))
-    ops = Operations(store)
+    ops = fuse.ops
     if not _may_allow_other():
         log.warning("mounting without allow_other: only uid %d can use the branches "
                     "(add user_allow_other to /etc/fuse.conf)", os.geteuid())
@@ -40,10 +85,11 @@ async def serve(store: Store, mountpoint: str, *, debug: bool = False,
     try:
         ops.start()
         async with trio.open_nursery() as nursery:
-            # One worker task: our handlers never await, so more workers only hand
-            # pyfuse3's read lock back and forth (agent workload: 3.0-3.4 s with one
-            # worker, 3.7-4.3 s with the default 99 here).
-            nursery.start_soon(functools.partial(pyfuse3.main, min_tasks=1, max_tasks=1))
+            # One idle worker task: more only hand pyfuse3's read lock back and forth
+            # (agent workload: 3.0-3.4 s with one worker, 3.7-4.3 s with 99 idle
+            # here); see MAX_TASKS for the others.
+            nursery.start_soon(functools.partial(pyfuse3.main, min_tasks=1,
+                                                 max_tasks=MAX_TASKS))
             # Answered by the loop just started, once the kernel took our INIT
             # reply (which sets the read-ahead to its own default).
             await trio.to_thread.run_sync(os.statvfs, os.fspath(mountpoint))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import NotFound
@@ -40,7 +40,6 @@ class Replica:
         self._origins_path: str = msg["origins"]
         self._shared = bool(msg.get("shared", False))
         self._branches = {b["id"]: _branch(b) for b in msg["branches"]}
-        self._listeners: list[Callable[[Event], None]] = []
         self.view = View(self._fds[:-1], work=self._fds[-1], origins=self._open_origins())
 
     def _open_origins(self) -> Origins:
@@ -78,16 +77,10 @@ class Replica:
     def workspaces(self) -> list[Workspace]:
         return [self.workspace(self.workspace_name)]
 
-    def subscribe(self, callback: Callable[[Event], None]) -> None:
-        self._listeners.append(callback)
-
-    def unsubscribe(self, callback: Callable[[Event], None]) -> None:
-        self._listeners.remove(callback)
-
     # -- what the daemon tells ---------------------------------------------------
 
     def apply(self, msg: dict[str, Any]) -> Event:
-        """Take in one Store event (as ``event_message`` wrote it) and tell the listeners."""
+        """Take in one Store event (as ``event_message`` wrote it), for ``Operations``."""
         b = _branch(msg["branch"]) if msg.get("branch") else None
         if b is not None:
             self._branches[b.id] = b
@@ -99,11 +92,8 @@ class Replica:
             if old is not None:
                 old.close()
         paths = msg.get("paths")
-        ev = Event(msg["kind"], msg["workspace"], b, msg.get("target"),
-                   tuple(paths) if paths is not None else ())
-        for cb in self._listeners:
-            cb(ev)
-        return ev
+        return Event(msg["kind"], msg["workspace"], b, msg.get("target"),
+                     tuple(paths) if paths is not None else ())
 
     def close(self) -> None:
         self.view.close()

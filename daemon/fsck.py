@@ -221,7 +221,7 @@ class Fsck:
                 if self.repair:
                     await self.overlays.heal([b])
                     await self.overlays.serve(b)
-                    if self.overlays.backend_of(b.id) == "overlay":
+                    if self.overlays.serves(b.id):
                         f.repaired = "mounted again"
         ours = set(self.overlays.served().values())
         below = self.mountpoint.rstrip("/") + "/"

@@ -40,8 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from branchfs import origins, overlay
 from branchfs.replica import event_message
 from branchfs.wire import Conn, WireError
 from daemon.handlers import RequestError
-from daemon.overlays import FUSE, Overlays
+from daemon.overlays import FUSE
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +91,18 @@ class Child:
         return f"{b.workspace}/{b.name} (pid {self.proc.pid})" if b else f"pid {self.proc.pid}"
 
 
-class FuseProcs(Overlays):
-    """The FUSE backend with a server process per active branch (see the module
-    docstring). Invariant: ``_children[bid]`` is the process serving active
-    branch *bid* (mounted or still mounting); a branch without one is served by
-    the daemon's own mount."""
+class FuseProcs:
+    """The FUSE backend's server processes (a ``branchfs.backend.Backend``, between
+    the overlays and the daemon's own mount; see the module docstring).
+    Invariant: ``_children[bid]`` is the process serving active branch *bid*
+    (mounted, or still mounting); a branch without one is served by the daemon's
+    own mount."""
 
-    def __init__(self, store: branchfs.Store, mountpoint: Path, reason: str,
-                 debug: bool = False) -> None:
-        super().__init__(store, mountpoint, FUSE, reason)
+    name = FUSE
+
+    def __init__(self, store: branchfs.Store, mountpoint: Path, debug: bool = False) -> None:
+        self.store = store
+        self.mountpoint = mountpoint
         self.debug = debug
         self._children: dict[str, Child] = {}
         self._others: set[Child] = set()  # spares and ended branches' processes
@@ -108,11 +110,20 @@ class FuseProcs(Overlays):
         self._restarts: dict[str, int] = {}
         self._seq = itertools.count(1)
         self._locks: dict[str, trio.Lock] = {}
+        self._held: dict[str, list[Child]] = {}  # workspace -> processes quiesced
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
-        self.mounted_one = trio.Event()  # set (and replaced) whenever a process mounted
-        store.subscribe(self._on_event)
+
+    def path_of(self, branch: branchfs.Branch) -> str:
+        return str(self.mountpoint / branch.workspace / branch.name)
+
+    def _subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
+        live = [b for b in self.store.branches(branch.workspace) if b.status == "active"]
+        out = [branch]
+        for b in out:
+            out.extend(c for c in live if c.parent == b.name)
+        return out
 
     # -- processes -----------------------------------------------------------------
 
@@ -210,7 +221,7 @@ class FuseProcs(Overlays):
         b = child.branch
         if b is None:
             return
-        for d in self.subtree(b)[1:]:
+        for d in self._subtree(b)[1:]:
             kid = self._children.get(d.id)
             if kid is not None:
                 self._send(kid, msg)
@@ -308,34 +319,25 @@ class FuseProcs(Overlays):
         if self._children.get(branch.id) is not child:
             self._end(child)  # its branch ended while it mounted
             return
-        self.mounted_one.set()
-        self.mounted_one = trio.Event()
         log.debug("branch %s served by %s", branch.name, child.name)
 
-    async def wait_mounted(self, bid: str) -> None:
-        """Until *bid*'s process has mounted it, or the daemon serves it (tests)."""
-        while (c := self._children.get(bid)) is not None and c.root is None:
-            await self.mounted_one.wait()
-
-    def backend_of(self, bid: str) -> str:
-        return FUSE
+    def serves(self, bid: str) -> bool:
+        child = self._children.get(bid)
+        return child is not None and child.root is not None
 
     def server_pid(self, bid: str) -> int | None:
         """The pid of the process serving *bid*, None where the daemon does."""
-        child = self._children.get(bid)
-        return child.proc.pid if child is not None and child.root is not None else None
+        return self._children[bid].proc.pid if self.serves(bid) else None
 
-    def detach(self, branches: list[branchfs.Branch]) -> None:
-        """Detach the mounts of *branches* that ended; an active one stays served
-        (a commit quiesces its process instead: ``quiesced``)."""
+    def detach(self, branches: Sequence[branchfs.Branch]) -> None:
+        """Detach the mounts of *branches* and stop their processes: what is open
+        in them gets ENOTCONN (a commit or discard moves their upper dirs)."""
         for b in branches:
             child = self._children.get(b.id)
-            if child is not None and self.store.status(b.id) != "active":
+            if child is not None:
                 self._end(child)
 
     def _end(self, child: Child) -> None:
-        """Its branch ended: detach its mount (what is open in it goes on getting
-        ESTALE from it until closed; then the kernel ends its session, and it exits)."""
         b = child.branch
         if b is not None and self._children.get(b.id) is child:
             del self._children[b.id]
@@ -343,76 +345,73 @@ class FuseProcs(Overlays):
         child.ended = True
         self._others.add(child)
         self._detach_child(child)
+        self._send(child, {"op": "stop"})
 
-    async def remount(self, branch: branchfs.Branch) -> None:
-        """Nothing: the events sent to the process invalidate what changed."""
+    async def quiesce(self, workspace: str, moving: Sequence[branchfs.Branch]) -> None:
+        """*moving* are detached; every other process of *workspace* holds still (no
+        FUSE request of its is being answered, none will be) until ``resume``.
+        RequestError("busy") where one did not answer in QUIESCE_TIMEOUT."""
+        self.detach(moving)
+        lock = self._locks.setdefault(workspace, trio.Lock())
+        await lock.acquire()
+        kids = [c for c in self._children.values()
+                if c.branch is not None and c.branch.workspace == workspace
+                and c.root is not None]
+        self._held[workspace] = kids
+        asked = []
+        for child in kids:
+            seq = next(self._seq)
+            ack = child.acks[seq] = trio.Event()
+            self._send(child, {"op": "quiesce", "seq": seq})
+            asked.append((child, ack))
+        with trio.move_on_after(QUIESCE_TIMEOUT):
+            for _, ack in asked:
+                await ack.wait()
+        for child, ack in asked:
+            if not ack.is_set():
+                await self.resume(workspace, ())
+                raise RequestError("busy", f"the FUSE server of {child.name} did not hold "
+                                   f"still in {QUIESCE_TIMEOUT:.0f} s; try again")
+            assert child.branch is not None
+            self.store.reload_origins(child.branch.id)  # it appended to the log
 
-    async def serve_all(self) -> None:
-        """Served by ``watch``, which holds the processes' nursery."""
+    async def resume(self, workspace: str, moving: Sequence[branchfs.Branch]) -> None:
+        """The processes go on (one that never answered the quiesce holds still only
+        until it reads this); a branch of *moving* still active gets a new one."""
+        for child in self._held.pop(workspace, []):
+            self._send(child, {"op": "resume"})
+        lock = self._locks.get(workspace)
+        if lock is not None and lock.locked():
+            lock.release()
+        for b in moving:
+            if self.store.status(b.id) == "active" and not self.store.pending(workspace):
+                await self.serve(b)
 
-    def _on_event(self, ev: branchfs.Event) -> None:
-        """A Store change (on the trio thread or a worker of it): to every process
-        of the workspace, and an ended branch's mount detached."""
-        msg = event_message(ev, MAX_PATHS)
+    def invalidate(self, event: branchfs.Event) -> None:
+        """To every process of the workspace (its records; the invalidations where it
+        serves the target), waited for by ``settle``; an ended branch's detached."""
+        msg = event_message(event, MAX_PATHS)
+        mine = {event.target, event.branch.id if event.branch is not None else None}
         for child in list(self._children.values()):
-            if child.branch is None or child.branch.workspace != ev.workspace:
+            if child.branch is None or child.branch.workspace != event.workspace:
                 continue
-            # waited for (``_applied``) where it changes what the process shows
             seq = None
-            mine = child.branch.id in (ev.target, ev.branch and ev.branch.id)
-            if self._token is not None and mine:
+            if child.branch.id in mine:  # it changes what this process shows
                 seq = next(self._seq)
                 child.acks[seq] = trio.Event()
             self._send(child, {**msg, "seq": seq})
-        if ev.kind == "branch-ended" and ev.branch is not None:
-            ended = self._children.get(ev.branch.id)
-            if ended is not None:
-                self._end(ended)
+        if event.kind == "branch-ended" and event.branch is not None:
+            self.detach([event.branch])
 
-    @asynccontextmanager
-    async def quiesced(self, workspace: str,
-                       branches: list[branchfs.Branch] | None = None) -> AsyncIterator[None]:
-        """The processes of *branches* (default: every branch of *workspace*) hold
-        still (no FUSE request of theirs is being answered, none will be) for the
-        ``with``; afterwards they go on, and the events of the change that concern
-        them have been applied, or APPLY_TIMEOUT passed. RequestError("busy") where
-        a process did not answer in QUIESCE_TIMEOUT."""
-        lock = self._locks.setdefault(workspace, trio.Lock())
-        ids = None if branches is None else {b.id for b in branches}
-        async with lock:
-            kids = [c for c in self._children.values()
-                    if c.branch is not None and c.branch.workspace == workspace
-                    and c.root is not None and (ids is None or c.branch.id in ids)]
-            asked: list[tuple[Child, trio.Event]] = []
-            try:
-                for child in kids:
-                    seq = next(self._seq)
-                    ack = child.acks[seq] = trio.Event()
-                    self._send(child, {"op": "quiesce", "seq": seq})
-                    asked.append((child, ack))
-                with trio.move_on_after(QUIESCE_TIMEOUT):
-                    for _, ack in asked:
-                        await ack.wait()
-                for child, ack in asked:
-                    if not ack.is_set():
-                        raise RequestError("busy", f"the FUSE server of {child.name} did not "
-                                           f"hold still in {QUIESCE_TIMEOUT:.0f} s; try again")
-                    self.store.reload_origins(child.branch.id)  # type: ignore[union-attr]
-                yield
-            finally:
-                # (one that never answered gets it too: it holds still, when it wakes,
-                # only until it reads this)
-                for child, _ in asked:
-                    self._send(child, {"op": "resume"})
-            await self._applied(kids)
-
-    async def _applied(self, kids: list[Child]) -> None:
+    async def settle(self) -> None:
+        """Until the processes applied the events sent them, or APPLY_TIMEOUT passed."""
+        waiting = [c for c in self._children.values() if c.acks]
         with trio.move_on_after(APPLY_TIMEOUT):
-            for child in kids:
+            for child in waiting:
                 for ack in list(child.acks.values()):
                     await ack.wait()
-        for child in kids:
-            if child.acks:
+        for child in waiting:
+            if child.acks and not child.conn.closed:
                 log.warning("the FUSE server of %s has not applied a change yet", child.name)
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

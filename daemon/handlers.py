@@ -33,7 +33,7 @@ from daemon.protocol import ADMIN, ANYONE, BRANCH, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
 
 if TYPE_CHECKING:
-    from daemon.overlays import Overlays
+    from daemon.dataplane import Plane
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,14 @@ def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default:
 
 class Handlers:
     """State shared by all connections: the store, the runs, the branches' metadata, the
-    overlays."""
+    data plane (``daemon.dataplane``: the one way to the backends serving branches)."""
 
     def __init__(
         self,
         store: branchfs.Store,
         runs: RunTable,
         meta: MetaStore,
-        overlays: Overlays,
+        data: Plane,
         *,
         mountpoint: Path,
         socket_path: Path,
@@ -109,7 +109,7 @@ class Handlers:
         self.store = store
         self.runs = runs
         self.meta = meta
-        self.overlays = overlays
+        self.data = data
         self.mountpoint = mountpoint
         self.socket_path = socket_path
         self.allow_uids = allow_uids
@@ -296,18 +296,26 @@ class Handlers:
         return f"workspace path ({why})"
 
     def path_of(self, branch: branchfs.Branch) -> str:
-        return self.overlays.path_of(branch)  # the same path with both backends
+        return self.data.path_of(branch)  # the same path with both backends
 
     def describe(self, branch: branchfs.Branch) -> dict[str, Any]:
         out = branch.to_dict()
         out["path"] = self.path_of(branch)
         out["base"] = self.store.workspace(branch.workspace).base
         # an ended or invalidated branch is gone from its path: nothing serves it
-        out["backend"] = (self.overlays.backend_of(branch.id)
+        out["backend"] = (self.data.backend_of(branch.id)
                           if branch.status == ACTIVE else None)
         # the FUSE server process serving it, where one does (None: the daemon)
-        out["server_pid"] = self.overlays.server_pid(branch.id)
+        out["server_pid"] = self.data.server_pid(branch.id)
         out["meta"] = self.meta.get(branch.id)
+        return out
+
+    def _subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
+        """*branch* and its live descendants, parents first."""
+        live = [b for b in self.store.branches(branch.workspace) if b.status == ACTIVE]
+        out = [branch]
+        for b in out:
+            out.extend(c for c in live if c.parent == b.name)
         return out
 
     def _ended(self, branches: list[branchfs.Branch], reason: str) -> None:
@@ -346,8 +354,8 @@ class Handlers:
                            for b in seen if b.conflicts],
             "runs_active": sum(1 for r in self.runs.runs.values()
                                if r.result is None and self._visible(peer, r)),
-            "backend": self.overlays.backend,
-            "backend_reason": self.overlays.reason,
+            "backend": self.data.backend,
+            "backend_reason": self.data.reason,
             "runs_at": self.runs_at(),
             "cgroup_layout": manager.layout.kind,
             "cgroup_warnings": list(manager.warnings),
@@ -384,10 +392,9 @@ class Handlers:
         await self._settle(ws.name)
         force = bool(arg(args, "force", bool, False))
         if force:
-            self.overlays.detach([b for b in self.store.branches(ws.name)
-                                  if b.status == "active"])
-        async with self.overlays.quiesced(ws.name):
-            removed = self.store.remove_workspace(ws.name, force=force)
+            self.data.detach([b for b in self.store.branches(ws.name)
+                              if b.status == "active"])
+        removed = self.store.remove_workspace(ws.name, force=force)
         self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
 
@@ -415,7 +422,7 @@ class Handlers:
             session.branches.append((branch.workspace, branch.name, branch.id))
         if meta:
             self.meta.set(branch.id, meta)
-        await self.overlays.serve(branch)
+        await self.data.serve(branch)
         self.on_change()
         return self.describe(branch)
 
@@ -432,14 +439,14 @@ class Handlers:
         if workspace is None and not self.privileged(peer):
             usable = {ws.name for ws in await self._usable(peer)}
             branches = [b for b in branches if b.workspace in usable]
-        await self.overlays.heal(branches)
+        await self.data.heal(branches)
         return {"branches": [self.describe(b) for b in branches]}
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)
         branch = self._branch(args)  # as it is now
-        await self.overlays.heal([branch])
+        await self.data.heal([branch])
         out = self.describe(branch)
         out["runs"] = [
             r.describe() for r in self.runs.runs.values()
@@ -488,16 +495,13 @@ class Handlers:
             log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
         # The kernel must not write the upper dir while the commit moves it away.
-        self.overlays.detach([branch])
+        self.data.detach([branch])
+        await self.data.quiesce(branch.workspace, [branch])
         try:
-            async with self.overlays.quiesced(branch.workspace):
-                result = self.store.commit(branch.workspace, branch.name, force=force)
-        except Exception:
+            result = self.store.commit(branch.workspace, branch.name, force=force)
+        finally:
             # refused: still the user's (but not a half-moved delta: see Store.pending)
-            if (self.store.status(branch.id) == "active"
-                    and not self.store.pending(branch.workspace)):
-                await self.overlays.serve(branch)
-            raise
+            await self.data.resume(branch.workspace, [branch])
         await self._after_commit(result)
         return result.to_dict()
 
@@ -506,22 +510,25 @@ class Handlers:
         done there (Store.finish_pending raises Busy while it still cannot be)."""
         if not self.store.pending(workspace):
             return
-        async with self.overlays.quiesced(workspace):
+        await self.data.quiesce(workspace, [])
+        try:
             result = self.store.finish_pending(workspace)
+        finally:
+            await self.data.resume(workspace, [])
         if result is not None:
             await self._after_commit(result)
             # start-up served none of this workspace's branches while its commit was
             # pending (Overlays.serve_all): the fast path for all of them now
             for b in self.store.branches(workspace):
                 if b.status == "active":
-                    await self.overlays.serve(b)
+                    await self.data.serve(b)
 
     async def _after_commit(self, result: branchfs.CommitResult) -> None:
+        """The backends had the commit's events (the overlays detached the ended
+        branches and remount the parent); the runs of the ended branches end."""
         branch = self.store.branch(result.workspace, result.branch)
         invalidated = [self.store.branch(result.workspace, n) for n in result.invalidated]
-        self.overlays.detach([branch, *invalidated])  # a finished one may still be served
-        if branch.parent is not None:  # its upper dir changed behind the kernel's back
-            await self.overlays.remount(self.store.branch(branch.workspace, branch.parent))
+        await self.data.settle()
         self._ended([branch], "commit")
         self._ended(invalidated, "invalidated")
 
@@ -531,35 +538,38 @@ class Handlers:
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        async with self.overlays.quiesced(branch.workspace, [branch]):
+        await self.data.quiesce(branch.workspace, [])
+        try:
             merged, conflicts = self.store.rebase(branch.workspace, branch.name)
+        finally:
+            await self.data.resume(branch.workspace, [])
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
     async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        async with self.overlays.quiesced(branch.workspace, [branch]):
+        await self.data.quiesce(branch.workspace, [])
+        try:
             left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
                                       how)
+        finally:
+            await self.data.resume(branch.workspace, [])
         if how == "theirs":  # an entry of its upper dir went behind the kernel's back
-            await self.overlays.remount(branch)
+            await self.data.remount(branch)
         return {"branch": branch.name, "conflicts": left}
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
-        subtree = self.overlays.subtree(branch)
-        self.overlays.detach(subtree)
+        subtree = self._subtree(branch)
+        self.data.detach(subtree)
+        await self.data.quiesce(branch.workspace, subtree)
         try:
-            async with self.overlays.quiesced(branch.workspace, subtree):
-                removed = self.store.discard(branch.workspace, branch.name)
-        except Exception:
+            removed = self.store.discard(branch.workspace, branch.name)
+        finally:
             # refused (a full disk): the branches stay, and so does their fast path
-            for b in subtree:
-                if self.store.status(b.id) == "active":
-                    await self.overlays.serve(b)
-            raise
+            await self.data.resume(branch.workspace, subtree)
         self._ended(removed, "discard")
         return {"discarded": [b.name for b in removed]}
 
@@ -572,7 +582,7 @@ class Handlers:
         ws = self.store.workspace(branch.workspace)
         await self._settle(ws.name)
         branch = self._active(self._branch(args))  # as it is now
-        await self.overlays.heal([branch])  # the run should get the fast path
+        await self.data.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
             raise RequestError("bad-request", "argv must be a non-empty list of NUL-free strings")
@@ -622,7 +632,7 @@ class Handlers:
     async def op_fsck(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Check the state against the disk and the kernel (daemon.fsck); ``repair``
         puts right what can be without losing anything."""
-        check = fsck.Fsck(self.store, self.overlays, self.runs,
+        check = fsck.Fsck(self.store, self.data.overlays, self.runs,
                           mountpoint=str(self.mountpoint),
                           repair=bool(arg(args, "repair", bool, False)))
         findings = await check.run()

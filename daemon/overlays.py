@@ -13,6 +13,9 @@ worker thread (the trio thread answers those lookups). Every other operation
 goes through an ``O_PATH`` descriptor of the overlay's root, kept from the
 mount on: ``umount2("/proc/self/fd/N")`` reaches the overlay without a FUSE
 lookup, so detaching is safe from the trio thread, during shutdown included.
+
+``Overlays`` is a data-plane backend (``branchfs.backend.Backend``): the daemon's
+``DataPlane`` calls it on the event loop thread and hands it the Store's events.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ import secrets
 import select
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import trio
@@ -59,13 +61,16 @@ def choose(wanted: str, state_dir: Path) -> tuple[str, str]:
 
 
 class Overlays:
-    """The overlay mounts of the active branches.
+    """The overlay mounts of the active branches (a ``branchfs.backend.Backend``).
 
     Invariant: ``_roots[bid]`` is an O_PATH fd on the root of the overlay mounted
     for branch *bid* at its path; a branch without an entry is served by FUSE.
     A branch is detached before anything changes its upper dir behind the
     kernel's back (commit, discard) and mounted again when it stays active.
+    ``backend`` is the daemon's choice: with ``fuse`` nothing is ever mounted.
     """
+
+    name = OVERLAY
 
     def __init__(self, store: branchfs.Store, mountpoint: Path, backend: str,
                  reason: str = "") -> None:
@@ -74,15 +79,41 @@ class Overlays:
         self.backend = backend
         self.reason = reason
         self._roots: dict[str, int] = {}
+        self._due: set[str] = set()  # detached by invalidate, to be mounted by settle
         self._limiter = trio.CapacityLimiter(4)
         store.served = self._roots.get
 
-    def backend_of(self, bid: str) -> str:
-        return OVERLAY if bid in self._roots else FUSE
+    # -- the Backend interface (see branchfs.backend) --------------------------------
 
-    def server_pid(self, bid: str) -> int | None:
-        """The process serving *bid* apart from the daemon: none (``FuseProcs`` has)."""
-        return None
+    def serves(self, bid: str) -> bool:
+        return bid in self._roots
+
+    async def quiesce(self, workspace: str, moving: Sequence[branchfs.Branch]) -> None:
+        # The kernel must not write an upper dir while the commit moves it away; the
+        # other branches of the workspace stay mounted (the kernel has no gate).
+        self.detach(moving)
+
+    async def resume(self, workspace: str, moving: Sequence[branchfs.Branch]) -> None:
+        for b in moving:  # refused: still the user's (but not a half-moved delta)
+            if self.store.status(b.id) == "active" and not self.store.pending(workspace):
+                await self.serve(b)
+
+    def invalidate(self, event: branchfs.Event) -> None:
+        if event.kind == "branch-ended" and event.branch is not None:
+            self.detach([event.branch])
+        elif event.kind == "committed" and event.target in self._roots:
+            # the parent's upper dir changed behind the kernel's back: a new mount
+            parent = self.store.branch_by_id(event.target)
+            if parent is not None:
+                self.detach([parent])
+                self._due.add(parent.id)
+
+    async def settle(self) -> None:
+        due, self._due = self._due, set()
+        for bid in due:
+            b = self.store.branch_by_id(bid)
+            if b is not None and b.status == "active":
+                await self.serve(b)
 
     def served(self) -> dict[str, int]:
         """The branches this thinks are served by an overlay, with the id of each
@@ -136,34 +167,13 @@ class Overlays:
         self._roots[branch.id] = root
         log.debug("branch %s/%s served by overlay at %s", branch.workspace, branch.name, target)
 
-    def detach(self, branches: list[branchfs.Branch]) -> None:
+    def detach(self, branches: Iterable[branchfs.Branch]) -> None:
         """Detach the overlays of *branches* (processes still in them keep what they
         hold open; new path lookups reach the FUSE directory again)."""
         for b in branches:
             root = self._roots.pop(b.id, None)
             if root is not None:
                 _detach(root, self.path_of(b))
-
-    def subtree(self, branch: branchfs.Branch) -> list[branchfs.Branch]:
-        """*branch* and its live descendants, parents first."""
-        live = [b for b in self.store.branches(branch.workspace) if b.status == "active"]
-        out = [branch]
-        for b in out:
-            out.extend(c for c in live if c.parent == b.name)
-        return out
-
-    @asynccontextmanager
-    async def quiesced(self, workspace: str,
-                       branches: list[branchfs.Branch] | None = None) -> AsyncIterator[None]:
-        """Nothing to hold for an overlay: the daemon detaches what a change moves
-        (``detach``), the kernel writes nothing else behind the Store."""
-        yield
-
-    async def remount(self, branch: branchfs.Branch) -> None:
-        """Serve an active branch afresh: its upper dir changed behind the kernel."""
-        if branch.id in self._roots:
-            self.detach([branch])
-            await self.serve(branch)
 
     async def serve_all(self) -> None:
         """At start-up: an overlay for every active branch."""

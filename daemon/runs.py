@@ -25,6 +25,7 @@ import logging
 import os
 import pwd
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class RunTable:
     """The daemon's runs, keyed by id; spawns through one cgroups.Manager."""
 
     def __init__(self, state_dir: Path, mountpoint: Path, manager: cgroups.Manager,
-                 store: branchfs.Store) -> None:
+                 store: branchfs.Store, settle: Callable[[], Awaitable[None]]) -> None:
         self.root = state_dir / "runs"
         self.mountpoint = mountpoint
         self.state_dir = state_dir
@@ -87,6 +88,7 @@ class RunTable:
         self.root.chmod(0o711)
         self.manager = manager
         self.store = store
+        self.settle = settle  # the data plane's: Store events reached the kernel
         self.runs: dict[str, RunRecord] = {}
         self._overlaid: set[str] = set()  # the branches one of whose runs has its overlay
         store.shared = self._overlaid.__contains__
@@ -148,6 +150,7 @@ class RunTable:
                 bind = Bind(bind.source, bind.target, bind.target_fd, ov)
                 opened.extend(ov.fds)
                 self._overlay_starts(branch_id)
+                await self.settle()  # the FUSE view cached nothing when the run starts
         # In a worker thread: the child's chdir into the branch is a FUSE request that this
         # daemon's trio thread must be free to answer.
         spawn = functools.partial(

@@ -243,7 +243,10 @@ class Connection:
             ident = req.id
             fds = self._take_fds(req.args)
             await self.handlers.authorize(self.peer, req.op, req.args)
-            result = await HANDLERS[req.op](self.handlers, self.peer, req.args, fds)
+            try:
+                result = await HANDLERS[req.op](self.handlers, self.peer, req.args, fds)
+            finally:  # what the request changed is seen through the mounts before its answer
+                await self.handlers.data.settle()
             if req.op == "exec" and not req.args.get("detach"):
                 self.attached.append(result["run"])
             response = protocol.Response(ident, result=result)

@@ -24,6 +24,7 @@ import branchfs
 import cgroups
 from daemon import fuseprocs
 from daemon.config import Config
+from daemon.dataplane import Plane
 from daemon.fuseprocs import FuseProcs
 from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
@@ -83,19 +84,23 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         stack.callback(manager.close)
         for warning in manager.warnings:
             log.warning("%s", warning)
-        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store)
         meta = MetaStore(cfg.state_dir / "branch-meta.json")
         backend, why = choose(cfg.backend, cfg.state_dir)
         log.info("backend %s: %s", backend, why)
-        overlays = (FuseProcs(store, cfg.mountpoint, why, cfg.debug_fuse)
-                    if backend == FUSE and fuseprocs.per_branch() else
-                    Overlays(store, cfg.mountpoint, backend, why))
+        overlays = Overlays(store, cfg.mountpoint, backend, why)
         stack.callback(overlays.close)  # whatever ended the nursery: never leave one behind
+        fuse = branchfs.FuseBackend(store)
+        procs = None
+        if backend == FUSE and fuseprocs.per_branch():
+            procs = FuseProcs(store, cfg.mountpoint, cfg.debug_fuse)
+            stack.callback(procs.close)  # never a server process or its mount behind
+        data = Plane(store, cfg.mountpoint, fuse, overlays, procs)  # the Store's one subscriber
+        runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store, data.settle)
 
         async with trio.open_nursery() as nursery:
 
             def stop() -> None:
-                overlays.close()  # before the FUSE mount they sit on goes
+                data.close()  # the overlays before the FUSE mount they sit on goes
                 nursery.cancel_scope.cancel()
 
             def orphan() -> None:  # the owner ended: stop, and remove what it cannot
@@ -107,7 +112,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                                 f"{len(store.branches())} branches, {runs.active()} runs")
 
             handlers = Handlers(
-                store, runs, meta, overlays,
+                store, runs, meta, data,
                 mountpoint=cfg.mountpoint, socket_path=cfg.socket, allow_uids=cfg.allow_uids,
                 on_change=report, shutdown=stop,
             )
@@ -117,9 +122,11 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
                             why)
             else:
                 log.info("runs see their branch at the workspace's path: %s", why)
-            await nursery.start(_serve_fs, store, cfg)
+            await nursery.start(_serve_fs, fuse, cfg)
             await overlays.serve_all()
             await nursery.start(overlays.watch)
+            if procs is not None:
+                await nursery.start(procs.watch)
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids,
                                 cfg.idle_timeout)
             await nursery.start(_signals, stop)
@@ -133,9 +140,9 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         log.info("branchd stopping")
 
 
-async def _serve_fs(store: branchfs.Store, cfg: Config, *,
+async def _serve_fs(fuse: branchfs.FuseBackend, cfg: Config, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    await branchfs.serve(store, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
+    await branchfs.serve(fuse, str(cfg.mountpoint), debug=cfg.debug_fuse, task_status=task_status)
 
 
 async def _signals(stop: Callable[[], None], *,

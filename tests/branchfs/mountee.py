@@ -43,7 +43,9 @@ async def main(state: str, mnt: str, base: str, branches: list[str]) -> None:
         name, _, parent = spec.partition(":")
         store.create_branch(ws, name, parent or None)
     async with trio.open_nursery() as nursery:
-        await nursery.start(branchfs.serve, store, mnt)
+        fuse = branchfs.FuseBackend(store)
+        plane = branchfs.DataPlane(store, [fuse])  # the store's subscriber: events reach it
+        await nursery.start(branchfs.serve, fuse, mnt)
         print("ready", flush=True)
         stdin = trio.lowlevel.FdStream(0)
         buf = b""
@@ -58,6 +60,7 @@ async def main(state: str, mnt: str, base: str, branches: list[str]) -> None:
                     reply = {"ok": True, "result": run(store, ws, json.loads(line))}
                 except branchfs.BranchFSError as exc:
                     reply = {"ok": False, "code": exc.code, "message": str(exc)}
+                await plane.settle()  # the kernel dropped what the change made stale
                 print(json.dumps(reply), flush=True)
         nursery.cancel_scope.cancel()
     store.close()

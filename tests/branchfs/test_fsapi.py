@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 from pyfuse3 import FUSEError
 
-from branchfs import Store
+from branchfs import DataPlane, FuseBackend, Store
 from branchfs import view as view_module
 from branchfs.fs import ENTRY_TIMEOUT, ROOT, Operations
 from branchfs.model import ACTIVE
@@ -63,7 +63,9 @@ def ops(store: Store) -> Iterator[Operations]:
     store.create_branch("ws", "b1")
     store.create_branch("ws", "b2")
     before = open_fds()
-    o = Operations(store)
+    fuse = FuseBackend(store)
+    DataPlane(store, [fuse])  # the store's subscriber: its events reach the adapter
+    o = fuse.ops
     yield o
     check_consistency(o)
     for fh in list(o.handles):
