@@ -82,7 +82,8 @@ class Child:
     mounted: trio.Event = field(default_factory=trio.Event)
     failed: str | None = None
     wake: trio.Event = field(default_factory=trio.Event)
-    acks: dict[int, trio.Event] = field(default_factory=dict)
+    acks: dict[int, trio.Event] = field(default_factory=dict)  # of quiesce frames
+    applied: dict[int, trio.Event] = field(default_factory=dict)  # of events (settle)
     ended: bool = False  # its branch ended: detached, serving its last users
 
     @property
@@ -111,6 +112,7 @@ class FuseProcs:
         self._seq = itertools.count(1)
         self._locks: dict[str, trio.Lock] = {}
         self._held: dict[str, list[Child]] = {}  # workspace -> processes quiesced
+        self._holder: dict[str, trio.lowlevel.Task] = {}  # workspace -> who quiesced it
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
@@ -208,7 +210,8 @@ class FuseProcs:
             child.failed = str(msg.get("error"))
             child.mounted.set()
         elif op in ("done", "quiesced"):
-            ack = child.acks.pop(int(msg.get("seq") or 0), None)
+            acks = child.applied if op == "done" else child.acks
+            ack = acks.pop(int(msg.get("seq") or 0), None)
             if ack is not None:
                 ack.set()
         elif op == "changed":
@@ -242,7 +245,7 @@ class FuseProcs:
             del self._children[b.id]
         self._detach_child(child)
         _close(child.conn)
-        for ack in child.acks.values():
+        for ack in [*child.acks.values(), *child.applied.values()]:
             ack.set()
         if self._closing:
             return
@@ -354,6 +357,7 @@ class FuseProcs:
         self.detach(moving)
         lock = self._locks.setdefault(workspace, trio.Lock())
         await lock.acquire()
+        self._holder[workspace] = trio.lowlevel.current_task()
         kids = [c for c in self._children.values()
                 if c.branch is not None and c.branch.workspace == workspace
                 and c.root is not None]
@@ -369,7 +373,7 @@ class FuseProcs:
                 await ack.wait()
         for child, ack in asked:
             if not ack.is_set():
-                await self.resume(workspace, ())
+                self._release(workspace)
                 raise RequestError("busy", f"the FUSE server of {child.name} did not hold "
                                    f"still in {QUIESCE_TIMEOUT:.0f} s; try again")
             assert child.branch is not None
@@ -378,14 +382,22 @@ class FuseProcs:
     async def resume(self, workspace: str, moving: Sequence[branchfs.Branch]) -> None:
         """The processes go on (one that never answered the quiesce holds still only
         until it reads this); a branch of *moving* still active gets a new one."""
-        for child in self._held.pop(workspace, []):
-            self._send(child, {"op": "resume"})
-        lock = self._locks.get(workspace)
-        if lock is not None and lock.locked():
-            lock.release()
+        self._release(workspace)
         for b in moving:
             if self.store.status(b.id) == "active" and not self.store.pending(workspace):
                 await self.serve(b)
+
+    def _release(self, workspace: str) -> None:
+        """Resume what this task quiesced in *workspace* (nothing if it holds nothing:
+        a refused quiesce released it already)."""
+        lock = self._locks.get(workspace)
+        if lock is None or not lock.locked() or self._holder.get(workspace) is not (
+                trio.lowlevel.current_task()):
+            return
+        for child in self._held.pop(workspace, []):
+            self._send(child, {"op": "resume"})
+        del self._holder[workspace]
+        lock.release()
 
     def invalidate(self, event: branchfs.Event) -> None:
         """To every process of the workspace (its records; the invalidations where it
@@ -398,21 +410,23 @@ class FuseProcs:
             seq = None
             if child.branch.id in mine:  # it changes what this process shows
                 seq = next(self._seq)
-                child.acks[seq] = trio.Event()
+                child.applied[seq] = trio.Event()
             self._send(child, {**msg, "seq": seq})
         if event.kind == "branch-ended" and event.branch is not None:
             self.detach([event.branch])
 
     async def settle(self) -> None:
         """Until the processes applied the events sent them, or APPLY_TIMEOUT passed."""
-        waiting = [c for c in self._children.values() if c.acks]
+        waiting = [c for c in self._children.values() if c.applied]
         with trio.move_on_after(APPLY_TIMEOUT):
             for child in waiting:
-                for ack in list(child.acks.values()):
+                for ack in list(child.applied.values()):
                     await ack.wait()
         for child in waiting:
-            if child.acks and not child.conn.closed:
-                log.warning("the FUSE server of %s has not applied a change yet", child.name)
+            if child.applied:  # not waited for again: a stuck process stalls no request
+                child.applied.clear()
+                log.warning("the FUSE server of %s has not applied a change in %.0f s",
+                            child.name, APPLY_TIMEOUT)
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -496,8 +496,8 @@ class Handlers:
         force = bool(arg(args, "force", bool, False))
         # The kernel must not write the upper dir while the commit moves it away.
         self.data.detach([branch])
-        await self.data.quiesce(branch.workspace, [branch])
         try:
+            await self.data.quiesce(branch.workspace, [branch])
             result = self.store.commit(branch.workspace, branch.name, force=force)
         finally:
             # refused: still the user's (but not a half-moved delta: see Store.pending)
@@ -510,8 +510,8 @@ class Handlers:
         done there (Store.finish_pending raises Busy while it still cannot be)."""
         if not self.store.pending(workspace):
             return
-        await self.data.quiesce(workspace, [])
         try:
+            await self.data.quiesce(workspace, [])
             result = self.store.finish_pending(workspace)
         finally:
             await self.data.resume(workspace, [])
@@ -538,8 +538,8 @@ class Handlers:
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        await self.data.quiesce(branch.workspace, [])
         try:
+            await self.data.quiesce(branch.workspace, [])
             merged, conflicts = self.store.rebase(branch.workspace, branch.name)
         finally:
             await self.data.resume(branch.workspace, [])
@@ -549,8 +549,8 @@ class Handlers:
         branch = self._active(self._branch(args))
         await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        await self.data.quiesce(branch.workspace, [])
         try:
+            await self.data.quiesce(branch.workspace, [])
             left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
                                       how)
         finally:
@@ -564,8 +564,8 @@ class Handlers:
         await self._settle(branch.workspace)  # a branch with a journal is never discarded
         subtree = self._subtree(branch)
         self.data.detach(subtree)
-        await self.data.quiesce(branch.workspace, subtree)
         try:
+            await self.data.quiesce(branch.workspace, subtree)
             removed = self.store.discard(branch.workspace, branch.name)
         finally:
             # refused (a full disk): the branches stay, and so does their fast path

@@ -124,13 +124,20 @@ def test_control_requests_are_answered_while_a_server_is_stopped(
             t = time.monotonic()
             c.call(op, **args)
             assert time.monotonic() - t < 2, f"{op} waited for the stopped server"
+        # a commit of its sibling needs it to hold still first: refused, not hung
         with pytest.raises(BranchError, match="did not hold still"):
-            c.call("commit", workspace="proj", name="b1")  # after QUIESCE_TIMEOUT
+            c.call("commit", workspace="proj", name="b2")  # after QUIESCE_TIMEOUT
+        t = time.monotonic()
+        c.call("list")
+        assert time.monotonic() - t < 2
     finally:
         os.kill(pid, signal.SIGCONT)
+    (Path(served(c, "b2")["path"]) / "two").write_text("2\n")
+    c.call("commit", workspace="proj", name="b2")
     (Path(served(c, "b1")["path"]) / "f").write_text("after\n")
+    assert served(c, "b1")["server_pid"] == pid  # the same process went on
     c.call("commit", workspace="proj", name="b1")
-    assert (proj / "f").read_text() == "after\n"
+    assert (proj / "f").read_text() == "after\n" and (proj / "two").read_text() == "2\n"
 
 
 @pytest.mark.daemon_log_allows(r"the FUSE server of proj/b1 \(pid \d+\) died \(signal 9\)")
