@@ -79,6 +79,10 @@ class BenchWorkspace(ABC):
         in this process); seconds per step."""
         return agent.run(self.path(name), tarball, modules, edits, home)
 
+    def list_seconds(self) -> float | None:
+        """Seconds one ``list`` of the control plane takes; None: there is none."""
+        return None
+
     def settle(self) -> None:  # noqa: B027 (a hook: most backends defer nothing)
         """Finish deferred work (untimed)."""
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,11 @@ class ApiWorkspace(BenchWorkspace):
 
     def run(self, name: str, argv: list[str]) -> int:
         return self.branches[name].run(argv).returncode
+
+    def list_seconds(self) -> float:
+        t0 = time.perf_counter()
+        self.ws.client.call("list")
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         try:

@@ -358,6 +358,46 @@ def parallel(ctx: Context, backend: Backend) -> None:
             row.checks.append("each job reads back what it wrote and sees the base")
 
 
+# --- the control plane while the data plane works -------------------------------------------
+
+
+def control(ctx: Context, backend: Backend) -> None:
+    """``list`` latency idle, and while another branch copies up a large file (its first
+    open for writing): with the FUSE server in the daemon, the request waited for the
+    whole copy. Only the columns with a control plane (branchd's) have these rows."""
+    s = ctx.sizes
+    with ctx.workspace(backend, None, "control") as ws:
+        if ws.list_seconds() is None:
+            return
+        block = hashlib.sha256(b"copy-up").digest() * (MiB // 32)
+        with open(ws.base / "big", "wb") as f:
+            for _ in range(s.copyup_bytes // MiB or 1):
+                f.write(block)
+        idle = ctx.row("control plane", "list, idle", backend)
+        busy = ctx.row("control plane", f"list during a {fmt_bytes(s.copyup_bytes)} copy-up",
+                       backend)
+        late = 0
+        for _ in ctx.runs(s.repeat):
+            for _ in range(5):
+                idle.samples.append(ws.list_seconds())
+            name = ctx.name("c")
+            path = ws.create_verified(name)
+            flush()
+            with ThreadPoolExecutor(1) as pool:
+                copy = pool.submit(lambda p=path: open(p / "big", "r+b").close())
+                time.sleep(0.02)  # the open reached the FUSE server
+                busy.samples.append(ws.list_seconds())
+                late += copy.done()
+                copy.result()
+            ws.discard(name)
+        idle_median = sorted(idle.samples)[len(idle.samples) // 2]
+        if idle_median:
+            busy.extra["x idle"] = round(
+                sorted(busy.samples)[len(busy.samples) // 2] / idle_median, 2)
+        busy.checks.append("the copy-up was still running when list was sent"
+                           + (f" (not in {late} of {len(busy.samples)} runs)" if late else ""))
+
+
 # --- running a command in a branch ---------------------------------------------------------
 
 
@@ -380,5 +420,6 @@ SCENARIOS: dict[str, Callable[[Context, Backend], None]] = {
     "inside": inside,
     "agent": agent_workload,
     "parallel": parallel,
+    "control": control,
     "run": run_true,
 }

@@ -29,6 +29,7 @@ class Sizes:
     parallel: tuple[int, ...]  # numbers of branches running a job at once
     job_files: int  # files each parallel job writes and reads back
     job_file_size: int
+    copyup_bytes: int  # the file copied up while `list` is timed (the control-plane rows)
     scenario_timeout: int  # seconds one scenario may take on one backend before it is failed
     row_seconds: int  # after this long, a row takes no more samples (it has at least one)
 
@@ -52,6 +53,7 @@ FULL = Sizes(
     parallel=(1, 4, 16),
     job_files=100,
     job_file_size=64 * KiB,
+    copyup_bytes=500 * MiB,
     scenario_timeout=3600,
     # the slow rows (a native copy of 100k files, 10k-file commits) get one to three samples:
     # the whole run fits in about 20 minutes on a 2-core machine instead of 45
@@ -74,6 +76,7 @@ QUICK = Sizes(
     parallel=(1, 4, 16),
     job_files=20,
     job_file_size=16 * KiB,
+    copyup_bytes=500 * MiB,  # the size: a copy-up takes long enough to be seen
     scenario_timeout=600,
     row_seconds=120,  # in practice every row gets its samples
 )
@@ -94,6 +97,7 @@ TINY = Sizes(
     parallel=(1, 2),
     job_files=3,
     job_file_size=4 * KiB,
+    copyup_bytes=4 * MiB,
     scenario_timeout=120,
     row_seconds=60,
 )
