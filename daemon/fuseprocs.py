@@ -221,9 +221,16 @@ class FuseProcs:
 
     def _relay(self, child: Child, msg: dict[str, Any]) -> None:
         """A write in *child*'s branch changed what its descendants see through it."""
-        b = child.branch
+        if child.branch is not None:
+            self.relay(child.branch.id, tuple(msg["parts"]), bool(msg["name_changed"]))
+
+    def relay(self, bid: str, parts: tuple[str, ...], name_changed: bool) -> None:
+        """A write in branch *bid* (served by a process, or by the daemon's mount:
+        ``Operations.relay``) changed *parts*: to its descendants' processes."""
+        b = self.store.branch_by_id(bid)
         if b is None:
             return
+        msg = {"op": "changed", "parts": list(parts), "name_changed": name_changed}
         for d in self._subtree(b)[1:]:
             kid = self._children.get(d.id)
             if kid is not None:

@@ -93,6 +93,7 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         procs = None
         if backend == FUSE and fuseprocs.per_branch():
             procs = FuseProcs(store, cfg.mountpoint, cfg.debug_fuse)
+            fuse.ops.relay = procs.relay  # a write the daemon's mount takes, for the kids
             stack.callback(procs.close)  # never a server process or its mount behind
         data = Plane(store, cfg.mountpoint, fuse, overlays, procs)  # the Store's one subscriber
         runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store, data.settle)
