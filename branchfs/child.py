@@ -37,6 +37,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .errors import BranchFSError
 from .fs import Operations
 from .mount import fuse_options, set_read_ahead
 from .replica import Replica
@@ -119,7 +120,10 @@ class Server:
 
 
 async def serve(conn: Conn, msg: dict[str, Any], fds: list[int]) -> None:
-    replica = Replica(msg, fds)
+    try:
+        replica = Replica(msg, fds)
+    except BranchFSError as exc:  # a damaged origins log: the daemon's mount says so
+        raise MountFailed(f"cannot serve the branch: {exc}") from None
     ops = Operations(replica, branch=(replica.workspace_name, replica.bid))
     server = Server(conn, ops, replica)
     ops.relay = server.relay
