@@ -1,10 +1,14 @@
-"""A FUSE server process: one branch, mounted on the branch's own directory.
+"""FUSE server processes: one branch each, mounted on the branch's own directory.
 
-``python -m branchfs.child DAEMON_PID FD`` is started by the daemon
-(``daemon/fuseprocs.py``) with its end of a socket pair as fd FD, before any
-branch needs it (a spare: the imports take 0.3 s here, a branch create 1.5 ms).
-It dies with the daemon (PR_SET_PDEATHSIG, checked against a daemon that was
-gone before it was set), waits for a ``serve`` frame (``branchfs.wire``) with
+``python -m branchfs.child DAEMON_PID FD`` is the fork server the daemon
+(``daemon/fuseprocs.py``) starts, with its end of a socket pair as fd FD: the
+imports take 0.3 s here, a branch create 1.5 ms, so the server processes are
+forked from this one (a few ms; their pages are shared with it until
+written), one for each ``fork`` frame, with the socket pair end it carries.
+Each dies with its parent (PR_SET_PDEATHSIG, checked against a parent that
+was gone before it was set: the daemon for the fork server, the fork server
+for a server process), says ``hello`` with its pid, then waits (a spare) for a
+``serve`` frame (``branchfs.wire``) with
 the branch's layers as descriptors, mounts an ``Operations`` of that one branch
 over a ``Replica`` at the given path (inside the daemon's own mount, so the path
 users were given does not change), answers ``mounted`` with a descriptor of its
@@ -161,12 +165,37 @@ async def serve(conn: Conn, msg: dict[str, Any], fds: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The fork server: fork a server process for each ``fork`` frame, with the
+    socket it carries, until the daemon closes the connection."""
     args = sys.argv[1:] if argv is None else argv
     _die_with(int(args[0]))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them; pidfds tell
     conn = Conn(socket.socket(fileno=int(args[1])))
+    me = os.getpid()
+    while True:
+        try:
+            msg, fds = conn.wait_blocking()
+        except WireError:
+            return 0  # the daemon closed it (or died: PDEATHSIG is on its way)
+        if msg.get("op") != "fork" or len(fds) != 1:
+            log.error("unexpected frame for the fork server: %r", msg.get("op"))
+            for fd in fds:
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            conn.sock.close()
+            _die_with(me)
+            os._exit(_one(Conn(socket.socket(fileno=fds[0]))))
+        os.close(fds[0])
+
+
+def _one(conn: Conn) -> int:
+    """A forked server process: say who it is, wait for its branch, serve it."""
     try:
+        conn.send({"op": "hello", "pid": os.getpid()})
         msg, fds = conn.wait_blocking()
     except WireError:
         return 0  # a spare the daemon never used

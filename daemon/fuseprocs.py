@@ -36,10 +36,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +77,9 @@ class Child:
     """One FUSE server process. ``root`` is an O_PATH fd on its mount's root, kept
     from the ``mounted`` answer on; the mount is detached through it."""
 
-    proc: subprocess.Popen[bytes]
     conn: Conn
+    pid: int | None = None  # from its hello
+    pidfd: int | None = None
     branch: branchfs.Branch | None = None
     root: int | None = None
     mounted: trio.Event = field(default_factory=trio.Event)
@@ -89,7 +92,18 @@ class Child:
     @property
     def name(self) -> str:
         b = self.branch
-        return f"{b.workspace}/{b.name} (pid {self.proc.pid})" if b else f"pid {self.proc.pid}"
+        return f"{b.workspace}/{b.name} (pid {self.pid})" if b else f"pid {self.pid}"
+
+    def kill(self) -> None:
+        """SIGKILL (through its pidfd: never another process reusing the pid); one that
+        has not said hello yet ends when its socket closes."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            _close(self.conn)
 
 
 class FuseProcs:
@@ -116,6 +130,8 @@ class FuseProcs:
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
+        self._forker: subprocess.Popen[bytes] | None = None
+        self._forker_conn: Conn | None = None
 
     def path_of(self, branch: branchfs.Branch) -> str:
         return str(self.mountpoint / branch.workspace / branch.name)
@@ -129,19 +145,41 @@ class FuseProcs:
 
     # -- processes -----------------------------------------------------------------
 
+    async def _fork_server(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """Start the fork server and keep it: one that dies (with every server process
+        it forked: PDEATHSIG) is logged and started again."""
+        while not self._closing:
+            self._forker, self._forker_conn = _start_fork_server()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            fd = os.pidfd_open(self._forker.pid)
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+                _close(self._forker_conn)
+            code = self._forker.wait()
+            if not self._closing:
+                log.error("the FUSE fork server (pid %d) ended (status %d); starting another",
+                          self._forker.pid, code)
+                await trio.sleep(1)
+
     def _spawn(self) -> Child:
-        """Start a process; it imports, then waits for its branch (a spare)."""
+        """Have the fork server fork a process; it waits for its branch (a spare)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child = Child(Conn(ours))
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "branchfs.child", str(os.getpid()), str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+            assert self._forker_conn is not None
+            self._forker_conn.send({"op": "fork"}, [theirs.fileno()])
+            if not self._forker_conn.flush():
+                log.warning("the FUSE fork server is slow to read")
+        except WireError as exc:
+            log.error("cannot reach the FUSE fork server: %s", exc)
         finally:
             theirs.close()
-        child = Child(proc, Conn(ours))
         self._others.add(child)
         assert self._nursery is not None
-        self._nursery.start_soon(self._supervise, child)
         self._nursery.start_soon(self._reader, child)
         self._nursery.start_soon(self._writer, child)
         return child
@@ -169,7 +207,7 @@ class FuseProcs:
         if child.conn.pending > MAX_PENDING:
             log.error("the FUSE server of %s reads nothing from the daemon: killed",
                       child.name)
-            child.proc.kill()
+            child.kill()
         elif child.conn.pending:
             self._wake(child)
 
@@ -203,7 +241,12 @@ class FuseProcs:
 
     def _received(self, child: Child, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
-        if op == "mounted" and fds:
+        if op == "hello" and child.pid is None:
+            child.pid = int(msg["pid"])
+            child.pidfd = os.pidfd_open(child.pid)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._supervise, child)
+        elif op == "mounted" and fds:
             child.root = fds.pop(0)
             child.mounted.set()
         elif op == "failed":
@@ -237,12 +280,10 @@ class FuseProcs:
                 self._send(kid, msg)
 
     async def _supervise(self, child: Child) -> None:
-        fd = os.pidfd_open(child.proc.pid)
-        try:
-            await trio.lowlevel.wait_readable(fd)
-        finally:
-            os.close(fd)
-        code = child.proc.wait()
+        assert child.pidfd is not None
+        await trio.lowlevel.wait_readable(child.pidfd)
+        os.close(child.pidfd)
+        child.pidfd = None
         self._others.discard(child)
         if self._spare is child:
             self._spare = None
@@ -256,18 +297,15 @@ class FuseProcs:
             ack.set()
         if self._closing:
             return
-        why = f"signal {-code}" if code < 0 else f"exit status {code}"
         if not mine or b is None or self.store.status(b.id) != "active":
-            if code != 0 and b is not None and not child.ended:
-                log.warning("the FUSE server of %s ended (%s)", child.name, why)
             return
         n = self._restarts[b.id] = self._restarts.get(b.id, 0) + 1
         if n > RESTARTS:
-            log.error("the FUSE server of %s died (%s), %d times: the daemon serves the "
-                      "branch from now on", child.name, why, n)
+            log.error("the FUSE server of %s died, %d times: the daemon serves the "
+                      "branch from now on", child.name, n)
             return
-        log.error("the FUSE server of %s died (%s): the daemon serves the branch until "
-                  "a new one is mounted", child.name, why)
+        log.error("the FUSE server of %s died: the daemon serves the branch until "
+                  "a new one is mounted", child.name)
         await self.serve(self.store.branch_by_id(b.id) or b)
 
     def _detach_child(self, child: Child) -> None:
@@ -317,14 +355,14 @@ class FuseProcs:
         if child.root is None:
             if self._children.get(branch.id) is not child or self._closing:
                 log.debug("%s ended before its mount: %s", child.name, child.failed)
-                child.proc.kill()
+                child.kill()
                 return
             log.warning("branch %s/%s stays on the daemon's FUSE mount: its server "
                         "process did not mount it (%s)", branch.workspace, branch.name,
                         child.failed or f"no answer in {MOUNT_TIMEOUT:.0f} s")
             if self._children.get(branch.id) is child:
                 del self._children[branch.id]
-            child.proc.kill()
+            child.kill()
             return
         if self._children.get(branch.id) is not child:
             self._end(child)  # its branch ended while it mounted
@@ -337,7 +375,7 @@ class FuseProcs:
 
     def server_pid(self, bid: str) -> int | None:
         """The pid of the process serving *bid*, None where the daemon does."""
-        return self._children[bid].proc.pid if self.serves(bid) else None
+        return self._children[bid].pid if self.serves(bid) else None
 
     def detach(self, branches: Sequence[branchfs.Branch]) -> None:
         """Detach the mounts of *branches* and stop their processes: what is open
@@ -442,6 +480,7 @@ class FuseProcs:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self._fork_server)
                 self._spare = self._spawn()
                 for b in self.store.branches():
                     if b.status == "active":
@@ -461,14 +500,32 @@ class FuseProcs:
         self._spare = None
         for child in kids:
             self._detach_child(child)
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGKILL)
+            child.kill()
+        deadline = time.monotonic() + 5
         for child in kids:
-            try:
-                child.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                log.error("FUSE server %s did not end after SIGKILL", child.name)
+            if child.pidfd is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if not select.select([child.pidfd], [], [], left)[0]:
+                    log.error("FUSE server %s did not end after SIGKILL", child.name)
+                os.close(child.pidfd)
+                child.pidfd = None
             _close(child.conn)
+        if self._forker is not None and self._forker.poll() is None:
+            self._forker.kill()  # (it forks nothing more: the daemon is going)
+            self._forker.wait(5)
+
+
+def _start_fork_server() -> tuple[subprocess.Popen[bytes], Conn]:
+    """On the event loop thread, which lives as long as the daemon: PDEATHSIG
+    follows the thread that forked, not the process."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "branchfs.child", str(os.getpid()), str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        theirs.close()
+    return proc, Conn(ours)
 
 
 def _close(conn: Conn) -> None:
