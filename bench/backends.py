@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import agent
@@ -79,12 +80,13 @@ class BenchWorkspace(ABC):
         in this process); seconds per step."""
         return agent.run(self.path(name), tarball, modules, edits, home)
 
-    def list_seconds(self) -> float | None:
-        """Seconds one ``list`` of the control plane takes; None: there is none."""
-        return None
-
     def settle(self) -> None:  # noqa: B027 (a hook: most backends defer nothing)
         """Finish deferred work (untimed)."""
+
+    def probes(self) -> dict[str, Callable[[], object]]:
+        """The control requests whose latency the ``control`` scenario measures, by row
+        name (only a daemon has any)."""
+        return {}
 
     def close(self) -> None:
         """Discard the branches a failed scenario left, then release what the workspace holds."""

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,30 @@ class ApiWorkspace(BenchWorkspace):
     def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.ws = Workspace(base, daemon=daemon.socket)
+        self.daemon = daemon
         self.log = daemon.log_path
         self.backend = backend
         self.branches: dict[str, Branch] = {}
+        self._client: Client | None = None
+
+    def probes(self) -> dict[str, Callable[[], object]]:
+        """``branchctl list`` (a process, as a user runs it) and the API's list (one
+        connection); the FUSE column only: its loads are FUSE's."""
+        if self.backend != FUSE:
+            return {}
+        exe, env = branchctl(), cli_env(self.daemon)
+        argv = [exe, "list", "--json"]
+        subprocess.run(argv, env=env, capture_output=True, check=True)  # bytecode cached
+        self._client = client = Client(self.daemon.socket)
+
+        def cli_list() -> None:
+            subprocess.run(argv, env=env, capture_output=True, check=True)
+
+        def python() -> None:  # no request: what the machine's load alone costs a process
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+        return {"branchctl list": cli_list, "API list": lambda: client.call("list"),
+                "python -c pass": python}
 
     def path(self, name: str) -> Path:
         return self.branches[name].path
@@ -75,15 +96,12 @@ class ApiWorkspace(BenchWorkspace):
     def run(self, name: str, argv: list[str]) -> int:
         return self.branches[name].run(argv).returncode
 
-    def list_seconds(self) -> float:
-        t0 = time.perf_counter()
-        self.ws.client.call("list")
-        return time.perf_counter() - t0
-
     def close(self) -> None:
         try:
             super().close()
         finally:
+            if self._client is not None:
+                self._client.close()
             self.ws.close()
 
 
@@ -93,6 +111,14 @@ def branchctl() -> str:
     if exe is None:
         raise FileNotFoundError("branchctl is not installed beside this Python")
     return exe
+
+
+def cli_env(daemon: EmbeddedDaemon) -> dict[str, str]:
+    """branchctl's environment: the daemon's socket, bytecode cached (see CliWorkspace)."""
+    env = dict(os.environ, BRANCHD_SOCKET=str(daemon.socket),
+               PYTHONPYCACHEPREFIX=str(daemon.root / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 class CliWorkspace(BenchWorkspace):
@@ -106,10 +132,8 @@ class CliWorkspace(BenchWorkspace):
     def __init__(self, base: Path, daemon: EmbeddedDaemon, backend: str) -> None:
         super().__init__(base)
         self.exe = branchctl()
-        self.env = dict(os.environ, BRANCHD_SOCKET=str(daemon.socket),
-                        PYTHONPYCACHEPREFIX=str(daemon.root / "pycache"))
+        self.env = cli_env(daemon)
         self.log = daemon.log_path
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.backend = backend
         self.replies: dict[str, dict[str, Any]] = {}
         self._cli("workspace", "add", str(base))

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.agent import STEPS
 from bench.results import Results, Row
-from bench.scenarios import files_label, fmt_bytes
+from bench.scenarios import control_loads, files_label, fmt_bytes
 from bench.sizes import Sizes
 
 BRANCHD = "branchd"
@@ -67,6 +67,14 @@ def _ratio(over: str, inverse: bool = False, ours_backend: str = BRANCHD
     return value
 
 
+def _over_idle(results: Results, scenario: str, param: str) -> float | None:
+    """A control row's median over the same request's idle one (branchd's column)."""
+    row, idle = results.get(scenario, param, BRANCHD), results.get(scenario, "idle", BRANCHD)
+    if not row or not idle or not row.median or not idle.median:
+        return None
+    return row.median / idle.median
+
+
 def targets(sizes: Sizes) -> list[Target]:
     big = files_label(sizes.bases[-1])
     many = files_label(sizes.commit_files[-1])
@@ -90,6 +98,9 @@ def targets(sizes: Sizes) -> list[Target]:
         Target(f"{sizes.parallel[-1]} parallel branches <= overlayfs in total",
                "<= overlayfs", "parallel branches", f"{sizes.parallel[-1]} branches",
                _ratio("overlay"), 1.0),
+        *(Target(f"{probe} {load} <= 2x idle", "<= 2x idle", f"control: {probe}", load,
+                 _over_idle, 2.0)
+          for probe in ("branchctl list", "API list") for load in control_loads(sizes)),
         *(Target(f"fast path: {scenario} {param} <= {FAST_PATH_LIMIT}x native",
                  f"fast path <= {FAST_PATH_LIMIT}x", scenario, param,
                  _ratio("native", ours_backend=FAST_PATH), FAST_PATH_LIMIT)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -358,46 +359,6 @@ def parallel(ctx: Context, backend: Backend) -> None:
             row.checks.append("each job reads back what it wrote and sees the base")
 
 
-# --- the control plane while the data plane works -------------------------------------------
-
-
-def control(ctx: Context, backend: Backend) -> None:
-    """``list`` latency idle, and while another branch copies up a large file (its first
-    open for writing): with the FUSE server in the daemon, the request waited for the
-    whole copy. Only the columns with a control plane (branchd's) have these rows."""
-    s = ctx.sizes
-    with ctx.workspace(backend, None, "control") as ws:
-        if ws.list_seconds() is None:
-            return
-        block = hashlib.sha256(b"copy-up").digest() * (MiB // 32)
-        with open(ws.base / "big", "wb") as f:
-            for _ in range(s.copyup_bytes // MiB or 1):
-                f.write(block)
-        idle = ctx.row("control plane", "list, idle", backend)
-        busy = ctx.row("control plane", f"list during a {fmt_bytes(s.copyup_bytes)} copy-up",
-                       backend)
-        late = 0
-        for _ in ctx.runs(s.repeat):
-            for _ in range(5):
-                idle.samples.append(ws.list_seconds())
-            name = ctx.name("c")
-            path = ws.create_verified(name)
-            flush()
-            with ThreadPoolExecutor(1) as pool:
-                copy = pool.submit(lambda p=path: open(p / "big", "r+b").close())
-                time.sleep(0.02)  # the open reached the FUSE server
-                busy.samples.append(ws.list_seconds())
-                late += copy.done()
-                copy.result()
-            ws.discard(name)
-        idle_median = sorted(idle.samples)[len(idle.samples) // 2]
-        if idle_median:
-            busy.extra["x idle"] = round(
-                sorted(busy.samples)[len(busy.samples) // 2] / idle_median, 2)
-        busy.checks.append("the copy-up was still running when list was sent"
-                           + (f" (not in {late} of {len(busy.samples)} runs)" if late else ""))
-
-
 # --- running a command in a branch ---------------------------------------------------------
 
 
@@ -414,12 +375,155 @@ def run_true(ctx: Context, backend: Backend) -> None:
         ws.discard(name)
 
 
+# --- control requests while the data plane is busy ----------------------------------------
+
+IDLE = "idle"
+LOAD_START_S = 0.02  # after a load is started, before the first probe: it reaches the daemon
+PROBE_PAUSE_S = 0.01  # between one probe's requests
+
+
+def _probe_during(load: Callable[[], object], probes: dict[str, Callable[[], object]],
+                  rows: dict[str, Row]) -> tuple[float, dict[str, int]]:
+    """Run *load* on a thread, and each probe on a thread of its own, again and again
+    while the load runs (at least once); every latency of a probe started during the
+    load goes to its row. The load's seconds, and per probe how many of its requests
+    ended while the load still ran (the others may have waited for it)."""
+    done = threading.Event()
+    took: list[float] = []
+    failed: list[BaseException] = []
+    outlasted = dict.fromkeys(probes, 0)
+
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # re-raised below, on the scenario's thread
+                failed.append(e)
+                done.set()
+        return run
+
+    def run_load() -> None:
+        t0 = time.perf_counter()
+        try:
+            load()
+        finally:
+            took.append(time.perf_counter() - t0)
+            done.set()
+
+    def run_probe(name: str) -> None:
+        first = True
+        while first or not done.is_set():
+            first = False
+            t0 = time.perf_counter()
+            probes[name]()
+            rows[name].samples.append(time.perf_counter() - t0)
+            outlasted[name] += not done.is_set()
+            time.sleep(PROBE_PAUSE_S)
+
+    flush()
+    threads = [threading.Thread(target=guarded(run_load), name="control-load")]
+    threads[0].start()
+    time.sleep(LOAD_START_S)
+    for name in probes:
+        threads.append(threading.Thread(target=guarded(lambda name=name: run_probe(name)),
+                                        name=f"control-{name}"))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    return took[0], outlasted
+
+
+def control_loads(sizes: Sizes) -> list[str]:
+    """The control rows' loads, by row name."""
+    return [f"during a {fmt_bytes(sizes.control_copy_bytes)} copy-up",
+            f"during a commit of {files_label(sizes.control_commit_files)}",
+            f"during {sizes.control_parallel} parallel branches"]
+
+
+def control(ctx: Context, backend: Backend) -> None:
+    """The latency of control requests (``branchctl list`` as a user runs it, and the same
+    request through the API) idle, and while the daemon serves, elsewhere: a large FUSE
+    copy-up, a commit of many files, many parallel branches doing I/O. Each row's
+    ``x idle`` is its median over the idle one's (the target: at most 2x)."""
+    s = ctx.sizes
+    loads = control_loads(s)
+    with ctx.workspace(backend, None, "control") as ws:
+        probes = ws.probes()
+        if not probes:
+            return  # a column without a daemon of its own: nothing to ask
+        rows = {p: {label: ctx.row(f"control: {p}", label, backend) for label in (IDLE, *loads)}
+                for p in probes}
+        big = ws.base / "big.bin"
+        chunk = _blob_chunk(0)
+        with open(big, "wb") as f:
+            for _ in range(s.control_copy_bytes // len(chunk)):
+                f.write(chunk)
+            f.write(chunk[: s.control_copy_bytes % len(chunk)])
+        for _ in range(s.repeat):  # idle
+            for p, probe in probes.items():
+                rows[p][IDLE].samples.append(timed(probe)[0])
+        argv = [sys.executable, str(ctx.job), str(s.job_files), str(s.job_file_size)]
+
+        def copy_up(branch: Path) -> None:
+            with open(branch / "big.bin", "r+b") as f:  # the open copies the file up
+                f.write(b"x")
+
+        def commit_of(name: str) -> Callable[[], None]:
+            branch = ws.create_verified(name)
+            for i in range(s.control_commit_files):
+                d = branch / f"many-{name}" / f"d{i // FILES_PER_DIR:04d}"
+                if i % FILES_PER_DIR == 0:
+                    d.mkdir(parents=True)
+                (d / f"f{i:06d}").write_bytes(b"new\n")
+            return lambda: ws.commit(name)
+
+        def parallel_load() -> None:
+            def job(_: int) -> None:
+                name = ctx.name("q")
+                branch = ws.create(name)
+                try:
+                    subprocess.run(argv, cwd=branch, capture_output=True, check=True)
+                finally:
+                    ws.discard(name)
+            with ThreadPoolExecutor(s.control_parallel) as pool:
+                list(pool.map(job, range(s.control_parallel)))
+
+        for _ in ctx.runs(s.heavy_repeat):
+            name = ctx.name("u")
+            branch = ws.create_verified(name)
+            at = {p: rows[p][loads[0]] for p in probes}
+            took, outlasted = _probe_during(lambda branch=branch: copy_up(branch), probes, at)
+            _note_load(at, took, outlasted)
+            ws.discard(name)
+            at = {p: rows[p][loads[1]] for p in probes}
+            took, outlasted = _probe_during(commit_of(ctx.name("k")), probes, at)
+            _note_load(at, took, outlasted)
+            at = {p: rows[p][loads[2]] for p in probes}
+            took, outlasted = _probe_during(parallel_load, probes, at)
+            _note_load(at, took, outlasted)
+            ws.settle()
+        for by_load in rows.values():
+            idle = by_load[IDLE].median
+            for label, row in by_load.items():
+                if label != IDLE and idle and row.median:
+                    row.extra["x idle"] = round(row.median / idle, 2)
+                row.checks.append("the daemon answered every request")
+
+
+def _note_load(rows: dict[str, Row], seconds: float, outlasted: dict[str, int]) -> None:
+    for name, row in rows.items():
+        row.extra.setdefault("load seconds", []).append(round(seconds, 3))
+        row.extra.setdefault("requests ended during the load", []).append(outlasted[name])
+
+
 SCENARIOS: dict[str, Callable[[Context, Backend], None]] = {
     "create": create,
     "commit": commit,
     "inside": inside,
     "agent": agent_workload,
     "parallel": parallel,
-    "control": control,
     "run": run_true,
+    "control": control,
 }

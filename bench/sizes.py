@@ -29,7 +29,9 @@ class Sizes:
     parallel: tuple[int, ...]  # numbers of branches running a job at once
     job_files: int  # files each parallel job writes and reads back
     job_file_size: int
-    copyup_bytes: int  # the file copied up while `list` is timed (the control-plane rows)
+    control_copy_bytes: int  # the copy-up the control requests are timed during
+    control_commit_files: int  # the commit they are timed during
+    control_parallel: int  # the parallel branches they are timed during
     scenario_timeout: int  # seconds one scenario may take on one backend before it is failed
     row_seconds: int  # after this long, a row takes no more samples (it has at least one)
 
@@ -53,7 +55,9 @@ FULL = Sizes(
     parallel=(1, 4, 16),
     job_files=100,
     job_file_size=64 * KiB,
-    copyup_bytes=500 * MiB,
+    control_copy_bytes=500 * MiB,
+    control_commit_files=10_000,
+    control_parallel=16,
     scenario_timeout=3600,
     # the slow rows (a native copy of 100k files, 10k-file commits) get one to three samples:
     # the whole run fits in about 20 minutes on a 2-core machine instead of 45
@@ -76,7 +80,9 @@ QUICK = Sizes(
     parallel=(1, 4, 16),
     job_files=20,
     job_file_size=16 * KiB,
-    copyup_bytes=500 * MiB,  # the size: a copy-up takes long enough to be seen
+    control_copy_bytes=500 * MiB,  # the loads: the rows are about the daemon
+    control_commit_files=10_000,
+    control_parallel=16,
     scenario_timeout=600,
     row_seconds=120,  # in practice every row gets its samples
 )
@@ -97,7 +103,9 @@ TINY = Sizes(
     parallel=(1, 2),
     job_files=3,
     job_file_size=4 * KiB,
-    copyup_bytes=4 * MiB,
+    control_copy_bytes=4 * MiB,
+    control_commit_files=50,
+    control_parallel=2,
     scenario_timeout=120,
     row_seconds=60,
 )

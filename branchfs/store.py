@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 from . import backing, commit, diff, merge, origins
 from .commit import Step
@@ -86,6 +87,19 @@ MERGE = "merge-"
 # what a sibling's commit does to a branch (Branch.on_sibling_commit)
 REBASE, INVALIDATE = "rebase", "invalidate"
 POLICIES = (REBASE, INVALIDATE)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _locked(fn: Callable[Concatenate[Store, P], T]) -> Callable[Concatenate[Store, P], T]:
+    """A public method of the Store, with its lock held (see Store's docstring)."""
+    @functools.wraps(fn)
+    def locked(self: Store, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+    return locked
 
 
 @dataclass(frozen=True)
@@ -195,14 +209,27 @@ class Store:
     Invariants: at most one record per (workspace, branch name); an active
     branch's parent is active; every non-ended branch has its upper and work
     dirs open (fds) and every workspace its base dir; ``state.json`` and its log match
-    the records whenever a public method returns. Not thread-safe: one thread
-    (the daemon's trio thread, which also runs the FUSE handlers) calls it.
+    the records whenever a public method returns.
+
+    Threads: the thread that made the Store (the daemon's event loop, which also
+    runs the FUSE handlers) may call every method; ``commit``, ``diff`` and
+    ``finish_pending`` may also run on worker threads, one at a time per
+    workspace (``daemon.lanes`` sees to it, and holds that workspace's FUSE
+    requests during a commit). ``_lock`` guards the in-memory state (records,
+    fds, views, the log): every public method holds it, and those three hold it
+    only while they read or change that state, not while they walk or move a
+    delta, so the loop waits for a commit at most that long. Off the loop, views
+    are an operation's own (``_own_view``): the Store's views, with their caches
+    and the process's inotify watcher, are only ever used on the loop thread.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, mountpoint: str | None = None) -> None:
         self.state_dir = os.path.realpath(state_dir)
         self.mountpoint = os.path.realpath(mountpoint) if mountpoint is not None else None
         self.recovered: list[str] = []
+        self._lock = threading.RLock()
+        self._owner = threading.get_ident()  # the event loop thread (see the class docstring)
+        self._retired: list[View] = []  # views dropped off the loop, closed on it (_reap)
         self._listeners: list[Callable[[Event], None]] = []
         self._ws: dict[str, Workspace] = {}
         self._recs: dict[str, _Rec] = {}
@@ -262,6 +289,7 @@ class Store:
     def _log_path(self) -> str:
         return self._path(f"{LOG_PREFIX}{self._log_gen}")
 
+    @_locked
     def log_path(self) -> str:
         """The state log appended to now (fsck reads it back)."""
         return self._log_path()
@@ -352,6 +380,7 @@ class Store:
     def unsubscribe(self, callback: Callable[[Event], None]) -> None:
         self._listeners.remove(callback)
 
+    @_locked
     def share(self, bid: str) -> None:
         """Tell subscribers that ``shared(bid)`` became true (they drop what they cached)."""
         b = self.branch_by_id(bid)
@@ -383,9 +412,7 @@ class Store:
                                        os.open(os.path.join(root, "work"), backing.DIR_FLAGS))
 
     def _close_branch_fds(self, bid: str) -> None:
-        v = self._views.pop(bid, None)
-        if v is not None:
-            v.close()  # its cached directory fds and inotify watches
+        self._retire(bid)
         o = self._origins.pop(bid, None)
         if o is not None:
             o.close()
@@ -400,23 +427,20 @@ class Store:
         except KeyError:
             raise NotFound(f"workspace {ws} has no directory {self._ws[ws].base}") from None
 
+    @_locked
     def base_fd(self, ws: str) -> int:
         """The held descriptor of the workspace's directory (the store's own: do not close)."""
         self.workspace(ws)
         return self._base_fd(ws)
 
+    @_locked
     def view_by_id(self, bid: str) -> View:
-        """The merged view of a branch that has not ended."""
+        """The merged view of a branch that has not ended: the event loop thread's
+        (off it, an operation makes its own: ``_own_view``)."""
+        self._reap()
         v = self._views.get(bid)
         if v is None:
-            rec = self._recs[bid]
-            layers: list[int] = []
-            r: _Rec | None = rec
-            while r is not None:
-                layers.append(self._dir_fds[r.id][0])
-                r = self._recs[r.parent_id] if r.parent_id else None
-            layers.append(self._base_fd_of(rec))
-            v = self._views[bid] = View(layers, work=self._dir_fds[bid][1],
+            v = self._views[bid] = View(self._layers(bid), work=self._dir_fds[bid][1],
                                         origins=self._origins_of(bid))
         return v
 
@@ -429,6 +453,34 @@ class Store:
         v = self._views.get(bid)
         if v is not None:
             v.origins = self._origins_of(bid)
+
+    def _layers(self, bid: str) -> list[int]:
+        """The layers of branch *bid*'s view, top first: its upper dir, its
+        ancestors', the directory it forks."""
+        layers: list[int] = []
+        r: _Rec | None = self._recs[bid]
+        while r is not None:
+            layers.append(self._dir_fds[r.id][0])
+            r = self._recs[r.parent_id] if r.parent_id else None
+        layers.append(self._base_fd_of(self._recs[bid]))
+        return layers
+
+    def _retire(self, bid: str) -> None:
+        """Drop the Store's view of *bid*; it is closed (its cached directory fds,
+        its inotify watches) on the event loop thread, whose it is (``_reap``)."""
+        v = self._views.pop(bid, None)
+        if v is None:
+            return
+        if threading.get_ident() == self._owner:
+            v.close()
+        else:
+            self._retired.append(v)
+
+    def _reap(self) -> None:
+        if self._retired and threading.get_ident() == self._owner:
+            retired, self._retired = self._retired, []
+            for v in retired:
+                v.close()
 
     def _origins_of(self, bid: str) -> origins.Origins:
         o = self._origins.get(bid)
@@ -467,6 +519,7 @@ class Store:
             self.recovered.append(msg)  # told at start-up and by status, as recoveries are
         self._ws[w.name] = dataclasses.replace(w, ident=ident)
 
+    @_locked
     def refresh(self, name: str) -> Workspace:
         """The workspace *name*, after a look at its path: a directory removed and
         made again there (``rm -rf proj; git clone ... proj``) is a new one. New
@@ -498,12 +551,14 @@ class Store:
         for ident in [i for i in self._old_bases if i not in used]:
             os.close(self._old_bases.pop(ident))
 
+    @_locked
     def status(self, bid: str) -> str | None:
         """The status of the branch with id *bid* (None if unknown): cheap, for
         the FUSE adapter's check on every request."""
         r = self._recs.get(bid)
         return r.status if r is not None else None
 
+    @_locked
     def branch_by_id(self, bid: str) -> Branch | None:
         r = self._recs.get(bid)
         return self._branch(r) if r is not None else None
@@ -585,6 +640,7 @@ class Store:
             for name in os.listdir(work):
                 backing.remove_at(work, name)
 
+    @_locked
     def trash_orphan(self, bid: str) -> bool:
         """Move ``branches/<bid>``, a delta no live record owns, to the trash (as the
         next start would); False for a live branch's, which is never touched."""
@@ -598,6 +654,7 @@ class Store:
         """The entries of trash/ being deleted now; any other one is stuck."""
         return self._trash.waiting()
 
+    @_locked
     def empty_trash(self) -> list[str]:
         """Queue again the entries of trash/ that nothing is deleting: the names."""
         waiting = self._trash.waiting()
@@ -606,6 +663,7 @@ class Store:
             self._trash.put(name)
         return names
 
+    @_locked
     def has_directory(self, workspace: str) -> bool:
         """Whether the workspace's directory is open (``refresh`` first): False when
         its path is gone or is no directory."""
@@ -622,6 +680,7 @@ class Store:
 
     # -- workspaces ---------------------------------------------------------
 
+    @_locked
     def add_workspace(self, base: str, name: str | None = None,
                       owner: int | None = None) -> Workspace:
         real = self._resolve_base(base)
@@ -650,6 +709,7 @@ class Store:
         self._emit(Event("workspace-added", name))
         return ws
 
+    @_locked
     def remove_workspace(self, name: str, *, force: bool = False) -> list[Branch]:
         """Forget workspace *name*; its directory is not touched. Refused while it
         has live branches, unless *force*: then they are discarded first (returned)."""
@@ -732,9 +792,11 @@ class Store:
             if own is not None and _within(path, own):
                 raise BadName(f"{given} is inside the branch store's {what} {own}")
 
+    @_locked
     def workspaces(self) -> list[Workspace]:
         return list(self._ws.values())
 
+    @_locked
     def workspace(self, name: str) -> Workspace:
         try:
             return self._ws[name]
@@ -778,6 +840,7 @@ class Store:
                 todo.append(c)
         return out
 
+    @_locked
     def create_branch(self, workspace: str, name: str, parent: str | None = None, *,
                       on_sibling_commit: str = REBASE, owner: int | None = None) -> Branch:
         self.refresh(workspace)
@@ -836,6 +899,7 @@ class Store:
         self._emit(Event("branch-created", workspace, b))
         return b
 
+    @_locked
     def branch(self, workspace: str, name: str) -> Branch:
         self.workspace(workspace)
         r = self._find(workspace, name)
@@ -843,6 +907,7 @@ class Store:
             raise NotFound(f"no branch named {name} in workspace {workspace}")
         return self._branch(r)
 
+    @_locked
     def branches(self, workspace: str | None = None, *,
                  include_ended: bool = False) -> list[Branch]:
         """Branches that have not ended (active and invalidated ones), or all."""
@@ -852,6 +917,7 @@ class Store:
                 if (workspace is None or r.workspace == workspace)
                 and (include_ended or r.status not in ENDED)]
 
+    @_locked
     def find_branch(self, name: str) -> Branch:
         """The one branch named *name* that has not ended, across workspaces."""
         live = [r for r in self._recs.values() if r.name == name and r.status not in ENDED]
@@ -866,9 +932,11 @@ class Store:
             raise NotFound(f"no branch named {name}")
         return self._branch(live[0])
 
+    @_locked
     def delta_dir(self, workspace: str, name: str) -> str:
         return self._path("branches", self._get(workspace, name).id, "upper")
 
+    @_locked
     def view(self, workspace: str, name: str | None) -> View:
         """The view of a branch that has not ended, or of the base (name None)."""
         if name is None:
@@ -881,18 +949,99 @@ class Store:
             return View([self._base_fd_of(r)])
         return self.view_by_id(r.parent_id)
 
+    def _own_view(self, bid: str | None, r: _Rec | None = None) -> View:
+        """A view for one operation off the event loop: of branch *bid*, or (None)
+        of *r*'s parent. Its own and uncached: the Store's views, their caches and
+        the process's inotify watcher are the event loop thread's. Made with the
+        lock held; its layers stay open while the branch lives."""
+        if bid is None:
+            assert r is not None
+            if r.parent_id is None:
+                return View([self._base_fd_of(r)], watched=False)
+            bid = r.parent_id
+        return View(self._layers(bid), work=self._dir_fds[bid][1],
+                    origins=self._origins_of(bid), watched=False)
+
     def diff(self, workspace: str, name: str) -> list[Change]:
-        r = self._get(workspace, name)
-        self._settled(workspace)
-        return diff.diff(self.view_by_id(r.id), self._parent_view(r))
+        """What branch *name* changed. Safe on a worker thread while no long
+        operation of the workspace runs (``daemon.lanes``): only the lookup of
+        the branch holds the Store's lock, not the walk."""
+        with self._lock:
+            r = self._get(workspace, name)
+            self._settled(workspace)
+            mine, parent = self._own_view(r.id), self._own_view(None, r)
+        return diff.diff(mine, parent)
 
     # -- commit and discard -------------------------------------------------
 
     def commit(self, workspace: str, name: str, *, force: bool = False) -> CommitResult:
         """Apply the branch's changes to its parent atomically. Refused with
         ``OutsideChange`` (nothing changed) when a path it would replace or
-        delete changed in the parent since the branch hid it, unless *force*."""
+        delete changed in the parent since the branch hid it, unless *force*.
+
+        Safe on a worker thread, where the daemon runs it (``daemon.lanes``: one
+        long operation per workspace at a time, the workspace's FUSE requests
+        held): the Store's lock is held while records, fds and views are read or
+        changed, and released while the delta is walked, moved and synced."""
         t0 = time.monotonic()
+        with self._lock:
+            r, upper, target, check, invalidated, rebased = self._commit_inputs(
+                workspace, name, force)
+        try:
+            steps = commit.plan(upper, target, r.parent_id is None, check)
+            if check is not None and check.conflicts:
+                self._refuse(r, check.conflicts)
+            self._check_space(upper, target.layers[0], steps, name)
+            few = _sync_sources(upper, steps)
+        except OSError as exc:
+            _raise_os(exc, f"planning the commit of {name}")
+        try:  # the parent's versions of the files both changed: bases of three-way merges
+            for s, view in rebased:
+                merge.capture(self._path("branches", s.id, merge.DIR), _paths(steps), target,
+                              view)
+        except OSError as exc:
+            _raise_os(exc, f"keeping the parent's files for the siblings of {name}")
+        note = f" by the commit of {name}"
+        r_new = dataclasses.replace(r, status=COMMITTED, note="")
+        changed = [r_new, *(dataclasses.replace(s, status=INVALIDATED, note=note)
+                            for s in invalidated)]
+        # the records change once the journal is durable
+        with self._lock:
+            ident = self._ws[workspace].ident
+            for_parent = self._origins_of(r.id).for_parent() if r.parent_id is not None else []
+        journal = {"version": 2, "branch": r.id, "name": name, "workspace": workspace,
+                   "target": r.parent_id, "base": ident, "steps": steps,
+                   "records": [vars(c) for c in changed],
+                   "rebase": [s.id for s, _ in rebased],
+                   "origins": for_parent}
+        jpath = self._path("journal", f"commit-{r.id}.json")
+        atomic_write(jpath, _dumps(journal),
+                     before_replace=lambda: commit.crash_point("journal-tmp"))
+        commit.crash_point("journal")
+        try:
+            self._apply_journal(journal, jpath, few=few)
+        except OSError as exc:
+            # the journal is durable: the commit is finished (rolled forward) before
+            # anything else happens in this workspace; once more at once, as the cause
+            # (a full disk) may be gone already
+            with self._lock:
+                self._pending[workspace] = (journal, jpath)
+            log.warning("commit of %s/%s failed half way (%s): finishing it", workspace,
+                        name, exc)
+            try:
+                self._finish(workspace)
+            except (OSError, BaseReplaced):
+                _raise_os(exc, f"committing {name}; nothing else happens in workspace "
+                          f"{workspace} until its commit is finished (each request tries)")
+        with self._lock:
+            return self._committed(journal, time.monotonic() - t0)
+
+    def _commit_inputs(self, workspace: str, name: str, force: bool
+                       ) -> tuple[_Rec, int, View, origins.Check | None, list[_Rec],
+                                  list[tuple[_Rec, View]]]:
+        """With the lock held: what a commit of *name* needs, checked (the branch's
+        record, its upper dir, its parent's view, the outside-change check, the
+        siblings it invalidates and those it carries on, with their views)."""
         self.refresh(workspace)
         r = self._get(workspace, name)
         self._settled(workspace)
@@ -913,7 +1062,7 @@ class Store:
             raise HasChildren(f"branch {name} has child branches ({', '.join(sorted(live))}); "
                               "commit or discard them first")
         upper = self._dir_fds[r.id][0]
-        target = self._parent_view(r)
+        target = self._own_view(None, r)
         mine = self._origins_of(r.id)
         check = None
         if not force and mine.tracked:
@@ -921,17 +1070,8 @@ class Store:
         elif not force:
             log.warning("branch %s predates origin records: its commit is not checked "
                         "for outside changes", name)
-        try:
-            steps = commit.plan(upper, target, r.parent_id is None, check)
-            if check is not None and check.conflicts:
-                self._refuse(r, check.conflicts)
-            self._check_space(upper, target.layers[0], steps, name)
-            few = _sync_sources(upper, steps)
-        except OSError as exc:
-            _raise_os(exc, f"planning the commit of {name}")
         invalidated: list[_Rec] = []
-        rebased: list[_Rec] = []
-        note = f" by the commit of {name}"
+        rebased: list[tuple[_Rec, View]] = []
         for s in self._recs.values():
             if (s.workspace == r.workspace and s.parent_id == r.parent_id and s.id != r.id
                     and s.status == ACTIVE and not self._replaced(s)):
@@ -939,42 +1079,8 @@ class Store:
                     invalidated.append(s)
                     invalidated.extend(d for d in self._descendants(s) if d.status == ACTIVE)
                 else:
-                    rebased.append(s)
-        try:  # the parent's versions of the files both changed: bases of three-way merges
-            for s in rebased:
-                merge.capture(self._path("branches", s.id, merge.DIR), _paths(steps), target,
-                              self.view_by_id(s.id))
-        except OSError as exc:
-            _raise_os(exc, f"keeping the parent's files for the siblings of {name}")
-        r_new = dataclasses.replace(r, status=COMMITTED, note="")
-        changed = [r_new, *(dataclasses.replace(s, status=INVALIDATED, note=note)
-                            for s in invalidated)]
-        # the records change once the journal is durable
-        w = self._ws[workspace]
-        journal = {"version": 2, "branch": r.id, "name": name, "workspace": workspace,
-                   "target": r.parent_id, "base": w.ident, "steps": steps,
-                   "records": [vars(c) for c in changed],
-                   "rebase": [s.id for s in rebased],
-                   "origins": mine.for_parent() if r.parent_id is not None else []}
-        jpath = self._path("journal", f"commit-{r.id}.json")
-        atomic_write(jpath, _dumps(journal),
-                     before_replace=lambda: commit.crash_point("journal-tmp"))
-        commit.crash_point("journal")
-        try:
-            self._apply_journal(journal, jpath, few=few)
-        except OSError as exc:
-            # the journal is durable: the commit is finished (rolled forward) before
-            # anything else happens in this workspace; once more at once, as the cause
-            # (a full disk) may be gone already
-            self._pending[workspace] = (journal, jpath)
-            log.warning("commit of %s/%s failed half way (%s): finishing it", workspace,
-                        name, exc)
-            try:
-                self._finish(workspace)
-            except (OSError, BaseReplaced):
-                _raise_os(exc, f"committing {name}; nothing else happens in workspace "
-                          f"{workspace} until its commit is finished (each request tries)")
-        return self._committed(journal, time.monotonic() - t0)
+                    rebased.append((s, self._own_view(s.id)))
+        return r, upper, target, check, invalidated, rebased
 
     def _committed(self, journal: dict[str, Any], seconds: float) -> CommitResult:
         """The result of an applied journal, told to the subscribers."""
@@ -1014,6 +1120,7 @@ class Store:
 
     # -- siblings that carry on: rebase and resolve --------------------------
 
+    @_locked
     def rebase(self, workspace: str, name: str) -> tuple[list[str], list[str]]:
         """Bring branch *name* onto its parent's current state (also after changes
         made to the base outside branchd): every path it changed that its parent
@@ -1036,13 +1143,13 @@ class Store:
         into the branch (replayed from the journal after a crash)."""
         mine = self._origins_of(r.id)
         upper = self._dir_fds[r.id][0]
-        parent = self._parent_view(r)
+        parent = self._own_view(None, r)
         check = origins.Check(mine, parent, upper)
         if mine.tracked:  # a branch older than origin records has its steps' overlaps only
             commit.plan(upper, parent, r.parent_id is None, check)
         changed = _paths(steps)
         mdir = self._path("branches", r.id, merge.DIR)
-        view = self.view_by_id(r.id)
+        view = self._own_view(r.id)
         results: list[list[str]] = []
         conflicts = [p for p in r.conflicts]
         for path in dict.fromkeys([*check.conflicts, *merge.overlaps(upper, steps, parent)]):
@@ -1078,7 +1185,7 @@ class Store:
         record. Idempotent (a replay writes the same results again)."""
         r = self._recs.get(journal["branch"])
         if r is not None and r.status not in ENDED:
-            view, parent = self.view_by_id(r.id), self._parent_view(r)
+            view, parent = self._own_view(r.id), self._own_view(None, r)
             mine = self._origins_of(r.id)
             mdir = self._path("branches", r.id, merge.DIR)
             for path, result in journal["results"]:
@@ -1092,6 +1199,7 @@ class Store:
             self._log([dataclasses.replace(self._recs[r.id], conflicts=journal["conflicts"])])
         os.unlink(jpath)
 
+    @_locked
     def resolve(self, workspace: str, name: str, path: str, how: str) -> list[str]:
         """Settle a conflict of branch *name* at *path*: ``ours`` keeps the branch's
         file as it is now (also after an edit), ``theirs`` takes the parent's (the
@@ -1143,14 +1251,17 @@ class Store:
         return left
 
     def _finish(self, workspace: str) -> None:
-        journal, jpath = self._pending[workspace]
+        with self._lock:
+            journal, jpath = self._pending[workspace]
         try:
             self._apply_journal(journal, jpath)
         except BaseReplaced as exc:
-            del self._pending[workspace]
+            with self._lock:
+                del self._pending[workspace]
             log.warning("%s", self._keep(journal, jpath, exc))
             raise
-        del self._pending[workspace]
+        with self._lock:
+            del self._pending[workspace]
         log.warning("finished the interrupted commit of %s/%s", workspace, journal["name"])
 
     def _keep(self, journal: dict[str, Any], path: str, exc: BaseReplaced) -> str:
@@ -1162,10 +1273,12 @@ class Store:
 
     def finish_pending(self, workspace: str) -> CommitResult | None:
         """Finish a commit of *workspace* that failed half way, if there is one: its
-        result, None if there was none. Raises Busy while it still cannot be done."""
-        if workspace not in self._pending:
-            return None
-        journal = self._pending[workspace][0]
+        result, None if there was none. Raises Busy while it still cannot be done.
+        Safe on a worker thread, as ``commit`` is."""
+        with self._lock:
+            if workspace not in self._pending:
+                return None
+            journal = self._pending[workspace][0]
         try:
             self._finish(workspace)
         except BaseReplaced:
@@ -1174,17 +1287,21 @@ class Store:
             raise Busy(f"workspace {workspace}: the commit of {journal['name']} failed half "
                        f"way and cannot be finished yet ({exc.strerror or exc}); nothing "
                        "else happens in it until it is") from exc
-        return self._committed(journal, 0.0)
+        with self._lock:
+            return self._committed(journal, 0.0)
 
+    @_locked
     def pending(self, workspace: str) -> bool:
         """Whether *workspace* has a commit that failed half way (see finish_pending)."""
         return workspace in self._pending
 
+    @_locked
     def pending_journals(self) -> set[str]:
         """The paths of the journals of commits that failed half way (finish_pending):
         every other ``journal/commit-*.json`` is a leftover."""
         return {jpath for _, jpath in self._pending.values()}
 
+    @_locked
     def remove_done_journal(self, path: str) -> bool:
         """Remove a leftover journal whose commit is done (its branch is committed or
         forgotten), as a restart would; False (kept) for any other."""
@@ -1234,10 +1351,13 @@ class Store:
         *few*: the moved entries are files and few (``_sync_sources`` said so),
         so fsyncs of the directories touched replace a syncfs."""
         bid = journal["branch"]
-        upper = self._dir_fds[bid][0] if bid in self._dir_fds else None
+        with self._lock:
+            upper = self._dir_fds[bid][0] if bid in self._dir_fds else None
+            if upper is not None:
+                target = self._own_view(None, self._recs[bid])
+                parent_origins = (self._origins_of(journal["target"])
+                                  if journal.get("origins") else None)
         if upper is not None:
-            r = self._recs[bid]
-            target = self._parent_view(r)
             if journal["target"] is None:
                 self._check_base(journal, target.layers[0])
             gname = f"commit-{bid}"
@@ -1249,8 +1369,8 @@ class Store:
                 grave = commit.Graveyard(gfd if same_fs else None)
                 commit.apply_steps(journal["steps"], upper, target, grave)
                 commit.crash_point("steps")
-                if journal.get("origins"):
-                    self._origins_of(journal["target"]).adopt(journal["origins"])
+                if parent_origins is not None:
+                    parent_origins.adopt(journal["origins"])
                 if few and same_fs:
                     _sync_dirs(target.layers[0], journal["steps"])
                     os.fsync(gfd)
@@ -1262,15 +1382,16 @@ class Store:
                 os.close(gfd)
             self._trash.put(gname)
         changed = [_Rec(**c) for c in journal["records"]]
-        self._log(changed)
-        commit.crash_point("state")
-        for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
-            self._close_branch_fds(stale)
-        for v in self._views.values():  # layer lists of the survivors are rebuilt on demand
-            v.close()
-        self._views.clear()
-        self._to_trash(bid)
-        self._drop_unused_bases()
+        with self._lock:
+            self._log(changed)
+            commit.crash_point("state")
+            for stale in [b for b in self._dir_fds if self._recs[b].status in ENDED]:
+                self._close_branch_fds(stale)
+            # layer lists of the workspace's survivors are rebuilt on demand
+            for b in [b for b, r in self._recs.items() if r.workspace == journal["workspace"]]:
+                self._retire(b)
+            self._to_trash(bid)
+            self._drop_unused_bases()
         os.unlink(jpath)  # not fsynced: _recover knows an applied journal by its branch's record
 
     def _check_base(self, journal: dict[str, Any], fd: int) -> None:
@@ -1280,6 +1401,7 @@ class Store:
             raise BaseReplaced(f"the commit of {journal['name']} was for a directory that "
                                f"is no longer at the path of workspace {journal['workspace']}")
 
+    @_locked
     def discard(self, workspace: str, name: str) -> list[Branch]:
         r = self._get(workspace, name)
         self._settled(workspace)
@@ -1298,7 +1420,9 @@ class Store:
             self._emit(Event("branch-ended", workspace, b))
         return out
 
+    @_locked
     def close(self) -> None:
+        self._reap()
         for bid in list(self._dir_fds):
             self._close_branch_fds(bid)
         for fd in [*self._base_fds.values(), *self._old_bases.values()]:

@@ -186,8 +186,11 @@ class View:
     """
 
     def __init__(self, layers: Sequence[int], work: int | None = None,
-                 origins: Origins | None = None) -> None:
+                 origins: Origins | None = None, *, watched: bool = True) -> None:
         self.layers = list(layers)
+        # False: caches nothing and never touches the process's inotify watcher,
+        # which is the one thread's that uses the cached views (a worker's own view)
+        self.watched = watched
         self.work = work  # fd of the branch's work dir: temp copies, same fs as upper
         self.origins = origins
         # parts -> merged dir, least recently used first; see the class docstring
@@ -221,7 +224,7 @@ class View:
 
     def _resolve(self, parts: Parts) -> _Dirs:
         """The merge at *parts*, cached when it can be (see the class docstring)."""
-        watch = _watcher()
+        watch = _watcher() if self.watched else None
         if watch is not None:
             watch.drain()
         return self._merge(parts, watch)

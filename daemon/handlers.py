@@ -16,7 +16,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import cgroups
 from branchfs.model import ACTIVE, ENDED
 from cgroups.spawn import Bind
 from daemon import ascaller, diffpage, fsck, patch
+from daemon.lanes import Lanes
 from daemon.meta import MetaStore
 from daemon.protocol import ADMIN, ANYONE, BRANCH, OPS, RUN, VERSION, WORKSPACE
 from daemon.runs import RunRecord, RunTable
@@ -110,6 +112,7 @@ class Handlers:
         self.runs = runs
         self.meta = meta
         self.data = data
+        self.lanes = Lanes(data)
         self.mountpoint = mountpoint
         self.socket_path = socket_path
         self.allow_uids = allow_uids
@@ -267,7 +270,8 @@ class Handlers:
         ws = self.store.workspace(branch.workspace)
         target = (ws.base if branch.parent is None
                   else self.path_of(self.store.branch(ws.name, branch.parent)))
-        changes = self.store.diff(ws.name, branch.name)
+        changes = await self.lanes.off_loop(
+            ws.name, functools.partial(self.store.diff, ws.name, branch.name))
         made = {c.path for c in changes if c.kind == "added" and c.type == "dir"}
 
         def first_refused() -> str | None:
@@ -389,25 +393,30 @@ class Handlers:
     async def op_workspace_remove(self, peer: Peer, args: dict[str, Any],
                                   fds: list[int]) -> dict:
         ws = self._workspace(arg(args, "workspace", str))
-        await self._settle(ws.name)
         force = bool(arg(args, "force", bool, False))
-        if force:
-            self.data.detach([b for b in self.store.branches(ws.name)
-                              if b.status == "active"])
-        removed = self.store.remove_workspace(ws.name, force=force)
+        async with self._lane(ws.name):
+            if force:
+                self.data.detach([b for b in self.store.branches(ws.name)
+                                  if b.status == "active"])
+            removed = self.store.remove_workspace(ws.name, force=force)
         self._ended(removed, "discard")
         return {"workspace": ws.name, "discarded": [b.name for b in removed]}
 
     async def op_create(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        name = arg(args, "name", str)
         parent_name = arg(args, "parent", str, None)
-        meta = arg(args, "meta", dict, None)
         if parent_name is not None:
             parent = self._active(self._branch({**args, "name": parent_name}))
             ws = self.store.workspace(parent.workspace)
         else:
             ws = self._workspace(arg(args, "workspace", str))
-        await self._settle(ws.name)
+        async with self._lane(ws.name):  # not over a base that a commit is changing
+            return await self._create(peer, ws, args)
+
+    async def _create(self, peer: Peer, ws: branchfs.Workspace, args: dict[str, Any]
+                      ) -> dict[str, Any]:
+        name = arg(args, "name", str)
+        parent_name = arg(args, "parent", str, None)
+        meta = arg(args, "meta", dict, None)
         if meta:
             self.meta.check(meta, META_LIMIT)
         policy = arg(args, "on_sibling_commit", str, branchfs.store.REBASE)
@@ -430,7 +439,7 @@ class Handlers:
         workspace = arg(args, "workspace", str, None)
         if workspace is not None:
             workspace = self._workspace(workspace).name
-            await self._settle(workspace)
+            await self._settled(workspace)
         else:
             for w in self.store.workspaces():
                 self.store.refresh(w.name)
@@ -444,7 +453,7 @@ class Handlers:
 
     async def op_info(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)
+        await self._settled(branch.workspace)
         branch = self._branch(args)  # as it is now
         await self.data.heal([branch])
         out = self.describe(branch)
@@ -466,11 +475,17 @@ class Handlers:
     async def op_diff(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         ws = self.store.workspace(branch.workspace)
-        await self._settle(ws.name)
         paths = arg(args, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise RequestError("bad-request", "'paths' must be a list of strings")
-        changes = diffpage.select(self.store.diff(branch.workspace, branch.name), paths)
+        async with self._lane(ws.name):  # no commit moves the files while they are read
+            return await self._diff(peer, branch, ws, paths, args)
+
+    async def _diff(self, peer: Peer, branch: branchfs.Branch, ws: branchfs.Workspace,
+                    paths: list[str] | None, args: dict[str, Any]) -> dict[str, Any]:
+        found = await self.lanes.off_loop(
+            ws.name, functools.partial(self.store.diff, ws.name, branch.name))
+        changes = diffpage.select(found, paths)
         out: dict[str, Any] = {"stat": diffpage.stat(changes), "total": len(changes)}
         if arg(args, "stat", bool, False):
             return out
@@ -489,32 +504,55 @@ class Handlers:
 
     async def op_commit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)
-        await self._check_writable(peer, branch)
-        if self.runs.kill_branch(branch.id, "commit"):
-            log.info("killed the remaining processes of %s before its commit", branch.name)
         force = bool(arg(args, "force", bool, False))
-        # The kernel must not write the upper dir while the commit moves it away.
-        self.data.detach([branch])
-        try:
-            await self.data.quiesce(branch.workspace, [branch])
-            result = self.store.commit(branch.workspace, branch.name, force=force)
-        finally:
-            # refused: still the user's (but not a half-moved delta: see Store.pending)
-            await self.data.resume(branch.workspace, [branch])
-        await self._after_commit(result)
+        async with self._lane(branch.workspace):
+            await self._check_writable(peer, branch)
+            if self.runs.kill_branch(branch.id, "commit"):
+                log.info("killed the remaining processes of %s before its commit", branch.name)
+            # On a worker thread, the workspace quiesced: its FUSE requests wait, and no
+            # kernel overlay writes the upper dir while the commit moves it away (one
+            # refused is served again).
+            result = await self.lanes.off_loop(
+                branch.workspace,
+                functools.partial(self.store.commit, branch.workspace, branch.name,
+                                  force=force),
+                moving=[branch])
+            await self._after_commit(result)
         return result.to_dict()
+
+    @asynccontextmanager
+    async def _lane(self, workspace: str) -> AsyncIterator[None]:
+        """Hold *workspace*'s lane (daemon.lanes), a commit of it that failed half way
+        finished first."""
+        async with self.lanes.hold(workspace):
+            await self._settle(workspace)
+            yield
+
+    @asynccontextmanager
+    async def _quiesced(self, workspace: str) -> AsyncIterator[None]:
+        """The data plane holds *workspace* still (a FUSE server process writes
+        nothing) while the loop itself changes a branch's upper dir (a merge)."""
+        await self.data.quiesce(workspace, [])
+        try:
+            yield
+        finally:
+            await self.data.resume(workspace, [])
+
+    async def _settled(self, workspace: str) -> None:
+        """For a request that holds no lane: finish a commit of *workspace* that failed
+        half way, if there is one (waiting for the lane only then)."""
+        if self.store.pending(workspace):
+            async with self._lane(workspace):
+                pass
 
     async def _settle(self, workspace: str) -> None:
         """Finish a commit of *workspace* that failed half way before anything else is
-        done there (Store.finish_pending raises Busy while it still cannot be)."""
+        done there (Store.finish_pending raises Busy while it still cannot be); the
+        caller holds the lane."""
         if not self.store.pending(workspace):
             return
-        try:
-            await self.data.quiesce(workspace, [])
-            result = self.store.finish_pending(workspace)
-        finally:
-            await self.data.resume(workspace, [])
+        result = await self.lanes.off_loop(
+            workspace, functools.partial(self.store.finish_pending, workspace), moving=[])
         if result is not None:
             await self._after_commit(result)
             # start-up served none of this workspace's branches while its commit was
@@ -534,42 +572,39 @@ class Handlers:
 
     async def op_rebase(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        await self._settle(branch.workspace)
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        try:
-            await self.data.quiesce(branch.workspace, [])
+        async with self._lane(branch.workspace), self._quiesced(branch.workspace):
             merged, conflicts = self.store.rebase(branch.workspace, branch.name)
-        finally:
-            await self.data.resume(branch.workspace, [])
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
     async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
-        await self._settle(branch.workspace)
         how = arg(args, "how", str)
-        try:
-            await self.data.quiesce(branch.workspace, [])
+        async with self._lane(branch.workspace), self._quiesced(branch.workspace):
             left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
                                       how)
-        finally:
-            await self.data.resume(branch.workspace, [])
-        if how == "theirs":  # an entry of its upper dir went behind the kernel's back
-            await self.data.remount(branch)
+            if how == "theirs":  # an entry of its upper dir went behind the kernel's back
+                await self.data.remount(branch)
         return {"branch": branch.name, "conflicts": left}
 
     async def op_discard(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._branch(args)
-        await self._settle(branch.workspace)  # a branch with a journal is never discarded
+        async with self._lane(branch.workspace):  # a branch with a journal is never discarded
+            return await self._discard(branch)
+
+    async def _discard(self, branch: branchfs.Branch) -> dict[str, Any]:
         subtree = self._subtree(branch)
         self.data.detach(subtree)
         try:
-            await self.data.quiesce(branch.workspace, subtree)
             removed = self.store.discard(branch.workspace, branch.name)
-        finally:
+        except Exception:
             # refused (a full disk): the branches stay, and so does their fast path
-            await self.data.resume(branch.workspace, subtree)
+            for b in subtree:
+                if self.store.status(b.id) == "active":
+                    await self.data.serve(b)
+            raise
         self._ended(removed, "discard")
         return {"discarded": [b.name for b in removed]}
 
@@ -579,9 +614,12 @@ class Handlers:
         runs go when this host gives no namespace); ``cwd`` is the directory relative
         to the workspace's root to start in."""
         branch = self._active(self._branch(args))
-        ws = self.store.workspace(branch.workspace)
-        await self._settle(ws.name)
+        async with self._lane(branch.workspace):  # not into a commit of the workspace
+            return await self._exec(peer, args, fds)
+
+    async def _exec(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))  # as it is now
+        ws = self.store.workspace(branch.workspace)
         await self.data.heal([branch])  # the run should get the fast path
         argv = arg(args, "argv", list)
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):

@@ -63,6 +63,8 @@ def test_tiny_run_is_complete(scratch: Path) -> None:
                   if backend == "branchd-cli" else
                   {"branch create", "commit", "discard after changes", "inside: stat",
                    "inside: cold seq read", "agent workload", "parallel branches"})
+        if backend == "branchd":  # the control rows: a daemon's own, on its FUSE column
+            wanted |= {"control: branchctl list", "control: API list"}
         missing = {s for s in wanted if (backend, s) not in measured}
         assert not missing, f"{backend} lacks rows {missing}; notes: {doc['notes']}"
     for row in doc["rows"]:
