@@ -418,7 +418,7 @@ class FuseProcs:
                 await ack.wait()
         for child, ack in asked:
             if not ack.is_set():
-                self._release(workspace)
+                await self.resume(workspace, moving)  # (its caller may not: it raised)
                 raise RequestError("busy", f"the FUSE server of {child.name} did not hold "
                                    f"still in {QUIESCE_TIMEOUT:.0f} s; try again")
             assert child.branch is not None
