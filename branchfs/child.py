@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if os.fork() == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            conn.sock.close()
+            conn.close()  # (and the ends for later forks it received already)
             _die_with(me)
             os._exit(_one(Conn(socket.socket(fileno=fds[0]))))
         os.close(fds[0])

@@ -36,7 +36,8 @@ class Conn:
         self._in = bytearray()
         self._fds: list[int] = []  # received, not yet claimed by a frame
         self._out: list[tuple[bytes, list[int]]] = []
-        self.closed = False
+        self.closed = False  # by close()
+        self.eof = False  # the peer closed its end
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -94,7 +95,7 @@ class Conn:
                     os.set_inheritable(fd, False)
                 self._fds.extend(fds)
         if not data:
-            self.closed = True
+            self.eof = True
             raise WireError("the peer closed the connection")
         self._in += data
         return True

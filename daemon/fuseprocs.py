@@ -87,7 +87,6 @@ class Child:
 
     conn: Conn
     pid: int | None = None  # from its hello
-    pidfd: int | None = None
     branch: branchfs.Branch | None = None
     root: int | None = None
     mounted: trio.Event = field(default_factory=trio.Event)
@@ -102,16 +101,25 @@ class Child:
         b = self.branch
         return f"{b.workspace}/{b.name} (pid {self.pid})" if b else f"pid {self.pid}"
 
-    def kill(self) -> None:
-        """SIGKILL (through its pidfd: never another process reusing the pid); one that
-        has not said hello yet ends when its socket closes."""
-        if self.pidfd is not None:
+    def kill(self) -> int | None:
+        """SIGKILL; a pidfd of the process, to wait on (the caller's to close). While
+        its socket is open its pid is its own: it holds the only other end, which
+        closes as it exits (the fork server reaps it). One that has not said hello
+        yet ends when the socket closes."""
+        fd = None
+        if self.pid is not None and not (self.conn.closed or self.conn.eof):
             try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                fd = os.pidfd_open(self.pid)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        else:
-            _close(self.conn)
+        _close(self.conn)
+        return fd
+
+    def stop(self) -> None:
+        """SIGKILL, not waited for."""
+        if (fd := self.kill()) is not None:
+            os.close(fd)
 
 
 class FuseProcs:
@@ -206,16 +214,16 @@ class FuseProcs:
             self._spare = self._spawn()
 
     def _send(self, child: Child, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        if child.conn.closed:
+        if child.conn.closed or child.conn.eof:
             return
         try:
             child.conn.send(msg, fds)
         except WireError:
-            return  # it died: _supervise tells
+            return  # it died: _gone tells
         if child.conn.pending > MAX_PENDING:
             log.error("the FUSE server of %s reads nothing from the daemon: killed",
                       child.name)
-            child.kill()
+            child.stop()
         elif child.conn.pending:
             self._wake(child)
 
@@ -225,12 +233,12 @@ class FuseProcs:
 
     async def _writer(self, child: Child) -> None:
         try:
-            while not child.conn.closed:
+            while not (child.conn.closed or child.conn.eof):
                 await child.wake.wait()
                 child.wake = trio.Event()
                 while not child.conn.flush():
                     await trio.lowlevel.wait_writable(child.conn.fileno())
-        except (WireError, OSError):
+        except (WireError, OSError, trio.ClosedResourceError):
             return
 
     async def _reader(self, child: Child) -> None:
@@ -241,19 +249,18 @@ class FuseProcs:
                 while (got := child.conn.next()) is not None:
                     self._received(child, *got)
         except (WireError, OSError, trio.ClosedResourceError):
-            return
+            pass
         finally:
             if not child.mounted.is_set():
                 child.failed = child.failed or "it ended before mounting"
                 child.mounted.set()
+        # the end of its socket: the process exited (or the daemon closed it)
+        await self._gone(child)
 
     def _received(self, child: Child, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
         if op == "hello" and child.pid is None:
             child.pid = int(msg["pid"])
-            child.pidfd = os.pidfd_open(child.pid)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._supervise, child)
         elif op == "mounted" and fds:
             child.root = fds.pop(0)
             child.mounted.set()
@@ -287,11 +294,9 @@ class FuseProcs:
             if kid is not None:
                 self._send(kid, msg)
 
-    async def _supervise(self, child: Child) -> None:
-        assert child.pidfd is not None
-        await trio.lowlevel.wait_readable(child.pidfd)
-        os.close(child.pidfd)
-        child.pidfd = None
+    async def _gone(self, child: Child) -> None:
+        """A process's socket ended: it exited, or was killed. Its branch, if still
+        active, gets a new one."""
         self._others.discard(child)
         if self._spare is child:
             self._spare = None
@@ -301,6 +306,7 @@ class FuseProcs:
             del self._children[b.id]
         self._detach_child(child)
         _close(child.conn)
+        child.wake.set()  # its writer task ends
         for ack in [*child.acks.values(), *child.applied.values()]:
             ack.set()
         if self._closing:
@@ -367,14 +373,14 @@ class FuseProcs:
         if child.root is None:
             if self._children.get(branch.id) is not child or self._closing:
                 log.debug("%s ended before its mount: %s", child.name, child.failed)
-                child.kill()
+                child.stop()
                 return
             log.warning("branch %s/%s stays on the daemon's FUSE mount: its server "
                         "process did not mount it (%s)", branch.workspace, branch.name,
                         child.failed or f"no answer in {MOUNT_TIMEOUT:.0f} s")
             if self._children.get(branch.id) is child:
                 del self._children[branch.id]
-            child.kill()
+            child.stop()
             return
         if self._children.get(branch.id) is not child:
             self._end(child)  # its branch ended while it mounted
@@ -510,18 +516,16 @@ class FuseProcs:
         self._children.clear()
         self._others.clear()
         self._spare = None
+        dying = []
         for child in kids:
             self._detach_child(child)
-            child.kill()
+            if (fd := child.kill()) is not None:
+                dying.append((child, fd))
         deadline = time.monotonic() + 5
-        for child in kids:
-            if child.pidfd is not None:
-                left = max(0.0, deadline - time.monotonic())
-                if not select.select([child.pidfd], [], [], left)[0]:
-                    log.error("FUSE server %s did not end after SIGKILL", child.name)
-                os.close(child.pidfd)
-                child.pidfd = None
-            _close(child.conn)
+        for child, fd in dying:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                log.error("FUSE server %s did not end after SIGKILL", child.name)
+            os.close(fd)
         if self._forker is not None and self._forker.poll() is None:
             self._forker.kill()  # (it forks nothing more: the daemon is going)
             self._forker.wait(5)
