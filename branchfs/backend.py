@@ -46,8 +46,10 @@ class Backend(Protocol):
     - ``quiesce(workspace, moving)``: before a long operation (a commit, the
       finish of a pending one) changes, off the loop, the files under the
       workspace's branches and base. When it returns, until ``resume``, no
-      request this backend answers reads or writes them (they wait: other
-      workspaces are answered meanwhile), and *moving* (the branches whose
+      request this backend answers reads or writes them (they wait; those of
+      other workspaces should be answered meanwhile: the in-process FUSE
+      mount, with one pyfuse3 worker, holds them back behind a waiting one),
+      and *moving* (the branches whose
       upper dirs the operation moves away) are not served by a kernel mount
       that would write them. Calls for one workspace never nest (one long
       operation per workspace at a time: ``daemon.lanes``).

@@ -418,8 +418,9 @@ class Operations(pyfuse3.Operations):
             gate.set()
 
     async def _wait(self, ino: int) -> None:
-        """Hold a request of a quiesced workspace until it resumes (its one pyfuse3
-        worker task waits; mount.serve lets others answer the other workspaces)."""
+        """Hold a request of a quiesced workspace until it resumes. The event loop
+        goes on (control requests are answered); the mount's one pyfuse3 worker
+        task waits (see mount.serve), and with it the FUSE requests behind this one."""
         node = self.nodes.get(ino)
         while node is not None and node.ws is not None:
             gate = self.quiesced.get(node.ws)

@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 # for up to max_pages at a time, ahead of the reader (measured: 128 MiB cold
 # read 215-420 ms -> 80-160 ms here; 2 MiB and more gave nothing more).
 READ_AHEAD_KB = 1024
-# pyfuse3 worker tasks at most. One answers everything (our handlers do not await,
-# and more hand pyfuse3's read lock back and forth); the others exist only while
-# requests of a quiesced workspace wait at its gate, so that those of the other
-# workspaces are answered meanwhile.
-MAX_TASKS = 64
 
 
 class FuseBackend:
@@ -85,11 +80,14 @@ async def serve(fuse: FuseBackend, mountpoint: str, *, debug: bool = False,
     try:
         ops.start()
         async with trio.open_nursery() as nursery:
-            # One idle worker task: more only hand pyfuse3's read lock back and forth
-            # (agent workload: 3.0-3.4 s with one worker, 3.7-4.3 s with 99 idle
-            # here); see MAX_TASKS for the others.
-            nursery.start_soon(functools.partial(pyfuse3.main, min_tasks=1,
-                                                 max_tasks=MAX_TASKS))
+            # One worker task: our handlers await nothing but a quiesced workspace's
+            # gate, and more workers hand pyfuse3's read lock back and forth on every
+            # request (agent workload: 3.0-3.4 s with one worker, 3.7-4.3 s with 99;
+            # quick bench at e1665e4: 1.84 s with one, 3.61 s with up to 64). So a
+            # request waiting at a gate holds the others back until its workspace
+            # resumes: the price of the gate until FUSE is served by processes of
+            # its own (issue 13).
+            nursery.start_soon(functools.partial(pyfuse3.main, min_tasks=1, max_tasks=1))
             # Answered by the loop just started, once the kernel took our INIT
             # reply (which sets the read-ahead to its own default).
             await trio.to_thread.run_sync(os.statvfs, os.fspath(mountpoint))
