@@ -320,7 +320,18 @@ class FuseProcs:
             return
         log.error("the FUSE server of %s died: the daemon serves the branch until "
                   "a new one is mounted", child.name)
+        # It may have died with the fork server, which _fork_server may not have seen
+        # die yet (a poll: either may notice first), and starts again after a second.
+        with trio.move_on_after(MOUNT_TIMEOUT):
+            while not self._forking():  # noqa: ASYNC110
+                await trio.sleep(0.05)
         await self.serve(self.store.branch_by_id(b.id) or b)
+
+    def _forking(self) -> bool:
+        """Whether a fork server is up to fork a process."""
+        c = self._forker_conn
+        return (self._forker is not None and self._forker.poll() is None
+                and c is not None and not (c.closed or c.eof))
 
     def _detach_child(self, child: Child) -> None:
         root, child.root = child.root, None

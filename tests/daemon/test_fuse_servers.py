@@ -161,6 +161,25 @@ def test_a_dead_server_is_replaced_and_the_branch_keeps_its_data(
     assert (proj / "f").read_text() == "kept\n" and (proj / "g").read_text() == "g\n"
 
 
+@pytest.mark.daemon_log_allows(r"the FUSE fork server \(pid \d+\) ended",
+                               r"the FUSE server of proj/b1 \(pid \d+\) died")
+def test_a_dead_fork_server_is_replaced_with_the_servers_it_took_along(
+        fused: tuple[EmbeddedDaemon, Client], proj: Path) -> None:
+    d, c = fused
+    add(c, proj)
+    p = Path(c.call("create", workspace="proj", name="b1")["path"])
+    first = served(c, "b1")["server_pid"]
+    (p / "f").write_text("kept\n")
+    with open(f"/proc/{first}/stat") as f:
+        forker = int(f.read().rsplit(")", 1)[1].split()[1])
+    os.kill(forker, signal.SIGKILL)  # its server processes die with it (PDEATHSIG)
+    again = served(c, "b1", other_than=first)
+    assert gone(first) and again["server_pid"] in server_processes(d.proc.pid)
+    assert (p / "f").read_text() == "kept\n"
+    c.call("commit", workspace="proj", name="b1")
+    assert (proj / "f").read_text() == "kept\n"
+
+
 def test_a_parent_branchs_writes_reach_its_child_served_by_another_process(
         fused: tuple[EmbeddedDaemon, Client], proj: Path) -> None:
     d, c = fused
