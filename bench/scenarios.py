@@ -380,6 +380,7 @@ def run_true(ctx: Context, backend: Backend) -> None:
 IDLE = "idle"
 LOAD_START_S = 0.02  # after a load is started, before the first probe: it reaches the daemon
 PROBE_PAUSE_S = 0.01  # between one probe's requests
+IDLE_SAMPLES = 3  # of each probe, before each round of loads
 
 
 def _probe_during(load: Callable[[], object], probes: dict[str, Callable[[], object]],
@@ -461,9 +462,6 @@ def control(ctx: Context, backend: Backend) -> None:
             for _ in range(s.control_copy_bytes // len(chunk)):
                 f.write(chunk)
             f.write(chunk[: s.control_copy_bytes % len(chunk)])
-        for _ in range(s.repeat):  # idle
-            for p, probe in probes.items():
-                rows[p][IDLE].samples.append(timed(probe)[0])
         argv = [sys.executable, str(ctx.job), str(s.job_files), str(s.job_file_size)]
 
         def copy_up(branch: Path) -> None:
@@ -491,6 +489,11 @@ def control(ctx: Context, backend: Backend) -> None:
                 list(pool.map(job, range(s.control_parallel)))
 
         for _ in ctx.runs(s.heavy_repeat):
+            # idle next to each round of loads: the machine's own load drifts (other
+            # processes), and each ratio should compare like with like
+            for _ in range(IDLE_SAMPLES):
+                for p, probe in probes.items():
+                    rows[p][IDLE].samples.append(timed(probe)[0])
             name = ctx.name("u")
             branch = ws.create_verified(name)
             at = {p: rows[p][loads[0]] for p in probes}
