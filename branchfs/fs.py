@@ -37,9 +37,10 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -50,6 +51,9 @@ from .errors import BranchFSError
 from .model import ACTIVE, INVALIDATED
 from .store import Event, Store
 from .view import Entry, View
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +188,23 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # see docs/format.md: commit must see every write
     enable_acl = False
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store | Replica, branch: tuple[str, str] | None = None) -> None:
+        """Serve every workspace and branch of *store*, or with *branch* (workspace,
+        branch id) only that branch, at the mount's root (a FUSE server process's
+        mount on the branch's own directory, ``branchfs.child``)."""
         super().__init__()
         self.store = store
-        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "root", lookups=1)}
         self.dentries: dict[tuple[int, str], int] = {}
         self.roots: dict[str, int] = {}  # branch id -> root node
+        if branch is None:
+            self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "root", lookups=1)}
+        else:
+            ws, bid = branch
+            self.nodes = {ROOT: Node(ROOT, "view", ws=ws, bid=bid, lookups=1)}
+            self.roots[bid] = ROOT
+        # called with (branch id, parts, name changed) after a write in a branch
+        # with live descendants: where some of them are served by other processes
+        self.relay: Callable[[str, tuple[str, ...], bool], None] | None = None
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, list[tuple[str, int, pyfuse3.EntryAttributes]]] = {}
         self.failsafe: set[str] = set()
@@ -517,20 +532,40 @@ class Operations(pyfuse3.Operations):
         """A write through *node*'s branch changed *parts*: branches below it that
         still see that entry through it must not keep a cached copy."""
         assert node.bid is not None
+        kids = self._descendants.get(node.bid, ())
+        for kid in kids:
+            self.changed_in(kid, parts, name_changed)
+        if kids and self.relay is not None:
+            self.relay(node.bid, tuple(parts), name_changed)
+
+    def changed_in(self, kid: str, parts: Sequence[str], name_changed: bool) -> None:
+        """A write through an ancestor of *kid* changed *parts*: drop what the kernel
+        holds of them in *kid* (nothing if *kid* is not served here)."""
         n = self.notifier
-        for kid in self._descendants.get(node.bid, ()):
-            root = self.roots.get(kid)
-            if root is None:
-                continue
-            if name_changed and parts and n is not None:
-                parent = self._walk(root, parts[:-1])
-                if parent is not None:
-                    n.entry(parent, parts[-1])
-            target = self._walk(root, parts)
-            if target is not None:
-                self.nodes[target].xattrs = None
-                if n is not None:
-                    n.inode(target)
+        root = self.roots.get(kid)
+        if root is None:
+            return
+        if name_changed and parts and n is not None:
+            parent = self._walk(root, parts[:-1])
+            if parent is not None:
+                n.entry(parent, parts[-1])
+        target = self._walk(root, parts)
+        if target is not None:
+            self.nodes[target].xattrs = None
+            if n is not None:
+                n.inode(target)
+
+    def forget_all(self, bid: str) -> None:
+        """Drop everything the kernel holds of branch *bid* (a change too large to
+        list path by path); ``settle`` waits for it."""
+        n = self.notifier
+        if n is None:
+            return
+        for node in list(self.nodes.values()):
+            if node.bid == bid:
+                node.xattrs = None
+                n.inode(node.ino)
+        self._undrained = True
 
     # -- lookups and attributes ----------------------------------------------
 
@@ -540,7 +575,7 @@ class Operations(pyfuse3.Operations):
             node = parent
         elif name == "..":
             node = self.nodes[parent.parent] if parent.parent is not None else parent
-            if parent.kind == "view" and parent.parent is None:
+            if parent.kind == "view" and parent.parent is None and parent.ino != ROOT:
                 node = self._ws_node(parent.ws or "")
         elif parent.kind == "root":
             self.store.workspace(name)

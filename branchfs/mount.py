@@ -72,16 +72,10 @@ async def serve(fuse: FuseBackend, mountpoint: str, *, debug: bool = False,
     """
     await _clear_dead_mount(os.fspath(mountpoint))
     ops = fuse.ops
-    options = set(pyfuse3.default_options)
-    options |= {"fsname=branchfs", "subtype=branchfs", "default_permissions"}
-    if _may_allow_other():
-        options.add("allow_other")
-    else:
+    if not _may_allow_other():
         log.warning("mounting without allow_other: only uid %d can use the branches "
                     "(add user_allow_other to /etc/fuse.conf)", os.geteuid())
-    if debug:
-        options.add("debug")
-    pyfuse3.init(ops, os.fspath(mountpoint), options)
+    pyfuse3.init(ops, os.fspath(mountpoint), fuse_options(debug))
     log.info("mounted branches at %s", mountpoint)
     try:
         ops.start()
@@ -97,12 +91,23 @@ async def serve(fuse: FuseBackend, mountpoint: str, *, debug: bool = False,
             # Answered by the loop just started, once the kernel took our INIT
             # reply (which sets the read-ahead to its own default).
             await trio.to_thread.run_sync(os.statvfs, os.fspath(mountpoint))
-            _set_read_ahead(os.fspath(mountpoint))
+            set_read_ahead(os.fspath(mountpoint))
             task_status.started()
     finally:
         ops.stop()
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def fuse_options(debug: bool) -> set[str]:
+    """The mount options of the daemon's mount and of a branch's own (``branchfs.child``)."""
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=branchfs", "subtype=branchfs", "default_permissions"}
+    if _may_allow_other():
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    return options
 
 
 def _may_allow_other() -> bool:
@@ -116,7 +121,7 @@ def _may_allow_other() -> bool:
         return False
 
 
-def _set_read_ahead(mountpoint: str) -> None:
+def set_read_ahead(mountpoint: str) -> None:
     """Raise the read-ahead of the mount's backing device info (root only).
     Its device number comes from mountinfo: a stat of the mount would wait
     for this very process to answer."""

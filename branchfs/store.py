@@ -450,6 +450,16 @@ class Store:
                                         origins=self._origins_of(bid))
         return v
 
+    def reload_origins(self, bid: str) -> None:
+        """Read a branch's origins log again: a FUSE server process appended to it."""
+        o = self._origins.pop(bid, None)
+        if o is None:
+            return
+        o.close()
+        v = self._views.get(bid)
+        if v is not None:
+            v.origins = self._origins_of(bid)
+
     def _layers(self, bid: str) -> list[int]:
         """The layers of branch *bid*'s view, top first: its upper dir, its
         ancestors', the directory it forks."""

@@ -13,19 +13,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import branchfs
+from daemon.fuseprocs import FuseProcs
 from daemon.overlays import Overlays
 
 
 class Plane(branchfs.DataPlane):
-    """``overlays`` over ``fuse``: a branch's path reaches its overlay mount if it
-    has one, else the FUSE mount."""
+    """``overlays`` over ``procs`` (FUSE server processes, where there are) over
+    ``fuse``: a branch's path reaches its overlay mount if it has one, else its
+    server process's mount, else the daemon's FUSE mount."""
 
     def __init__(self, store: branchfs.Store, mountpoint: Path, fuse: branchfs.FuseBackend,
-                 overlays: Overlays) -> None:
-        super().__init__(store, [overlays, fuse])
+                 overlays: Overlays, procs: FuseProcs | None = None) -> None:
+        super().__init__(store, [overlays, *([procs] if procs else []), fuse])
         self.mountpoint = mountpoint
         self.fuse = fuse
         self.overlays = overlays
+        self.procs = procs
+
+    def server_pid(self, bid: str) -> int | None:
+        """The FUSE server process serving *bid*, None where the daemon serves it."""
+        return self.procs.server_pid(bid) if self.procs is not None else None
 
     @property
     def backend(self) -> str:

@@ -327,6 +327,8 @@ class Handlers:
         # an ended or invalidated branch is gone from its path: nothing serves it
         out["backend"] = (self.data.backend_of(branch.id)
                           if branch.status == ACTIVE else None)
+        # the FUSE server process serving it, where one does (None: the daemon)
+        out["server_pid"] = self.data.server_pid(branch.id)
         out["meta"] = self.meta.get(branch.id)
         return out
 
@@ -543,6 +545,16 @@ class Handlers:
             await self._settle(workspace)
             yield
 
+    @asynccontextmanager
+    async def _quiesced(self, workspace: str) -> AsyncIterator[None]:
+        """The data plane holds *workspace* still (a FUSE server process writes
+        nothing) while the loop itself changes a branch's upper dir (a merge)."""
+        await self.data.quiesce(workspace, [])
+        try:
+            yield
+        finally:
+            await self.data.resume(workspace, [])
+
     async def _settled(self, workspace: str) -> None:
         """For a request that holds no lane: finish a commit of *workspace* that failed
         half way, if there is one (waiting for the lane only then)."""
@@ -580,14 +592,14 @@ class Handlers:
         # Not mounted again on the overlay backend, unlike FUSE's caches: merges are
         # written in place (the kernel reads the file it has), and a new mount would
         # leave its running processes on the old one, blind to what is written later
-        async with self._lane(branch.workspace):
+        async with self._lane(branch.workspace), self._quiesced(branch.workspace):
             merged, conflicts = self.store.rebase(branch.workspace, branch.name)
         return {"branch": branch.name, "merged": merged, "conflicts": conflicts}
 
     async def op_resolve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         branch = self._active(self._branch(args))
         how = arg(args, "how", str)
-        async with self._lane(branch.workspace):
+        async with self._lane(branch.workspace), self._quiesced(branch.workspace):
             left = self.store.resolve(branch.workspace, branch.name, arg(args, "path", str),
                                       how)
             if how == "theirs":  # an entry of its upper dir went behind the kernel's back

@@ -23,12 +23,14 @@ import trio
 
 import branchfs
 import cgroups
+from daemon import fuseprocs
 from daemon.config import Config
 from daemon.dataplane import Plane
+from daemon.fuseprocs import FuseProcs
 from daemon.handlers import Handlers, RequestError
 from daemon.meta import MetaStore
 from daemon.notify import Notifier
-from daemon.overlays import Overlays, choose
+from daemon.overlays import FUSE, Overlays, choose
 from daemon.runs import RunTable
 from daemon.server import bind_socket, serve_control
 
@@ -89,7 +91,12 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
         overlays = Overlays(store, cfg.mountpoint, backend, why)
         stack.callback(overlays.close)  # whatever ended the nursery: never leave one behind
         fuse = branchfs.FuseBackend(store)
-        data = Plane(store, cfg.mountpoint, fuse, overlays)  # the Store's one subscriber
+        procs = None
+        if backend == FUSE and fuseprocs.per_branch():
+            procs = FuseProcs(store, cfg.mountpoint, cfg.debug_fuse)
+            fuse.ops.relay = procs.relay  # a write the daemon's mount takes, for the kids
+            stack.callback(procs.close)  # never a server process or its mount behind
+        data = Plane(store, cfg.mountpoint, fuse, overlays, procs)  # the Store's one subscriber
         runs = RunTable(cfg.state_dir, cfg.mountpoint, manager, store, data.settle)
 
         async with trio.open_nursery() as nursery:
@@ -120,6 +127,8 @@ async def run(cfg: Config, notifier: Notifier | None = None) -> None:
             await nursery.start(_serve_fs, fuse, cfg)
             await overlays.serve_all()
             await nursery.start(overlays.watch)
+            if procs is not None:
+                await nursery.start(procs.watch)
             await nursery.start(serve_control, listener, handlers, cfg.allow_uids,
                                 cfg.idle_timeout)
             await nursery.start(_signals, stop)
