@@ -3,9 +3,12 @@
 Real disks: the base on an 8 MiB tmpfs, the daemon's state on another
 filesystem (the test's tmp dir), so that the commit copies across filesystems.
 "Another process fills the disk during the commit" is made exact instead of
-timed: when the commit's journal is begun, the test stops the daemon process
-(SIGSTOP), fills the base's disk and lets it go on, so every copy after that
-point gets ENOSPC. The journal is durable by then, so the rule applies: the
+timed: the daemon's open of the commit's journal waits, in the kernel, for the
+test's answer to a fanotify permission event (FAN_OPEN_PERM), and the test
+fills the base's disk before it answers, so every copy after that point gets
+ENOSPC (the commit's space check has passed already). (An inotify watch and a
+SIGSTOP had raced the daemon: a commit of 30 ms could end before the stop.)
+The journal is durable by the first copy, so the rule applies: the
 commit is finished before anything else happens in that workspace (Busy, exit 4,
 until then) and its branch can not be discarded meanwhile.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
 import struct
 import subprocess
 import threading
@@ -35,7 +37,9 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
 
 FILES = 40
 SIZE = 64 << 10
-IN_MOVED_TO, IN_CREATE = 0x80, 0x100
+FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_ALLOW = 0x4, 0x1, 0x1, 0x1
+FAN_OPEN_PERM, FAN_EVENT_ON_CHILD, AT_FDCWD = 0x10000, 0x08000000, -100
+EVENT = struct.Struct("IBBHQii")  # struct fanotify_event_metadata
 PAGE = 4096  # tmpfs allocates by pages
 
 
@@ -51,39 +55,40 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 
 
 class FillOnJournal(threading.Thread):
-    """Fills *disk* the moment a commit journal is begun in *state*/journal, with the
-    daemon (*pid*) stopped meanwhile so that it cannot copy on before the disk is full."""
+    """Fills *disk* the moment a commit journal is begun in *state*/journal: the
+    daemon's open of it waits for this thread's answer (FAN_OPEN_PERM), given only
+    once the disk is full. Other opens there are let through at once."""
 
-    def __init__(self, state: Path, disk: Path, pid: int) -> None:
+    def __init__(self, state: Path, disk: Path) -> None:
         super().__init__(daemon=True)
         self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(0)
-        assert self.libc.inotify_add_watch(self.fd, str(state / "journal").encode(),
-                                           IN_MOVED_TO | IN_CREATE) >= 0
-        self.disk, self.pid, self.filled = disk, pid, threading.Event()
+        self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                            ctypes.c_int, ctypes.c_char_p]
+        self.fd = self.libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        assert self.libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN_PERM | FAN_EVENT_ON_CHILD,
+                                       AT_FDCWD, str(state / "journal").encode()) == 0
+        self.disk, self.filled = disk, threading.Event()
         self.start()
 
     def run(self) -> None:
         try:
-            while True:
-                buf = os.read(self.fd, 65536)
+            while not self.filled.is_set():
+                buf = os.read(self.fd, 4096)
                 off = 0
                 while off < len(buf):
-                    _, _, _, size = struct.unpack_from("iIII", buf, off)
-                    name = buf[off + 16: off + 16 + size].split(b"\0", 1)[0].decode()
-                    off += 16 + size
-                    # its temporary file's creation, the earliest sign: the daemon
-                    # still has the journal's write and fsync to do, not a race to win
-                    if name.startswith("commit-"):
-                        os.kill(self.pid, signal.SIGSTOP)
-                        try:
+                    size, _, _, _, _, fd, _ = EVENT.unpack_from(buf, off)
+                    off += size
+                    try:
+                        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(
+                                "commit-") and not self.filled.is_set():
                             fill(self.disk / "hog")
-                        finally:
-                            os.kill(self.pid, signal.SIGCONT)
-                        self.filled.set()
-                        return
+                            self.filled.set()
+                    finally:
+                        os.write(self.fd, struct.pack("iI", fd, FAN_ALLOW))
+                        os.close(fd)
         finally:
-            os.close(self.fd)
+            os.close(self.fd)  # later opens go on unasked
 
 
 def setup(disk: Path, tmp_path: Path) -> tuple[EmbeddedDaemon, CLI, Path, Path]:
@@ -111,7 +116,7 @@ def contents(ws: Path) -> set[bytes]:
 
 def fail_commit(d: EmbeddedDaemon, cli: CLI, disk: Path, state: Path) -> None:
     assert d.proc is not None
-    filler = FillOnJournal(state, disk, d.proc.pid)
+    filler = FillOnJournal(state, disk)
     proc = cli("commit", "c", check=ExitCode.NO_SPACE)
     assert filler.filled.is_set()
     assert len(proc.stderr.splitlines()) == 1
