@@ -30,7 +30,8 @@ from branching.client import Client
 
 from .conftest import CLI
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
+              pytest.mark.root("mounts a tmpfs for the base, so that the commit copies across")]
 
 FILES = 100  # more than Store's FSYNC_EACH_MAX: synced by one syncfs, not opened for it
 HELD = 50  # the file whose copy waits for the lease
