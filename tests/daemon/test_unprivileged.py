@@ -60,9 +60,9 @@ DRIVER = textwrap.dedent("""
                         limits=Limits(memory="64M"))
             out["oom"] = hog.oom_killed
             # a process that leaves its session (setsid) dies with the run's tree
-            r = b.run(["sh", "-c", "setsid sleep 300 & echo $! > /tmp/escaped; exit 0"],
+            r = b.run(["sh", "-c", f"setsid sleep 300 & echo $! > {top}/escaped; exit 0"],
                       at_branch_path=True)
-            out["escaped"] = int(open("/tmp/escaped").read())
+            out["escaped"] = int((top / "escaped").read_text())
     out["lib"] = (root / "src/mylib/__init__.py").read_text()
     out["venv2_check"] = subprocess.run([root / ".venv2/bin/mylib-check"]).returncode
     try:  # a zombie (killed, not yet reaped by init) is not alive
