@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -55,6 +56,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
             item.add_marker(pytest.mark.filterwarnings("ignore::FutureWarning"))
             item.add_marker(pytest.mark.filterwarnings("ignore::UserWarning"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_ipc_dir() -> Iterator[Path]:
+    """vLLM's engines and servers make their ZMQ IPC sockets in VLLM_RPC_BASE_PATH
+    (default: /tmp) and leave them there: here, in a directory of the session's own,
+    removed at its end."""
+    path = Path(tempfile.mkdtemp(prefix="branchd-kv-ipc-"))
+    old = os.environ.get("VLLM_RPC_BASE_PATH")
+    os.environ["VLLM_RPC_BASE_PATH"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)
+    else:
+        os.environ["VLLM_RPC_BASE_PATH"] = old
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
