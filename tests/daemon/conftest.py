@@ -33,6 +33,19 @@ def passable_dir(prefix: str) -> Iterator[Path]:
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
+@contextmanager
+def tmpfs_at(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted on the new directory *path* (as root), lazily unmounted
+    at the end: a small disk for the tests to fill, or another filesystem to copy across."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def forget_workspaces(daemon: EmbeddedDaemon, *dirs: Path) -> None:
     """Have a daemon that outlives a test (a module's) forget the test's workspaces at or
     under *dirs*, with their branches, before the directories go: else it keeps

@@ -19,7 +19,6 @@ import ctypes
 import errno
 import os
 import struct
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 from branching import EmbeddedDaemon
 from daemon.protocol import ExitCode
 
-from .conftest import CLI
+from .conftest import CLI, tmpfs_at
 from .test_full_disk import fill
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
@@ -45,13 +44,8 @@ PAGE = 4096  # tmpfs allocates by pages
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
-    d = tmp_path / "disk"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], check=True)
-    try:
+    with tmpfs_at(tmp_path / "disk", "8m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 class FillOnJournal(threading.Thread):

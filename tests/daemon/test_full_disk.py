@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from branching import EmbeddedDaemon
 from daemon.protocol import ExitCode
 
-from .conftest import CLI
+from .conftest import CLI, tmpfs_at
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
               pytest.mark.root("mounts a small tmpfs to fill")]
@@ -24,13 +23,8 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    with tmpfs_at(tmp_path / "disk", "8m") as d:
+        yield d
 
 
 def fill(path: Path) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import pytest
 from branching import EmbeddedDaemon
 from branching.client import Client
 
-from .conftest import CLI
+from .conftest import CLI, tmpfs_at
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120),
               pytest.mark.root("mounts a tmpfs for the base, so that the commit copies across")]
@@ -40,13 +39,8 @@ ANSWER_S = 5.0  # a generous bound: idle, each takes milliseconds here
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "lanes", str(d)], check=True)
-    try:
+    with tmpfs_at(tmp_path / "tmpfs", "16m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 class Lease:
